@@ -1,0 +1,3 @@
+from fastmaisi.cli import main
+
+raise SystemExit(main())
