@@ -1,0 +1,175 @@
+"""GPU benchmark: one ControlNet+UNet step, ours vs MONAI's MAISI classes in the same process (issue 2).
+
+Random weights (MONAI's init, then every parameter perturbed so no zero-init conv hides work), copied strictly into
+ours. Reference = MONAI under fp16 autocast, as NVIDIA's pipeline runs it. Ours = the same weights in our classes,
+several execution modes. Also reports accuracy of each against an fp32 run of the reference at a smaller latent.
+Prints one JSON line per measurement and a table; writes $OUT/bench_nets.json.
+
+Run (device tool):  python3 bench/bench_nets.py [--latent 128 128 128] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from fastmaisi.nets import build
+
+UNET_DEF = dict(_target_="DiffusionModelUNetMaisi", spatial_dims=3, in_channels=4, out_channels=4,
+                num_channels=[64, 128, 256, 512], attention_levels=[False, False, True, True],
+                num_head_channels=[0, 0, 32, 32], num_res_blocks=2, use_flash_attention=True,
+                include_top_region_index_input=False, include_bottom_region_index_input=False,
+                include_spacing_input=True, num_class_embeds=128, resblock_updown=True, include_fc=True)
+CNET_DEF = dict(_target_="ControlNetMaisi", spatial_dims=3, in_channels=4, num_channels=[64, 128, 256, 512],
+                attention_levels=[False, False, True, True], num_head_channels=[0, 0, 32, 32], num_res_blocks=2,
+                use_flash_attention=True, conditioning_embedding_in_channels=8,
+                conditioning_embedding_num_channels=[8, 32, 64], num_class_embeds=128, resblock_updown=True,
+                include_fc=True)
+
+dev = torch.device("cuda")
+results = []
+
+
+def emit(d):
+    print(json.dumps(d), flush=True)
+    results.append(d)
+
+
+def monai_nets():
+    from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
+    from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
+
+    kw = lambda d: {k: v for k, v in d.items() if k != "_target_"}
+    torch.manual_seed(0)
+    unet = DiffusionModelUNetMaisi(**kw(UNET_DEF))
+    cnet = ControlNetMaisi(**kw(CNET_DEF))
+    with torch.no_grad():
+        for p in list(unet.parameters()) + list(cnet.parameters()):
+            p.add_(torch.randn_like(p) * 0.02)
+    return unet.to(dev).eval(), cnet.to(dev).eval()
+
+
+def ours_from(ref_unet, ref_cnet):
+    unet, cnet = build(UNET_DEF), build(CNET_DEF)
+    unet.load_state_dict(ref_unet.state_dict(), strict=True)
+    cnet.load_state_dict(ref_cnet.state_dict(), strict=True)
+    return unet.to(dev).eval(), cnet.to(dev).eval()
+
+
+def inputs(lat, dtype=torch.float16, seed=1):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(1, 4, *lat, device=dev, generator=g).to(dtype)
+    cond = (torch.rand(1, 8, *[4 * s for s in lat], device=dev, generator=g) > 0.5).to(dtype)
+    return dict(x=x, cond=cond, t=torch.tensor([500.0], device=dev),
+                spacing=torch.tensor([[100.0, 100.0, 100.0]], device=dev, dtype=dtype),
+                cls=torch.tensor([1], device=dev))
+
+
+def step_fn(unet, cnet, inp, memory_format=None):
+    x, cond = inp["x"], inp["cond"]
+    if memory_format is not None:
+        x, cond = x.contiguous(memory_format=memory_format), cond.contiguous(memory_format=memory_format)
+
+    def step():
+        down, mid = cnet(x=x, timesteps=inp["t"], controlnet_cond=cond, class_labels=inp["cls"])
+        return unet(x=x, timesteps=inp["t"], spacing_tensor=inp["spacing"], class_labels=inp["cls"],
+                    down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    return step
+
+
+def timed(step, repeats, autocast):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+        for _ in range(2):
+            out = step()
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return out, statistics.median(times), (max(times) - min(times)), torch.cuda.max_memory_allocated() / 2**30
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latent", type=int, nargs=3, default=[128, 128, 128])
+    ap.add_argument("--accuracy-latent", type=int, nargs=3, default=[64, 64, 64])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--modes", nargs="*", default=["reference", "ours_autocast", "ours_half", "ours_half_cl"])
+    args = ap.parse_args()
+    torch.backends.cudnn.benchmark = True
+    ref_unet, ref_cnet = monai_nets()
+    our_unet, our_cnet = ours_from(ref_unet, ref_cnet)
+    our_unet_h, our_cnet_h = ours_from(ref_unet, ref_cnet)
+    our_unet_h.half(), our_cnet_h.half()
+
+    # accuracy at a smaller latent against the reference run in fp32
+    inp32 = inputs(args.accuracy_latent, torch.float32)
+    inp16 = {k: (v.half() if v.is_floating_point() and k != "t" else v) for k, v in inp32.items()}
+    with torch.no_grad():
+        truth = step_fn(ref_unet, ref_cnet, inp32)().float()
+        ours32 = step_fn(our_unet, our_cnet, inp32)()
+        with torch.autocast("cuda", dtype=torch.float16):
+            ref16 = step_fn(ref_unet, ref_cnet, inp16)()
+            ours_ac = step_fn(our_unet, our_cnet, inp16)()
+        ours_h = step_fn(our_unet_h, our_cnet_h, inp16)()
+    emit({"what": "accuracy_vs_reference_fp32", "latent": args.accuracy_latent,
+          "ours_fp32": rel(ours32, truth), "reference_fp16_autocast": rel(ref16, truth),
+          "ours_fp16_autocast": rel(ours_ac, truth), "ours_half": rel(ours_h, truth)})
+    del truth, ours32, ref16, ours_ac, ours_h
+
+    inp = inputs(args.latent)
+    modes = {
+        "reference": (lambda: step_fn(ref_unet, ref_cnet, inp), True),
+        "ours_autocast": (lambda: step_fn(our_unet, our_cnet, inp), True),
+        "ours_half": (lambda: step_fn(our_unet_h, our_cnet_h, inp), False),
+        "ours_half_cl": (lambda: step_fn(our_unet_h.to(memory_format=torch.channels_last_3d),
+                                         our_cnet_h.to(memory_format=torch.channels_last_3d), inp,
+                                         torch.channels_last_3d), False),
+    }
+    ref_time = None
+    outs = {}
+    for name in args.modes:
+        make, autocast = modes[name]
+        try:
+            out, med, spread, peak = timed(make(), args.repeats, autocast)
+        except torch.cuda.OutOfMemoryError:
+            emit({"what": "dm_step", "mode": name, "error": "OOM"})
+            continue
+        outs[name] = out.float().cpu()
+        if name == "reference":
+            ref_time = med
+        row = {"what": "dm_step_controlnet_unet", "mode": name, "latent": args.latent, "s_median": round(med, 4),
+               "s_spread": round(spread, 4), "peak_alloc_GiB": round(peak, 2)}
+        if ref_time:
+            row["speedup_vs_reference"] = round(ref_time / med, 2)
+        if "reference" in outs and name != "reference":
+            row["rel_diff_vs_reference"] = rel(outs[name], outs["reference"])
+        emit(row)
+    out_dir = os.environ.get("OUT", ".")
+    with open(os.path.join(out_dir, "bench_nets.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f, indent=1)
+    print("\n| mode | s/step | peak GiB | speedup |")
+    print("|---|---|---|---|")
+    for r in results:
+        if r.get("what") == "dm_step_controlnet_unet":
+            print(f"| {r['mode']} | {r['s_median']} | {r['peak_alloc_GiB']} | {r.get('speedup_vs_reference', 1.0)} |")
+
+
+if __name__ == "__main__":
+    main()
