@@ -1,0 +1,132 @@
+"""The four MAISI product variants: network definitions, schedulers, weight file names and sampling defaults.
+
+Torch-free: the CLI answers `--help` and validates from here before importing torch. Network definitions are the
+constructor keyword arguments of the MONAI classes (the `*_def` entries of NVIDIA's `config_network_*.json`, with the
+`@` references resolved); a user's own config file overrides them via `--network-config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_AE = "monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi"
+_UNET = "monai.apps.generation.maisi.networks.diffusion_model_unet_maisi.DiffusionModelUNetMaisi"
+_CNET = "monai.apps.generation.maisi.networks.controlnet_maisi.ControlNetMaisi"
+_MASK_UNET = "monai.networks.nets.diffusion_model_unet.DiffusionModelUNet"
+_RFLOW = "monai.networks.schedulers.rectified_flow.RFlowScheduler"
+_DDPM = "monai.networks.schedulers.ddpm.DDPMScheduler"
+
+
+def image_autoencoder_def(num_splits: int = 4) -> dict:
+    return dict(_target_=_AE, spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4,
+                num_channels=[64, 128, 256], num_res_blocks=[2, 2, 2], norm_num_groups=32, norm_eps=1e-6,
+                attention_levels=[False, False, False], with_encoder_nonlocal_attn=False,
+                with_decoder_nonlocal_attn=False, use_checkpointing=False, use_convtranspose=False,
+                norm_float16=True, num_splits=num_splits, dim_split=1)
+
+
+def _trunk(body_region: bool) -> dict:
+    """Keyword arguments shared by the image UNet and its ControlNet (rflow: modality input; ddpm: body region)."""
+    common = dict(spatial_dims=3, in_channels=4, num_channels=[64, 128, 256, 512],
+                  attention_levels=[False, False, True, True], num_head_channels=[0, 0, 32, 32], num_res_blocks=2,
+                  use_flash_attention=True)
+    if body_region:
+        return common | dict(include_fc=False, resblock_updown=False)
+    return common | dict(num_class_embeds=128, resblock_updown=True, include_fc=True)
+
+
+def diffusion_unet_def(body_region: bool) -> dict:
+    extra = dict(include_top_region_index_input=body_region, include_bottom_region_index_input=body_region,
+                 include_spacing_input=True)
+    return dict(_target_=_UNET, out_channels=4, **_trunk(body_region), **extra)
+
+
+def controlnet_def(body_region: bool) -> dict:
+    return dict(_target_=_CNET, conditioning_embedding_in_channels=8,
+                conditioning_embedding_num_channels=[8, 32, 64], **_trunk(body_region))
+
+
+MASK_AUTOENCODER_DEF = dict(
+    _target_=_AE, spatial_dims=3, in_channels=8, out_channels=125, latent_channels=4, num_channels=[32, 64, 128],
+    num_res_blocks=[1, 2, 2], norm_num_groups=32, norm_eps=1e-6, attention_levels=[False, False, False],
+    with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, use_flash_attention=False,
+    use_checkpointing=True, use_convtranspose=True, norm_float16=True, num_splits=8, dim_split=1)
+MASK_DIFFUSION_DEF = dict(
+    _target_=_MASK_UNET, spatial_dims=3, in_channels=4, out_channels=4, channels=[64, 128, 256, 512],
+    attention_levels=[False, False, True, True], num_head_channels=[0, 0, 32, 32], num_res_blocks=2,
+    use_flash_attention=True, with_conditioning=True, upcast_attention=True, cross_attention_dim=10)
+RFLOW_SCHEDULER_DEF = dict(_target_=_RFLOW, num_train_timesteps=1000, use_discrete_timesteps=False,
+                           use_timestep_transform=True, sample_method="uniform", scale=1.4)
+DDPM_SCHEDULER_DEF = dict(_target_=_DDPM, num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
+                          schedule="scaled_linear_beta", clip_sample=False)
+MASK_LATENT_SHAPE = (4, 64, 64, 64)  # the mask DM always works at 256^3 x 1.5 mm
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One MAISI product variant and its reference defaults (NV-Generate-CTMR docs/inference.md and configs)."""
+
+    name: str
+    modality: str  # "ct" or "mr"
+    body_region: bool  # ddpm-ct: top/bottom region inputs instead of a modality class
+    scheduler: dict
+    steps: int
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    modality_code: int
+    guidance_scale: float
+    files: dict = field(default_factory=dict)  # role -> official file stem (".pt" or converted ".safetensors")
+
+    @property
+    def has_controlnet(self) -> bool:
+        return "controlnet" in self.files
+
+    def definitions(self) -> dict:
+        """Network definitions by role, as the official config's `*_def` entries."""
+        defs = {"autoencoder": image_autoencoder_def(), "diffusion_unet": diffusion_unet_def(self.body_region)}
+        if self.has_controlnet:
+            defs["controlnet"] = controlnet_def(self.body_region)
+        if "mask_autoencoder" in self.files:
+            defs["mask_autoencoder"] = dict(MASK_AUTOENCODER_DEF)
+            defs["mask_diffusion"] = dict(MASK_DIFFUSION_DEF)
+        return defs
+
+
+_CT_MASK_FILES = {"mask_autoencoder": "mask_generation_autoencoder", "mask_diffusion": "mask_generation_diffusion_unet"}
+
+VARIANTS = {
+    "rflow-ct": Variant("rflow-ct", "ct", False, RFLOW_SCHEDULER_DEF, 30, (256, 256, 128), (1.7, 1.7, 2.0), 1, 0.0,
+                        {"autoencoder": "autoencoder_v1", "diffusion_unet": "diff_unet_3d_rflow-ct",
+                         "controlnet": "controlnet_3d_rflow-ct", **_CT_MASK_FILES}),
+    "ddpm-ct": Variant("ddpm-ct", "ct", True, DDPM_SCHEDULER_DEF, 1000, (256, 256, 128), (1.0, 1.0, 0.75), 1, 0.0,
+                       {"autoencoder": "autoencoder_v1", "diffusion_unet": "diff_unet_3d_ddpm-ct",
+                        "controlnet": "controlnet_3d_ddpm-ct", **_CT_MASK_FILES}),
+    "rflow-mr": Variant("rflow-mr", "mr", False, RFLOW_SCHEDULER_DEF, 30, (128, 256, 256), (1.25, 1.0, 1.0), 9, 15.0,
+                        {"autoencoder": "autoencoder_v2", "diffusion_unet": "diff_unet_3d_rflow-mr"}),
+    "rflow-mr-brain": Variant("rflow-mr-brain", "mr", False, RFLOW_SCHEDULER_DEF, 30, (256, 256, 128),
+                              (0.94, 0.94, 1.36), 9, 2.0,
+                              {"autoencoder": "autoencoder_v1", "diffusion_unet": "diff_unet_3d_rflow-mr-brain_v1"}),
+}
+
+# Field of view (mm) the CT variants were trained on: per axis, the range covered by the recommended
+# size x spacing pairs in NV-Generate-CTMR docs/inference.md (xy 256..700 mm, z 128..1800 mm). Outside it: a warning.
+CT_FOV_MM = ((250.0, 700.0), (250.0, 700.0), (120.0, 1800.0))
+MR_FOV_MM = ((100.0, 400.0), (100.0, 400.0), (60.0, 400.0))
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def fov_warnings(variant: Variant, size, spacing) -> list[str]:
+    """Warnings when size x spacing leaves the field of view the variant was trained on (MAISI's #1 quality knob)."""
+    ranges = CT_FOV_MM if variant.modality == "ct" else MR_FOV_MM
+    out = []
+    for axis, (n, s, (lo, hi)) in enumerate(zip(size, spacing, ranges)):
+        fov = n * s
+        if not lo <= fov <= hi:
+            out.append(f"field of view along axis {axis} is {fov:.0f} mm ({n} x {s} mm); {variant.name} was trained "
+                       f"on {lo:.0f}-{hi:.0f} mm: expect poor anatomy")
+    return out
