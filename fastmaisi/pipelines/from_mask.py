@@ -1,0 +1,60 @@
+"""Workflow 2: image from a label map (ControlNet + UNet), with tumour guidance."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastmaisi.pipelines.common import latent_noise, region_tensor, regions_from_label, spacing_tensor
+from fastmaisi.pipelines.models import Models
+from fastmaisi.pipelines.sampling import image_denoiser, sample
+from fastmaisi.schedulers import build as build_scheduler
+
+# reference `remove_tumors`: each tumour becomes its host organ (lung tumour: the most frequent lobe)
+TUMOUR_TO_HOST = {26: 1, 24: 4, 27: 62, 116: 14, 117: 5}
+LUNG_TUMOUR, LUNG_LOBES = 23, (28, 29, 30, 31, 32)
+
+
+def remove_tumours(label: np.ndarray) -> np.ndarray:
+    """The tumour-free mask the unconditional branch of tumour guidance sees (bone lesion 128 kept, as the reference)."""
+    out = label.copy()
+    for tumour, host in TUMOUR_TO_HOST.items():
+        out[out == tumour] = host
+    if (out == LUNG_TUMOUR).any():
+        counts = [(int((label == lobe).sum()), lobe) for lobe in LUNG_LOBES]
+        out[out == LUNG_TUMOUR] = max(counts)[1] if max(counts)[0] > 0 else LUNG_LOBES[0]
+    return out
+
+
+def bit_channels(label: np.ndarray, device, dtype) -> torch.Tensor:
+    """Label map (X, Y, Z) -> ControlNet condition (1, 8, X, Y, Z): bit k of the label id, LSB first."""
+    from fastmaisi.labels import binarize_labels
+
+    return binarize_labels(torch.from_numpy(label.astype(np.int64))[None, None]).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample_latent_from_mask(models: Models, label: np.ndarray, *, spacing, modality_code: int, steps: int,
+                            guidance_scale: float, seed: int, progress: bool = True) -> torch.Tensor:
+    """Noise -> latent (1, 4, *label.shape/4) conditioned on `label` through the ControlNet."""
+    device, dtype = models.device, models.dtype
+    variant = models.variant
+    x = latent_noise(seed, (1, 4, *[s // 4 for s in label.shape]), device, dtype)
+    kwargs = dict(spacing=spacing_tensor(spacing, device, dtype), guidance_scale=guidance_scale,
+                  condition=bit_channels(label, device, dtype))
+    if guidance_scale > 0:
+        kwargs["uncond_condition"] = bit_channels(remove_tumours(label), device, dtype)
+    if variant.body_region:
+        top, bottom = regions_from_label(label)
+        kwargs.update(top_region=region_tensor(top, device, dtype), bottom_region=region_tensor(bottom, device, dtype))
+    else:
+        kwargs["class_labels"] = torch.tensor([modality_code], device=device, dtype=torch.long)
+    denoise = image_denoiser(models.diffusion_unet, models.controlnet, **kwargs)
+    return sample(denoise, build_scheduler(models.scheduler_def), x, steps, disable=not progress, desc="image DM")
+
+
+def crop_to_body(image_hu: np.ndarray, label: np.ndarray, background: int) -> np.ndarray:
+    """Voxels outside every label (label 0) become air / background, as the reference does."""
+    out = image_hu.copy()
+    out[label == 0] = background
+    return out

@@ -1,0 +1,242 @@
+"""`generate`: one request -> the three workflows -> checked, written volumes. Validates everything before compute."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fastmaisi.variants import Variant, fov_warnings, get_variant
+
+RETRY_SEED_STRIDE = 100_003  # retry k of sample i uses seed + i + k * stride: never collides with another sample's seed
+
+
+@dataclass
+class GenerateRequest:
+    """Everything a run depends on; stored in every output's JSON record, so a record reproduces its volume."""
+
+    output_dir: str
+    variant: str = "rflow-ct"
+    weights: str | None = None
+    network_config: str | None = None
+    size: tuple[int, int, int] | None = None
+    spacing: tuple[float, float, float] | None = None
+    modality: str | int | None = None
+    body_region: tuple[str, str] = ("chest", "abdomen")
+    mask: str | None = None
+    strict_mask: bool = False
+    organ_sizes: dict = field(default_factory=dict)
+    steps: int | None = None
+    mask_steps: int = 1000
+    guidance_scale: float | None = None
+    seed: int = 0
+    num_samples: int = 1
+    max_retries: int = 2
+    device: str = "auto"
+    memory_budget_gb: float | None = None
+    overwrite: bool = False
+    fmt: str = "nifti"
+
+    workflow_name: str | None = None  # "image", "from-mask" or "paired"; None: from-mask with --mask, paired with
+    # --organ-size, else image
+
+    @property
+    def workflow(self) -> str:
+        if self.workflow_name:
+            return self.workflow_name
+        if self.mask:
+            return "from-mask"
+        return "paired" if self.organ_sizes else "image"
+
+
+def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
+    """Fill variant defaults and check every input; raise ValueError (one clear line) before any compute."""
+    from fastmaisi.labels import anatomy_size_vector, modality_code
+
+    variant = get_variant(request.variant)
+    size = tuple(request.size or variant.size)
+    spacing = tuple(request.spacing or variant.spacing)
+    if len(size) != 3 or any(int(s) != s or s <= 0 or s % 32 for s in size):
+        raise ValueError(f"--size {' '.join(map(str, size))}: each size must be a positive multiple of 32 "
+                         "(the latent is 4x smaller and the UNet halves it three times)")
+    if len(spacing) != 3 or any(not 0.1 <= s <= 10.0 for s in spacing):
+        raise ValueError(f"--spacing {' '.join(map(str, spacing))}: each spacing must be in 0.1..10 mm")
+    code = modality_code(request.modality if request.modality is not None else variant.modality_code)
+    is_ct = code <= 7
+    if is_ct != (variant.modality == "ct"):
+        raise ValueError(f"--modality {request.modality!r} does not match variant {variant.name} "
+                         f"({'CT' if variant.modality == 'ct' else 'MR'})")
+    if (request.mask or request.organ_sizes) and not variant.has_controlnet:
+        raise ValueError(f"variant {variant.name} has no ControlNet: --mask and --organ-size need a CT variant")
+    if request.mask and request.organ_sizes:
+        raise ValueError("--mask and --organ-size are two different workflows: give one of them")
+    anatomy = anatomy_size_vector(request.organ_sizes) if request.organ_sizes else None
+    steps = request.steps or variant.steps
+    if steps < 1 or (variant.scheduler["_target_"].endswith("DDPMScheduler") and 1000 % steps):
+        raise ValueError(f"--steps {steps}: must be >= 1 (and divide 1000 for DDPM)")
+    if request.num_samples < 1 or request.max_retries < 0:
+        raise ValueError("--num-samples must be >= 1 and --max-retries >= 0")
+    guidance = variant.guidance_scale if request.guidance_scale is None else request.guidance_scale
+    for w in fov_warnings(variant, size, spacing):
+        warnings.warn(w, stacklevel=2)
+    if request.mask_steps < 1 or 1000 % request.mask_steps:
+        raise ValueError(f"--mask-steps {request.mask_steps}: must divide 1000 (DDPM)")
+    return variant, dict(size=size, spacing=spacing, modality_code=code, steps=steps, guidance_scale=guidance,
+                         anatomy=anatomy, mask_steps=request.mask_steps)
+
+
+def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = False) -> list[dict]:
+    """Run a request; returns one dict per written sample (paths + record). See DESIGN: plan, mask, condition,
+    sample, decode, check, write."""
+    import torch
+
+    from fastmaisi import io
+    from fastmaisi.pipelines import models as model_io
+
+    # 1. plan: inputs, weights and outputs are checked before anything heavy happens
+    variant, opts = resolve(request)
+    workflow = request.workflow
+    roles = ["autoencoder", "diffusion_unet"]
+    if workflow != "image":
+        roles.append("controlnet")
+    if workflow == "paired":
+        roles += ["mask_autoencoder", "mask_diffusion"]
+    weights_dir = Path(request.weights) if request.weights else None
+    if weights_dir is None or not weights_dir.is_dir():
+        raise ValueError(f"--weights {request.weights}: not a folder with the {variant.name} weight files")
+    missing = model_io.missing_weight_files(variant, weights_dir, roles)
+    if missing:
+        raise ValueError(f"--weights {weights_dir}: missing {', '.join(missing)}")
+    user_label, user_mask_info = None, None
+    if workflow == "from-mask":
+        user_label, user_mask_info = _load_user_mask(request, opts)
+    stems = [f"sample_{request.seed + i:06d}" for i in range(request.num_samples)]
+    device = _device(request.device)
+    budget = int(request.memory_budget_gb * 2**30) if request.memory_budget_gb else None
+    plan = _plan_text(opts, device, budget)
+    if dry_run:
+        print(plan)
+        return []
+    io.check_output_dir(request.output_dir, stems, overwrite=request.overwrite)
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    models = model_io.load_models(variant, weights_dir, roles, device=device, dtype=dtype,
+                                  network_config=request.network_config)
+    results = []
+    for i, stem in enumerate(stems):
+        attempts = []
+        for k in range(request.max_retries + 1):
+            seed = request.seed + i + k * RETRY_SEED_STRIDE
+            t0 = time.perf_counter()
+            image_hu, label, timings = _one_volume(models, workflow, opts, seed, user_label, budget, progress)
+            # 6. check: per-organ median HU (CT only); a failed check retries with a new seed
+            qc = _quality(variant, image_hu, label)
+            attempts.append({"seed": seed, "quality_check": qc, "seconds": round(time.perf_counter() - t0, 2),
+                             "timings": timings})
+            if qc is None or qc["passed"]:
+                break
+        # 7. write: int16 image, uint8 label, record, preview — atomically
+        record = _record(request, variant, opts, models, attempts, plan, device, user_mask_info)
+        paths = io.write_outputs(request.output_dir, stem, image_hu, label, opts["spacing"], record,
+                                 fmt=request.fmt, overwrite=request.overwrite, modality=variant.modality)
+        results.append({"paths": paths, "record": record})
+    return results
+
+
+def _one_volume(models, workflow, opts, seed, user_label, budget, progress):
+    """Stages 2-5 for one seed: mask (paired), condition, sample, decode. Returns (image_hu, label or None, timings)."""
+    from fastmaisi.pipelines import common, from_mask, image, paired
+
+    timings = {}
+    t = time.perf_counter()
+    label = user_label
+    if workflow == "paired":
+        # 2. mask: organ sizes -> mask DM -> mask VAE -> 132-label map on the mask grid -> requested grid
+        z = paired.sample_mask_latent(models, opts["anatomy"], seed=seed, latent_shape=models.mask_latent_shape,
+                                      steps=opts["mask_steps"], progress=progress)
+        raw = paired.decode_mask(models, z, budget)
+        label = common.resample_label(raw, [models.mask_spacing] * 3, opts["size"], opts["spacing"])
+        timings["mask_s"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+    # 3-4. condition + sample
+    common_kw = dict(spacing=opts["spacing"], modality_code=opts["modality_code"], steps=opts["steps"],
+                     guidance_scale=opts["guidance_scale"], seed=seed, progress=progress)
+    if label is None:
+        z = image.sample_image_latent(models, size=opts["size"], **common_kw)
+    else:
+        z = from_mask.sample_latent_from_mask(models, label, **common_kw)
+    timings["sample_s"] = round(time.perf_counter() - t, 2)
+    # 5. decode: exact whole-volume decode -> HU
+    t = time.perf_counter()
+    unit = common.decode_to_unit(models, z, budget)
+    image_hu = common.unit_to_hu(unit, models.variant.modality)[0, 0]
+    if label is not None:
+        image_hu = from_mask.crop_to_body(image_hu, label, -1000 if models.variant.modality == "ct" else 0)
+    timings["decode_s"] = round(time.perf_counter() - t, 2)
+    return image_hu, label, timings
+
+
+def _quality(variant, image_hu, label):
+    if variant.modality != "ct" or label is None:
+        return None
+    from fastmaisi.labels import quality_check
+
+    result = quality_check(image_hu, label)
+    return {"passed": bool(result.passed), "failed": list(result.failed),
+            "medians": {k: (None if v is None else float(v)) for k, v in result.medians.items()}}
+
+
+def _load_user_mask(request, opts):
+    """Read, validate, body-envelope and resample the user's label map to the requested grid."""
+    from fastmaisi import io, labels
+    from fastmaisi.pipelines.common import resample_label
+    from fastmaisi.weights import sha256_file
+
+    label, spacing, _ = io.read_label_map(request.mask)
+    info = labels.validate_label_map(label)
+    if not info["has_body"]:
+        if request.strict_mask:
+            raise ValueError(f"--mask {request.mask}: no body label (200) and --strict-mask was given")
+        warnings.warn(f"--mask {request.mask} has no body label (200): adding it with the documented envelope rule",
+                      stacklevel=2)
+        label = labels.add_body_envelope(label)
+    resampled = resample_label(label, spacing, opts["size"], opts["spacing"])
+    return resampled, {"path": str(request.mask), "sha256": sha256_file(request.mask),
+                       "spacing": [float(s) for s in spacing], "shape": list(label.shape),
+                       "body_added": not info["has_body"]}
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _plan_text(opts, device, budget) -> str:
+    from fastmaisi.decode import plan_decode
+
+    latent = (1, 4, *[s // 4 for s in opts["size"]])
+    plan = plan_decode(latent, device, budget, None)
+    return (f"plan: {opts['steps']} steps at latent {latent[2:]} on {device}; decode: {plan.describe()}")
+
+
+def _record(request, variant, opts, models, attempts, plan, device, mask_info) -> dict:
+    import torch
+
+    from fastmaisi import __version__
+
+    return {"fastmaisi_version": __version__, "torch": torch.__version__, "variant": variant.name,
+            "workflow": request.workflow, "request": asdict(request),
+            "resolved": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
+            "mask": mask_info, "weights": models.files, "scale_factor": models.scale_factor,
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "dtype": str(models.dtype), "decode_plan": plan, "attempts": attempts,
+            "seed": attempts[-1]["seed"], "quality_check": attempts[-1]["quality_check"],
+            "retries": len(attempts) - 1}

@@ -1,0 +1,92 @@
+"""Load a variant's networks from a weights folder (official .pt files or converted .safetensors) onto a device."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastmaisi.variants import MASK_LATENT_SHAPE, Variant
+
+
+@dataclass
+class Models:
+    """The networks of one variant, in eval mode on one device, and the latent scale factors."""
+
+    variant: Variant
+    autoencoder: torch.nn.Module
+    diffusion_unet: torch.nn.Module
+    scheduler_def: dict
+    controlnet: torch.nn.Module | None = None
+    mask_autoencoder: torch.nn.Module | None = None
+    mask_diffusion: torch.nn.Module | None = None
+    scale_factor: float = 1.0
+    mask_scale_factor: float = 1.0
+    dtype: torch.dtype = torch.float32
+    mask_latent_shape: tuple = MASK_LATENT_SHAPE
+    mask_spacing: float = 1.5  # mm per voxel of the decoded mask (reference: 256^3 at 1.5 mm)
+    files: dict = field(default_factory=dict)  # role -> {"path", "sha256"} for the record
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.diffusion_unet.parameters()).device
+
+
+def weight_file(weights_dir: Path, stem: str) -> Path:
+    """The file for a role: `<stem>.safetensors` (converted) or `<stem>.pt` (official)."""
+    for ext in (".safetensors", ".pt", ".pth"):
+        if (weights_dir / f"{stem}{ext}").is_file():
+            return weights_dir / f"{stem}{ext}"
+    raise ValueError(f"missing weight file {stem}.pt (or {stem}.safetensors) in {weights_dir}")
+
+
+def missing_weight_files(variant: Variant, weights_dir: Path, roles) -> list[str]:
+    """Names of the files a run needs that are not in `weights_dir` (checked before any compute)."""
+    missing = []
+    for role in roles:
+        try:
+            weight_file(weights_dir, variant.files[role])
+        except ValueError:
+            missing.append(f"{variant.files[role]}.pt")
+    return missing
+
+
+def network_definitions(variant: Variant, network_config: Path | None) -> dict:
+    """Our built-in definitions, or those of a user's official `config_network_*.json` when given."""
+    defs = variant.definitions()
+    if network_config is None:
+        return defs
+    from fastmaisi.config import resolve_network_definition
+
+    config = json.loads(Path(network_config).read_text())
+    keys = {"autoencoder": "autoencoder_def", "diffusion_unet": "diffusion_unet_def", "controlnet": "controlnet_def",
+            "mask_autoencoder": "mask_generation_autoencoder_def", "mask_diffusion": "mask_generation_diffusion_def"}
+    return {role: resolve_network_definition(config, keys[role]) for role in defs}
+
+
+def load_models(variant: Variant, weights_dir: str | Path, roles, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, network_config: str | Path | None = None) -> Models:
+    """Build the networks for `roles`, load their weights strictly, move them to `device` in `dtype`."""
+    from fastmaisi.nets import build
+    from fastmaisi.weights import load_into, sha256_file
+
+    weights_dir = Path(weights_dir)
+    defs = network_definitions(variant, network_config)
+    nets, files, scales = {}, {}, {}
+    for role in roles:
+        path = weight_file(weights_dir, variant.files[role])
+        net = build(defs[role])
+        meta = load_into(net, path, name=role)
+        nets[role] = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        files[role] = {"path": str(path), "sha256": sha256_file(path)}
+        if meta.get("scale_factor") is not None:
+            scales[role] = float(meta["scale_factor"])
+    scheduler_def = variant.scheduler
+    if network_config is not None:
+        config = json.loads(Path(network_config).read_text())
+        scheduler_def = config.get("noise_scheduler", scheduler_def)
+    return Models(variant=variant, scheduler_def=scheduler_def, dtype=dtype, files=files,
+                  scale_factor=scales.get("diffusion_unet", 1.0), mask_scale_factor=scales.get("mask_diffusion", 1.0),
+                  **nets)

@@ -1,0 +1,38 @@
+"""Workflow 3, first stage: a label map from organ sizes (mask DM -> mask VAE -> argmax -> 132-label vocabulary)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastmaisi.pipelines.common import latent_noise
+from fastmaisi.pipelines.models import Models
+from fastmaisi.pipelines.sampling import mask_denoiser, sample
+from fastmaisi.schedulers import build as build_scheduler
+from fastmaisi.variants import DDPM_SCHEDULER_DEF
+
+MASK_SPACING_MM = 1.5  # the mask DM's fixed output grid (reference: 256^3 at 1.5 mm)
+
+
+@torch.no_grad()
+def sample_mask_latent(models: Models, anatomy_sizes: list[float], *, seed: int, latent_shape, steps: int = 1000,
+                       progress: bool = True) -> torch.Tensor:
+    """DDPM from noise (1, *latent_shape) with the organ-size vector as the one-token cross-attention context."""
+    device, dtype = models.device, models.dtype
+    context = torch.tensor(anatomy_sizes, device=device, dtype=dtype).view(1, 1, -1)
+    x = latent_noise(seed, (1, *latent_shape), device, dtype)
+    g = torch.Generator(device="cpu").manual_seed(int(seed) + 1)
+    return sample(mask_denoiser(models.mask_diffusion, context), build_scheduler(DDPM_SCHEDULER_DEF), x, steps,
+                  generator=g, disable=not progress, desc="mask DM")
+
+
+@torch.no_grad()
+def decode_mask(models: Models, latent: torch.Tensor, memory_budget_bytes: int | None = None) -> np.ndarray:
+    """Mask VAE decode of z / scale_factor, argmax over the 125 classes (softmax skipped: same argmax), remap to 132."""
+    from fastmaisi.decode import decode_latent
+    from fastmaisi.labels import remap_mask_labels
+
+    logits = decode_latent(models.mask_autoencoder, (latent / models.mask_scale_factor).to(models.dtype),
+                           memory_budget_bytes=memory_budget_bytes)
+    raw = logits.argmax(dim=1)[0].to(torch.int16).cpu().numpy()
+    return remap_mask_labels(raw)
