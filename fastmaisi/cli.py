@@ -16,6 +16,9 @@ COMMANDS = {
     "generate": ("fastmaisi.pipelines.generate_cli", "generate_main", "generate volumes (image only, from a mask, or paired)"),
     "convert": ("fastmaisi.weights", "convert_main", "convert an official MAISI checkpoint to safetensors (+ JSON)"),
     "phantom": ("fastmaisi.phantom", "phantom_main", "write a dataset of procedural CT phantoms with labels"),
+    "train": ("fastmaisi.train.cli", "train_main", "train vae | diffusion | controlnet | mask-vae | mask-diffusion"),
+    "encode": ("fastmaisi.train.cli", "encode_main", "encode images to latents (+ sidecar JSON) for diffusion training"),
+    "eval": ("fastmaisi.evaluation.cli", "eval_main", "evaluate: 2.5D FID, VAE reconstruction, HU quality check"),
     "bench": ("fastmaisi.bench", "bench_main", "time and memory of ours vs the MONAI reference on this GPU"),
 }
 
