@@ -26,7 +26,9 @@ def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = False) ->
             y = F.group_norm(x, norm.num_groups, w, b, norm.eps)
         else:
             # CPU half/bfloat16: compute in fp32, store in the input dtype.
-            y = F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps).to(x.dtype)
+            w32 = norm.weight.float() if norm.weight is not None else None
+            b32 = norm.bias.float() if norm.bias is not None else None
+            y = F.group_norm(x.float(), norm.num_groups, w32, b32, norm.eps).to(x.dtype)
         if silu:
             y = F.silu(y, inplace=True)
     return y
