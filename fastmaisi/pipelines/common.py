@@ -54,12 +54,6 @@ def decode_to_unit(models: Models, latent: torch.Tensor, memory_budget_bytes: in
     return image.float().clamp_(0.0, 1.0)
 
 
-def unit_to_hu(image: torch.Tensor, modality: str) -> np.ndarray:
-    """[0, 1] -> CT HU in [-1000, 1000] or MR intensity [0, 1000], int16 (the reference's mapping)."""
-    lo, hi = (-1000.0, 1000.0) if modality == "ct" else (0.0, 1000.0)
-    return torch.round(image * (hi - lo) + lo).to(torch.int16).cpu().numpy()
-
-
 def resample_label(label: np.ndarray, spacing, size, new_spacing) -> np.ndarray:
     """Nearest-neighbour resample to `new_spacing`, then centre pad/crop to `size` (reference: Spacing + ResizeWithPadOrCrop)."""
     shape = [max(1, int(round(n * s / ns))) for n, s, ns in zip(label.shape, spacing, new_spacing)]

@@ -148,6 +148,7 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
 
 def _one_volume(models, workflow, opts, seed, user_label, budget, progress):
     """Stages 2-5 for one seed: mask (paired), condition, sample, decode. Returns (image_hu, label or None, timings)."""
+    from fastmaisi.io import hu_from_unit
     from fastmaisi.pipelines import common, from_mask, image, paired
 
     timings = {}
@@ -172,7 +173,7 @@ def _one_volume(models, workflow, opts, seed, user_label, budget, progress):
     # 5. decode: exact whole-volume decode -> HU
     t = time.perf_counter()
     unit = common.decode_to_unit(models, z, budget)
-    image_hu = common.unit_to_hu(unit, models.variant.modality)[0, 0]
+    image_hu = hu_from_unit(unit[0, 0], models.variant.modality)
     if label is not None:
         image_hu = from_mask.crop_to_body(image_hu, label, -1000 if models.variant.modality == "ct" else 0)
     timings["decode_s"] = round(time.perf_counter() - t, 2)

@@ -26,7 +26,7 @@ def sample(denoise: Denoiser, scheduler, x: torch.Tensor, num_steps: int, genera
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=disable, leave=False)):
         t_batch = torch.full((x.shape[0],), float(t), device=x.device)
         out = denoise(x, t_batch)
-        next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        next_t = timesteps[i + 1] if i + 1 < len(timesteps) else 0  # MAISI: next_t = 0 after the last step
         x = scheduler.step(out, t, x, next_timestep=next_t, generator=generator)[0]
         if callback is not None:
             callback({"i": i, "t": t, "x": x})
