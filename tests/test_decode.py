@@ -1,0 +1,143 @@
+"""fastmaisi.decode: the tiled decode/encode equals the whole-volume network; sliding window equals MONAI's inferer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmaisi.decode import (
+    decode_latent,
+    decode_latent_sliding_window,
+    encode_image,
+    plan_decode,
+    plan_encode,
+)
+from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
+
+TINY = dict(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, num_channels=(8, 16, 16),
+            num_res_blocks=(1, 2, 2), norm_num_groups=4, attention_levels=(False, False, False))
+TINY_MASK = dict(TINY, in_channels=3, out_channels=5, use_convtranspose=True)
+
+
+def _randomised(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():  # GroupNorm affine far from (1, 0) so the test sees wrong statistics
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return _randomised(AutoencoderKlMaisi(**TINY))
+
+
+@pytest.fixture(scope="module")
+def mask_vae():
+    return _randomised(AutoencoderKlMaisi(**TINY_MASK), seed=1)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _budget_for_slabs(plan_fn, shape, min_slabs: int = 8) -> int:
+    """The largest budget (from a geometric ladder) whose plan has at least `min_slabs` slabs."""
+    budget = 1 << 30
+    while budget > 1 << 16:
+        try:
+            plan = plan_fn(shape, "cpu", budget)
+        except ValueError:
+            break
+        if plan.tiled and plan.num_slabs >= min_slabs:
+            return budget
+        budget = int(budget * 0.7)
+    raise AssertionError(f"no budget gives {min_slabs} slabs for {shape}")
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 5, 7, 9), (2, 4, 24, 16, 40)])
+@pytest.mark.parametrize("net", ["vae", "mask_vae"])
+def test_tiled_decode_equals_whole_volume(shape, net, request):
+    vae = request.getfixturevalue(net)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = vae.decode(z)
+    budget = _budget_for_slabs(lambda s, d, b: plan_decode(s, d, b, torch.float32, vae), shape)
+    y, plan = decode_latent(vae, z, budget, return_plan=True)
+    assert plan.tiled and plan.num_slabs >= 8 and plan.batch_chunk == 1
+    assert _rel(y, ref) < 1e-5
+    assert "slabs" in plan.describe() and "GroupNorm" in str(plan)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 20, 28, 36), (2, 1, 44, 16, 12)])
+def test_tiled_encode_equals_whole_volume(vae, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        mu_ref, sigma_ref = vae.encode(x)
+    budget = _budget_for_slabs(lambda s, d, b: plan_encode(s, d, b, torch.float32, vae), shape)
+    (mu, sigma), plan = encode_image(vae, x, budget, return_plan=True)
+    assert plan.tiled and plan.num_slabs >= 8
+    assert _rel(mu, mu_ref) < 1e-5 and _rel(sigma, sigma_ref) < 1e-5
+
+
+def test_untiled_by_default_on_cpu(vae):
+    z = torch.randn(1, 4, 6, 6, 6)
+    y, plan = decode_latent(vae, z, return_plan=True)
+    assert not plan.tiled and plan.num_slabs == 1
+    with torch.no_grad():
+        torch.testing.assert_close(y, vae.decode(z), rtol=0, atol=0)
+
+
+def test_planner_for_the_maisi_autoencoder():
+    plan = plan_decode((1, 4, 128, 128, 128), "cuda", 20 << 30, torch.float16)  # vae=None: MAISI's image AE
+    assert plan.output_shape == (1, 1, 512, 512, 512) and plan.tiled
+    assert plan.peak_bytes <= 20 << 30 and plan.num_slabs > 1 and plan.est_seconds > 0
+    text = plan.describe()
+    assert "512x512x512" in text and "GiB" in text and "expected time" in text
+    small = plan_decode((1, 4, 32, 32, 32), "cuda", 40 << 30, torch.float16)
+    assert not small.tiled and "whole volume" in str(small)
+
+
+def test_sliding_window_equals_monai(vae):
+    inferers = pytest.importorskip("monai.inferers")
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi as MonaiAE
+
+    ref_net = MonaiAE(**TINY, norm_float16=False, num_splits=1, save_mem=False).eval()
+    ref_net.load_state_dict(vae.state_dict())
+    cases = [((2, 4, 10, 12, 9), (6, 8, 9), 0.25, 1), ((1, 4, 8, 9, 7), (5, 6, 7), 0.4, 1),
+             ((2, 4, 10, 6, 6), (12, 6, 4), 0.25, 2)]  # last: roi larger than the latent (MONAI pads, then crops)
+    for shape, roi, overlap, sw_batch in cases:
+        z = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+        inferer = inferers.SlidingWindowInferer(roi_size=roi, sw_batch_size=sw_batch, overlap=overlap, mode="gaussian")
+        with torch.no_grad():
+            ref = inferer(z, ref_net.decode_stage_2_outputs)
+        out = decode_latent_sliding_window(vae, z, roi, overlap=overlap, mode="gaussian", sw_batch_size=sw_batch)
+        assert out.shape == ref.shape == (shape[0], 1, *(4 * n for n in shape[2:]))
+        assert _rel(out, ref) < 1e-5
+
+
+def test_bad_inputs(vae):
+    z = torch.randn(1, 4, 5, 6, 7)
+    bad = z.clone()
+    bad[0, 1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        decode_latent(vae, bad)
+    bad[0, 1, 2, 3, 4] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        decode_latent(vae, bad)
+    with pytest.raises(ValueError, match="3 channels, expected 4"):
+        decode_latent(vae, torch.randn(1, 3, 5, 6, 7))
+    with pytest.raises(ValueError, match=r"too small to hold even one slab.*needs at least \d+ bytes"):
+        decode_latent(vae, z, memory_budget_bytes=1000)
+    with pytest.raises(ValueError, match="2 channels, expected 1"):
+        encode_image(vae, torch.randn(1, 2, 8, 8, 8))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tiny volumes are dominated by per-op overhead; one thread avoids OpenMP barrier costs on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
