@@ -52,10 +52,10 @@ from fastmaisi.nets.autoencoder import (
 _MiB = 1 << 20
 _GiB = 1 << 30
 # Rough sustained throughputs for the time estimate (FLOP/s of 3-D convs; host<->device bytes/s).
-_FLOPS = {("cuda", 2): 150e12, ("cuda", 4): 40e12, ("cpu", 2): 2e10, ("cpu", 4): 5e10}
-_HOST_BW = 20e9
+_FLOPS = {("cuda", 2): 170e12, ("cuda", 4): 40e12, ("cpu", 2): 2e10, ("cpu", 4): 5e10}  # H100-measured for fp16
+_HOST_BW = 40e9  # page-locked host <-> H100 copies measured ~50 GB/s each way
 _CUDA_WORKSPACE = 256 * _MiB  # allowance for cuDNN workspaces and allocator rounding per op
-_MAX_SLAB_BYTES = 4 * _GiB  # larger slabs buy no speed; a tiled op keeps its per-slab temporaries under this
+_MAX_SLAB_BYTES = 8 * _GiB  # larger slabs buy no speed; a tiled op keeps its per-slab temporaries under this
 _MIN_ROWS = 8  # the planner moves activations to the host before it cuts slabs thinner than this
 
 
@@ -159,13 +159,16 @@ def _in_rows(op: _Op, a: int, b: int, n_in: int) -> tuple[int, int]:
 # 2. The planner
 # ----------------------------------------------------------------------------------------------------------------
 
+GPU, HOST, RECOMPUTE = "GPU", "host", "recompute"
+
 
 @dataclass
 class DecodePlan:
-    """What a tiled decode/encode will do: memory, tiling, placement and an expected time.
+    """What an exact decode/encode will do: memory, tiling, placement and an expected time.
 
-    `num_slabs` is the largest number of slabs any op uses (the full-resolution ops) and `slab_rows` their rows
-    per slab along D; `levels` lists, per resolution, where its activations live and how many slabs its ops use.
+    `num_slabs` is the largest number of slabs any op uses (the full-resolution ops), `slab_rows` their rows per slab
+    along D. `levels` lists, per resolution, where its activations live (GPU, host memory, or recomputed from their
+    input when read instead of stored) and the most slabs any of its ops uses.
     """
 
     task: str
@@ -184,201 +187,245 @@ class DecodePlan:
     tiled: bool
     levels: list[tuple[tuple[int, int, int], str, int]] = field(default_factory=list)
     _rows: list[int] = field(default_factory=list, repr=False)
-    _on_device: list[bool] = field(default_factory=list, repr=False)
+    _place: list[str] = field(default_factory=list, repr=False)
 
     def describe(self) -> str:
         gib = lambda n: f"{n / _GiB:.2f} GiB"  # noqa: E731
         budget = "no budget" if self.memory_budget_bytes is None else f"a budget of {gib(self.memory_budget_bytes)}"
+        lv = "; ".join(f"{'x'.join(map(str, s))}: {where}, {n} slab{'s' if n > 1 else ''}" for s, where, n in self.levels)
         if not self.tiled:
-            how = "whole volume in one pass (the network's own forward, nothing tiled)"
+            how = f"whole volume, one pass per layer ({lv})"
         else:
-            lv = "; ".join(
-                f"{'x'.join(map(str, s))}: {where}, {n} slab{'s' if n > 1 else ''}" for s, where, n in self.levels
-            )
-            how = (
-                f"level by level with whole-volume GroupNorm statistics, {self.num_slabs} slabs of "
-                f"{self.slab_rows} rows along D at full resolution ({lv})"
-            )
-            if self.batch_chunk < self.input_shape[0]:
-                how += f", one sample at a time"
-        host = f", {gib(self.host_bytes)} of {'pinned ' if self.device.startswith('cuda') else ''}host memory" if (
-            self.host_bytes) else ""
+            how = (f"level by level with whole-volume GroupNorm statistics, {self.num_slabs} slabs of "
+                   f"{self.slab_rows} rows along D at full resolution ({lv})")
+        if self.batch_chunk < self.input_shape[0]:
+            how += ", one sample at a time"
+        host = (f" and {gib(self.host_bytes)} of page-locked host memory (about {self.host_bytes / _GiB * 0.22:.0f} s "
+                "to set up on first use, then kept for reuse)" if self.host_bytes else "")
         return (
             f"{self.task.capitalize()} {tuple(self.input_shape)} -> {tuple(self.output_shape)} "
             f"({str(self.dtype).replace('torch.', '')}) on {self.device} with {budget}: {how}. "
             f"Estimated peak device memory {gib(self.peak_bytes)}{host}; output on {self.output_device}; "
-            f"expected time about {self.est_seconds:.1f} s."
+            f"expected time about {self.est_seconds:.1f} s (warm; the first call also autotunes and compiles)."
         )
 
     __str__ = describe
 
 
-def _ws_bytes(op: _Op, slots: list[_Slot], rows: int, B: int, esz: int, src_on_dev: bool, res_on_dev: bool) -> int:
+def _max_in_rows(op: _Op, slots: list[_Slot], rows: int) -> int:
+    """Most input rows any slab of `rows` output rows reads (the first slab and two interior starts, odd and even)."""
+    n_in, n_out = slots[op.src].spatial[0], slots[op.dst].spatial[0]
+    starts = {0, min(rows, n_out - 1), min(rows + 1, n_out - 1)}
+    return max(hi - lo for lo, hi in (_in_rows(op, a, min(a + rows, n_out), n_in) for a in starts))
+
+
+def _ws_bytes(op: _Op, slots: list[_Slot], rows: int, B: int, esz: int, src_dev: bool, res_dev: bool) -> int:
     """Per-slab device temporaries of `op` for `rows` output rows (an over-estimate: all temporaries summed)."""
     s, d = slots[op.src], slots[op.dst]
-    n_in = s.spatial[0]
     hw_in, hw_out = s.spatial[1] * s.spatial[2], d.spatial[1] * d.spatial[2]
-    n_out = d.spatial[0]
-    r_in = max(  # the first slab and two interior ones (odd/even start) bound the rows any slab reads
-        hi - lo for lo, hi in (_in_rows(op, a, min(a + rows, n_out), n_in) for a in {0, min(rows, n_out - 1), min(rows + 1, n_out - 1)})
-    )
-    x_el = B * s.channels * r_in * hw_in
+    x_el = B * s.channels * _max_in_rows(op, slots, rows) * hw_in
     y_el = B * d.channels * rows * hw_out
-    total = 0 if src_on_dev else x_el * esz * 2  # fetched slab + contiguous copy
+    total = 0 if src_dev else x_el * esz  # the slab read from the host or recomputed
     if op.norm is not None:
-        total += x_el * (4 + esz)  # fp32 normalised slab + its compute-dtype copy
+        total += x_el * (4 + esz)  # fp32 normalised slab (eager path) and its compute-dtype copy
     if op.kind == "up":
-        total += B * s.channels * (2 * r_in) * hw_out * esz * 2  # interpolated rows + padded copy
+        total += 2 * (2 * x_el * 4) * esz  # interpolated rows (x2 in D, x4 in-plane) and their padded copy
     elif op.kind == "down":
-        total += B * s.channels * (r_in + 1) * (s.spatial[1] + 1) * (s.spatial[2] + 1) * esz  # padded copy
+        total += B * s.channels * (x_el // max(B * s.channels * hw_in, 1) + 1) * (s.spatial[1] + 1) * (
+            s.spatial[2] + 1) * esz
     else:
-        total += x_el * esz  # boundary padded copy
-    total += y_el * (esz + 4 + esz)  # conv output, fp32 stats copy, host-layout copy
+        total += x_el * esz  # padded copy at the volume's ends
+    total += y_el * (esz + (4 if d.groups is not None else 0))  # conv output (+ an fp32 copy for the statistics)
     if op.res is not None:
-        total += B * slots[op.res].channels * rows * hw_out * esz * (1 if res_on_dev else 2) + y_el * esz
+        total += B * slots[op.res].channels * rows * hw_out * esz * (1 if res_dev else 2) + y_el * esz
     return int(total)
 
 
-def _slot_bytes(slot: _Slot, B: int, esz: int) -> int:
-    return B * slot.channels * math.prod(slot.spatial) * esz
+def _lifetimes(ops: list[_Op], slots: list[_Slot], place: list[str]) -> list[int]:
+    """Last op that needs each slot; a recomputed slot keeps its producer's inputs alive as long as itself."""
+    last = [s.last_use for s in slots]
+    for k in reversed(range(len(ops))):
+        if place[ops[k].dst] == RECOMPUTE:
+            for s in (ops[k].src, ops[k].res):
+                if s is not None:
+                    last[s] = max(last[s], last[ops[k].dst])
+    return last
 
 
-def _live(ops: list[_Op], slots: list[_Slot], k: int) -> set[int]:
+def _live(ops: list[_Op], last: list[int], k: int) -> list[int]:
     """Slots allocated while op k runs (the caller's input, slot 0, excluded; the output stays allocated)."""
-    last = len(slots) - 1
-    return {s for s in range(1, len(slots)) if s <= ops[k].dst and (slots[s].last_use >= k or s == ops[k].dst or s == last)}
+    n = len(last)
+    return [s for s in range(1, n) if s <= ops[k].dst and (last[s] >= k or s == ops[k].dst or s == n - 1)]
 
 
-def _place_and_tile(ops, slots, B, esz, budget, device_type, on_dev, B_out=None, cap=True) -> tuple[list[int], int] | None:
-    """Rows per op under `budget` for a given placement; None if some op cannot fit even one row.
-
-    On CUDA the device-resident activations count against the budget; on CPU they live in RAM either way and the
-    budget bounds the per-slab working set only.
-    """
-    rows, peak = [], 0
-    workspace = _CUDA_WORKSPACE if device_type == "cuda" else 0
-    for k, op in enumerate(ops):
-        live = {s for s in _live(ops, slots, k) if on_dev[s]}
-        last = len(slots) - 1  # the output is preallocated for the whole batch
-        stores = sum(_slot_bytes(slots[s], B_out or B if s == last else B, esz) for s in live)
-        stores = stores if device_type == "cuda" else 0
-        n_out = slots[op.dst].spatial[0]
-        src_dev, res_dev = on_dev[op.src], op.res is None or on_dev[op.res]
-
-        def fits(r: int) -> bool:
-            ws = _ws_bytes(op, slots, r, B, esz, src_dev, res_dev)
-            return stores + workspace + ws <= budget and (not cap or ws <= _MAX_SLAB_BYTES or r == 1)
-
-        if not fits(1):
-            return None
-        lo_r, hi_r = 1, n_out  # largest r that fits (the estimate grows with r)
-        while lo_r < hi_r:
-            mid = (lo_r + hi_r + 1) // 2
-            lo_r, hi_r = (mid, hi_r) if fits(mid) else (lo_r, mid - 1)
-        rows.append(lo_r)
-        peak = max(peak, stores + workspace + _ws_bytes(op, slots, lo_r, B, esz, src_dev, res_dev))
-    return rows, peak
+def _readers(ops: list[_Op], s: int) -> list[int]:
+    """Op indices that read slot s, once per read (an op reading s as input and residual appears twice)."""
+    return [k for k, op in enumerate(ops) for t in (op.src, op.res) if t == s]
 
 
-def _cap_rows(op: _Op, slots: list[_Slot], B: int, esz: int) -> int:
-    """Most rows per slab whose temporaries stay under `_MAX_SLAB_BYTES` (at least 1)."""
-    r = 1
-    while r < slots[op.dst].spatial[0] and _ws_bytes(op, slots, r + 1, B, esz, False, False) <= _MAX_SLAB_BYTES:
-        r += 1
-    return r
+def _recomputable(ops: list[_Op], slots: list[_Slot], place: list[str], s: int) -> bool:
+    """Whether slot s may be recomputed instead of stored: made by an op without residual (ResBlock hidden,
+    up/downsample output, conv_in), not the output, and no recompute chains (its producer's inputs and its readers'
+    outputs are not recomputed themselves), so each read costs one extra conv at most."""
+    if not 0 < s < len(slots) - 1 or ops[s - 1].res is not None:
+        return False
+    producer_inputs = {ops[s - 1].src, ops[s - 1].res} - {None}
+    reader_outputs = {ops[k].dst for k in _readers(ops, s)}
+    return all(place[t] != RECOMPUTE for t in producer_inputs | reader_outputs)
 
 
-def _min_budget(ops, slots, B, esz, device_type) -> int:
-    workspace = _CUDA_WORKSPACE if device_type == "cuda" else 0
-    on_dev = device_type != "cuda"  # on CUDA the minimum keeps every activation on the host
-    return max(workspace + _ws_bytes(op, slots, 1, B, esz, on_dev, on_dev) for op in ops)
+class _Planner:
+    """Chooses placement (GPU / host / recompute) and slab rows per op under a budget, and estimates cost."""
 
+    def __init__(self, ops, slots, B, chunk, esz, device_type):
+        self.ops, self.slots, self.B, self.chunk, self.esz, self.cuda = ops, slots, B, chunk, esz, device_type == "cuda"
 
-def _default_budget(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(free - max(512 * _MiB, 0.05 * free))
+    def size(self, s: int, full_batch: bool = False) -> int:
+        b = self.B if full_batch or s == len(self.slots) - 1 else self.chunk
+        return b * self.slots[s].channels * math.prod(self.slots[s].spatial) * self.esz
+
+    def ws(self, k: int, rows: int, place: list[str]) -> int:
+        """Temporaries of one slab of op k, plus those of recomputing its recomputed inputs."""
+        op = self.ops[k]
+        total = _ws_bytes(op, self.slots, rows, self.chunk, self.esz, place[op.src] == GPU,
+                          op.res is None or place[op.res] == GPU)
+        if place[op.src] == RECOMPUTE:
+            total += self.ws(op.src - 1, _max_in_rows(op, self.slots, rows), place)
+        if op.res is not None and place[op.res] == RECOMPUTE:
+            total += self.ws(op.res - 1, rows, place)
+        return total
+
+    def tile(self, place: list[str], budget: int, cap: bool = True):
+        """(rows per op, device peak, host peak) for a placement, or None if some op cannot fit one row."""
+        workspace = _CUDA_WORKSPACE if self.cuda else 0
+        last = _lifetimes(self.ops, self.slots, place)
+        rows, peak, host_peak = [], 0, 0
+        for k, op in enumerate(self.ops):
+            live = _live(self.ops, last, k)
+            stores = sum(self.size(s) for s in live if place[s] == GPU) if self.cuda else 0
+            host_peak = max(host_peak, sum(self.size(s) for s in live if place[s] == HOST))
+            n_out = self.slots[op.dst].spatial[0]
+            if place[op.dst] == RECOMPUTE and self.slots[op.dst].groups is None:
+                rows.append(n_out)  # no pass of its own: computed only inside its readers' slabs
+                continue
+
+            def fits(r: int) -> bool:
+                ws = self.ws(k, r, place)
+                return stores + workspace + ws <= budget and (not cap or ws <= _MAX_SLAB_BYTES or r == 1)
+
+            if not fits(1):
+                return None
+            lo, hi = 1, n_out  # the largest r that fits (the estimate grows with r)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+            rows.append(lo)
+            peak = max(peak, stores + workspace + self.ws(k, lo, place))
+        # readers' slabs bound the recomputed ops' peaks too (counted in their ws)
+        return rows, peak, host_peak
+
+    def cap_rows(self, k: int, place: list[str]) -> int:
+        r, n = 1, self.slots[self.ops[k].dst].spatial[0]
+        while r < n and self.ws(k, r + 1, place) <= _MAX_SLAB_BYTES:
+            r += 1
+        return r
+
+    def runs(self, place: list[str]) -> list[int]:
+        """How many times each op runs: once if stored; if recomputed, once per read (+1 for its statistics)."""
+        runs = [1] * len(self.ops)
+        for k in reversed(range(len(self.ops))):
+            d = self.ops[k].dst
+            if place[d] == RECOMPUTE:
+                runs[k] = int(self.slots[d].groups is not None) + sum(runs[c] for c in _readers(self.ops, d))
+        return runs
+
+    def seconds(self, place: list[str], device: torch.device) -> float:
+        runs = self.runs(place)
+        flops = 0.0
+        for k, op in enumerate(self.ops):
+            vox = math.prod(self.slots[op.src if op.kind == "upT" else op.dst].spatial)
+            flops += runs[k] * 2 * op.conv.in_channels * op.conv.out_channels * math.prod(op.conv.kernel_size) * vox
+        t = flops * self.B / _FLOPS.get((device.type, min(self.esz, 4)), 1e10)
+        if self.cuda:
+            moved = sum(self.size(s) * (1 + sum(runs[c] for c in _readers(self.ops, s)))
+                        for s in range(1, len(self.slots)) if place[s] == HOST)
+            t += moved * (self.B // self.chunk) / _HOST_BW
+        return t
 
 
 def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device=None) -> DecodePlan:
     device = torch.device(device)
     esz = torch.empty((), dtype=dtype).element_size()
-    B = in_shape[0]
+    B, n = in_shape[0], len(slots)
     _shapes(ops, slots, in_shape[2:])
     out_shape = (B, out_channels, *slots[-1].spatial)
-    flops = sum(
-        2 * op.conv.in_channels * op.conv.out_channels * math.prod(op.conv.kernel_size) * math.prod(
-            slots[op.dst].spatial if op.kind != "upT" else slots[op.src].spatial) for op in ops
-    ) * B
-    rate = _FLOPS.get((device.type, min(esz, 4)), 1e10)
-    n = len(slots)
-    out_dev_str = str(out_device if out_device is not None else device)
+    cuda = device.type == "cuda"
+    out_host = out_device is not None and torch.device(out_device).type == "cpu" and cuda
 
-    where = {True: "in RAM", False: "in RAM"} if device.type == "cpu" else {True: "on GPU", False: "on host"}
-
-    def finish(rows, on_dev, peak, chunk, tiled):
-        host_all = [s for s in range(1, n) if not on_dev[s]]
-        moved = 3 * sum(_slot_bytes(slots[s], chunk, esz) for s in host_all) * (B // chunk)  # 1 write, ~2 reads
-        host = max([sum(_slot_bytes(slots[s], B if s == n - 1 else chunk, esz) for s in _live(ops, slots, k) if s in
-                        host_all) for k in range(len(ops))] + [0])
+    def finish(pl: _Planner, place, rows, peak, host_peak, tiled):
         by_level: dict[tuple, list] = {}
         for k, op in enumerate(ops):
             sp = slots[op.dst].spatial
-            lv = by_level.setdefault(sp, [where[on_dev[op.dst]], 1])
-            lv[1] = max(lv[1], -(-sp[0] // rows[k]))
-            if not on_dev[op.dst]:
-                lv[0] = where[False]
-        levels = [(sp, where, ns) for sp, (where, ns) in by_level.items()]
-        full = [(-(-slots[op.dst].spatial[0] // rows[k]), rows[k]) for k, op in enumerate(ops)]
-        num_slabs, slab_rows = max(full)
-        where_out = out_dev_str if on_dev[n - 1] or out_device is not None else "cpu"
-        return DecodePlan(
-            task, tuple(in_shape), out_shape, str(device), dtype, budget, int(peak), int(host), num_slabs, slab_rows,
-            chunk, where_out, flops / rate + moved / _HOST_BW if device.type == "cuda" else flops / rate, tiled,
-            levels, rows, on_dev,
-        )
+            lv = by_level.setdefault(sp, [set(), 1])
+            lv[0].add(place[op.dst] if cuda else "in RAM")
+            if place[op.dst] != RECOMPUTE or slots[op.dst].groups is not None:
+                lv[1] = max(lv[1], -(-sp[0] // rows[k]))
+        levels = [(sp, "+".join(sorted(w)), ns) for sp, (w, ns) in by_level.items()]
+        num_slabs, slab_rows = max((-(-slots[op.dst].spatial[0] // rows[k]), rows[k]) for k, op in enumerate(ops))
+        where_out = str(out_device) if out_device is not None else (str(device) if place[n - 1] == GPU else "cpu")
+        return DecodePlan(task, tuple(in_shape), out_shape, str(device), dtype, budget, int(peak), int(host_peak),
+                          num_slabs, slab_rows, pl.chunk, where_out, pl.seconds(place, device), tiled, levels, rows,
+                          place)
 
-    # Whole volume, everything on the device: the network's own forward.
-    whole = [slots[op.dst].spatial[0] for op in ops]
-    all_dev = [True] * n
-    whole_fit = _place_and_tile(ops, slots, B, esz, budget if budget is not None else 1 << 62, device.type, all_dev,
-                                cap=False)
-    if budget is None or (whole_fit is not None and whole_fit[0] == whole):
-        peak = whole_fit[1] if whole_fit else 0
-        return finish(whole, all_dev, peak, B, tiled=False)
+    # Everything on the device, one slab per op: the whole volume in one pass per layer.
+    pl = _Planner(ops, slots, B, B, esz, device.type)
+    place = [GPU] * n
+    whole = pl.tile(place, budget if budget is not None else 1 << 62, cap=False)
+    if whole is not None and all(r == slots[op.dst].spatial[0] for r, op in zip(whole[0], ops)) and not out_host:
+        return finish(pl, place, *whole, tiled=False)
+    if budget is None:  # CPU without a budget: never tile
+        return finish(pl, place, [slots[op.dst].spatial[0] for op in ops], whole[1] if whole else 0, 0, tiled=False)
 
-    # Tiled: one sample at a time. Start with every activation on the device and move the largest ones to the host,
-    # one at a time, until every op fits with at least `_MIN_ROWS` rows per slab (or at all).
-    chunk = 1
-    host_ok = device.type == "cuda"
-    on_dev = [True] * n
-    if out_device is not None and torch.device(out_device).type == "cpu" and host_ok:
-        on_dev[n - 1] = False
-    order = sorted(range(1, n), key=lambda s: _slot_bytes(slots[s], chunk, esz), reverse=True)
-    target = [min(_MIN_ROWS, slots[op.dst].spatial[0], _cap_rows(op, slots, chunk, esz)) for op in ops]
-    best, best_score = None, -1.0
-    while True:
-        res = _place_and_tile(ops, slots, chunk, esz, budget, device.type, on_dev, B_out=B)
-        if res is not None:
-            score = min(r / t for r, t in zip(res[0], target))
-            if score > best_score:
-                best, best_score = (list(on_dev), res), score
-            if score >= 1:
+    # Tiled, one sample at a time. Start with every activation on the device; while some op cannot keep
+    # `_MIN_ROWS` rows per slab, take the largest activation off the device: recompute it from its input when it is
+    # read if it has no residual (cheap: one conv), else keep it in page-locked host memory.
+    pl = _Planner(ops, slots, B, 1, esz, device.type)
+    order = sorted(range(1, n), key=pl.size, reverse=True)
+
+    def greedy(allow_recompute: bool):
+        place = [GPU] * n
+        if out_host:
+            place[n - 1] = HOST
+        found, found_score = None, -1.0
+        while True:
+            res = pl.tile(place, budget)
+            if res is not None:
+                target = [min(_MIN_ROWS, pl.cap_rows(k, place)) for k in range(len(ops))]
+                score = min(r / t for r, t, op in zip(res[0], target, ops)
+                            if place[op.dst] != RECOMPUTE or slots[op.dst].groups is not None)
+                if score > found_score:
+                    found, found_score = (list(place), res), score
+                if score >= 1:
+                    break
+            movable = [s for s in order if place[s] == GPU] if cuda else []
+            if not movable:
                 break
-        movable = [s for s in order if on_dev[s]] if host_ok else []
-        if not movable:
-            break
-        on_dev[movable[0]] = False
+            s = movable[0]
+            place[s] = RECOMPUTE if allow_recompute and _recomputable(ops, slots, place, s) else HOST
+        return found, found_score
+
+    options = [o for o in (greedy(True), greedy(False)) if o[0] is not None]
+    best = None
+    if options:  # meet the slab target if possible, then the faster one
+        best = min(options, key=lambda o: (o[1] < 1, -min(o[1], 1), pl.seconds(o[0][0], device)))[0]
     if best is None:
-        need = _min_budget(ops, slots, chunk, esz, device.type)
+        need = max((_CUDA_WORKSPACE if cuda else 0) + pl.ws(k, 1, [HOST if cuda else GPU] * n) for k in range(len(ops)))
         raise ValueError(
             f"memory_budget_bytes={budget} is too small to hold even one slab: {task} of {tuple(in_shape)} needs at "
             f"least {need} bytes ({need / _MiB:.1f} MiB)"
         )
-    on_dev, (rows, peak) = best
-    return finish(rows, on_dev, peak, chunk, tiled=True)
+    place, (rows, peak, host_peak) = best
+    return finish(pl, place, rows, peak, host_peak, tiled=True)
 
 
 def _vae_for_plan(vae: AutoencoderKlMaisi | None) -> AutoencoderKlMaisi:
@@ -389,6 +436,14 @@ def _vae_for_plan(vae: AutoencoderKlMaisi | None) -> AutoencoderKlMaisi:
     kwargs = {k: v for k, v in image_autoencoder_def().items() if not k.startswith("_")}
     with torch.device("meta"):
         return AutoencoderKlMaisi(**kwargs)
+
+
+def _default_budget(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free - max(512 * _MiB, 0.05 * free))
 
 
 def plan_decode(
@@ -436,28 +491,56 @@ def plan_encode(
 # 3. The executor
 # ----------------------------------------------------------------------------------------------------------------
 
+_HOST_POOL: dict[int, list[torch.Tensor]] = {}
+
+
+def _host_buffer(nbytes: int) -> torch.Tensor:
+    """A page-locked host byte buffer: pageable memory registered with CUDA (about 3x faster to set up than
+    cudaHostAlloc, with no power-of-two rounding), reused across calls; see `free_host_memory`."""
+    pool = _HOST_POOL.get(nbytes)
+    if pool:
+        return pool.pop()
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)  # on failure the buffer stays pageable
+    return buf
+
+
+def _host_release(buf: torch.Tensor) -> None:
+    _HOST_POOL.setdefault(buf.numel(), []).append(buf)
+
+
+def free_host_memory() -> int:
+    """Unregister and free the page-locked host buffers kept for reuse by earlier tiled runs; returns bytes freed."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    freed = 0
+    for bufs in _HOST_POOL.values():
+        for buf in bufs:
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+            freed += buf.numel()
+    _HOST_POOL.clear()
+    return freed
+
 
 class _Store:
-    """One activation (B, C, D, H, W), on the device or in host memory (pinned when CUDA).
+    """One stored activation (B, C, D, H, W) on the device or in page-locked host memory, with GN statistics.
 
-    On CUDA every store is channels_last_3d: cuDNN's fast 3-D conv layout, and for one sample a slab of D rows is
-    then one contiguous block, so host<->device slab copies are single memcpys. On CPU stores are NCDHW.
+    On CUDA stores are channels_last_3d: cuDNN's fast 3-D conv layout, and for one sample a slab of D rows is one
+    contiguous block, so host<->device slab copies are single memcpys. On CPU stores are NCDHW.
     """
 
-    def __init__(self, shape, dtype, device, on_device: bool, fmt: torch.memory_format):
-        self.shape, self.device, self.on_device = shape, device, on_device
-        if on_device:
-            self.t = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
-        else:
-            self.t = torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda", memory_format=fmt)
-        self.stats = None  # (count, mean, m2) per (B, G), fp64 on the device
+    def __init__(self, t: torch.Tensor, device: torch.device, buf: torch.Tensor | None = None):
+        self.t, self.device, self.buf, self.stats = t, device, buf, None
+        self.on_device = t.device == device
 
     @classmethod
-    def wrap(cls, x: torch.Tensor, device) -> "_Store":
-        st = cls.__new__(cls)
-        st.shape, st.device, st.stats, st.t = tuple(x.shape), device, None, x
-        st.on_device = x.device == device
-        return st
+    def new(cls, shape, dtype, device, on_device: bool, fmt) -> "_Store":
+        if on_device or device.type != "cuda":
+            return cls(torch.empty(shape, dtype=dtype, device=device, memory_format=fmt), device)
+        B, C, D, H, W = shape
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        buf = _host_buffer(nbytes)
+        return cls(buf.view(dtype).view(B, D, H, W, C).permute(0, 4, 1, 2, 3), device, buf)
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
         x = self.t[:, :, lo:hi]
@@ -465,6 +548,11 @@ class _Store:
 
     def write(self, a: int, b: int, y: torch.Tensor) -> None:
         self.t[:, :, a:b].copy_(y, non_blocking=not self.on_device)
+
+    def release(self) -> None:
+        if self.buf is not None:
+            _host_release(self.buf)
+        self.t = self.buf = None
 
     def accumulate(self, y: torch.Tensor, groups: int) -> None:
         """Merge the (count, mean, M2) of slab y per (sample, group) into the running whole-volume statistics."""
@@ -476,6 +564,19 @@ class _Store:
         n = n_a + n_b
         delta = mean_b - mean_a
         self.stats = (n, mean_a + delta * (n_b / n), m2_a + m2_b + delta.square() * (n_a * n_b / n))
+
+
+class _Recomputed(_Store):
+    """An activation that is not stored: reading rows recomputes them from the producer's (stored) inputs."""
+
+    def __init__(self, run: "_Run", k: int):
+        self.run, self.k, self.stats, self.buf = run, k, None, None
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        return self.run.slab(self.k, lo, hi)
+
+    def release(self) -> None:
+        self.run = None
 
 
 def _grouped(y: torch.Tensor, groups: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -571,29 +672,39 @@ def _fused(name: str):
     return _FUSED[name]
 
 
-def _run_op(op: _Op, k: int, slots: list[_Slot], stores: list, plan: DecodePlan, B: int, dtype, device, fmt) -> None:
-    src, dst_slot = stores[op.src], slots[op.dst]
-    n_in, n_out = slots[op.src].spatial[0], dst_slot.spatial[0]
-    if stores[op.dst] is None:
-        stores[op.dst] = _Store((B, dst_slot.channels, *dst_slot.spatial), dtype, device, plan._on_device[op.dst], fmt)
-    out = stores[op.dst]
-    w = op.conv.weight.to(dtype)
-    bias = op.conv.bias.to(dtype) if op.conv.bias is not None else None
-    if op.shortcut is not None:
-        sw, sb = op.shortcut.weight.to(dtype), op.shortcut.bias.to(dtype)
-    if op.norm is not None:
-        scale, shift = _norm_affine(src, op.norm, slots[op.src].eps)
-    rows = plan._rows[k]
-    for a in range(0, n_out, rows):
-        b = min(a + rows, n_out)
+class _Run:
+    """Executes a program for one batch chunk: op by op, slab by slab, into preallocated stores."""
+
+    def __init__(self, ops, slots, plan: DecodePlan, device, dtype, fmt):
+        self.ops, self.slots, self.plan, self.device, self.dtype, self.fmt = ops, slots, plan, device, dtype, fmt
+        self.stores: list = [None] * len(slots)
+        self.last = _lifetimes(ops, slots, plan._place)
+        self.params: dict[int, tuple] = {}
+
+    def _params(self, k: int) -> tuple:
+        """Weights in the compute dtype and the GroupNorm scale/shift of op k (once its input's stats exist)."""
+        if k not in self.params:
+            op, dt = self.ops[k], self.dtype
+            w = op.conv.weight.detach().to(dt)
+            b = op.conv.bias.detach().to(dt) if op.conv.bias is not None else None
+            sc = (op.shortcut.weight.detach().to(dt), op.shortcut.bias.detach().to(dt)) if op.shortcut else None
+            aff = _norm_affine(self.stores[op.src], op.norm, self.slots[op.src].eps) if op.norm is not None else None
+            self.params[k] = (w, b, sc, aff)
+        return self.params[k]
+
+    def slab(self, k: int, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of op k's output, computed from the input rows they need (exact at every cut)."""
+        op = self.ops[k]
+        w, bias, sc, aff = self._params(k)
+        n_in = self.slots[op.src].spatial[0]
         lo, hi = _in_rows(op, a, b, n_in)
-        x = src.read(lo, hi)
-        if op.norm is not None:
-            x = _normalise(x, scale, shift, op.silu)
+        x = self.stores[op.src].read(lo, hi)
+        if aff is not None:
+            x = _normalise(x, aff[0], aff[1], op.silu)
         if op.kind == "conv":
             p = op.conv.padding[0]
             front, back = p - (a - lo), p - (hi - b)
-            if front == back == p:  # whole volume: let the conv pad D too
+            if front == back == p:  # the whole axis: let the conv pad D too
                 y = F.conv3d(x, w, bias, padding=op.conv.padding)
             else:
                 if front or back:
@@ -604,7 +715,7 @@ def _run_op(op: _Op, k: int, slots: list[_Slot], stores: list, plan: DecodePlan,
             y = F.conv3d(x, w, bias, stride=2)
         elif op.kind == "upT":
             y = F.conv_transpose3d(x, w, bias, stride=2, padding=1, output_padding=1)[:, :, a - 2 * lo : b - 2 * lo]
-        else:  # "up": trilinear x2 of the slab; rows away from a cut are exact, the true borders clamp as usual
+        else:  # "up": trilinear x2 of the slab; rows away from a cut are exact, the true ends clamp as usual
             u = F.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=False)
             c, d = max(a - 1, 0), min(b + 1, 2 * n_in)
             u = u[:, :, c - 2 * lo : d - 2 * lo]
@@ -613,13 +724,33 @@ def _run_op(op: _Op, k: int, slots: list[_Slot], stores: list, plan: DecodePlan,
                 u = F.pad(u, (0, 0, 0, 0, front, back))
             y = F.conv3d(u, w, bias, padding=(0, 1, 1))
         if op.res is not None:
-            r = stores[op.res].read(a, b)
-            if op.shortcut is not None:
-                r = F.conv3d(r, sw, sb)
-            y = y.add_(r) if y.is_contiguous() else y + r
-        if dst_slot.groups is not None:
-            out.accumulate(y, dst_slot.groups)
-        out.write(a, b, y)
+            r = self.stores[op.res].read(a, b)
+            if sc is not None:
+                r = F.conv3d(r, sc[0], sc[1])
+            y = y.add_(r) if y.is_contiguous(memory_format=self.fmt) else y + r
+        return y
+
+    def op(self, k: int, final: torch.Tensor | None) -> None:
+        op, slot = self.ops[k], self.slots[self.ops[k].dst]
+        where, rows, n_out = self.plan._place[op.dst], self.plan._rows[k], slot.spatial[0]
+        if where == RECOMPUTE:
+            out = _Recomputed(self, k)
+        elif final is not None:
+            out = _Store(final, self.device)
+        else:
+            out = _Store.new((self.B, slot.channels, *slot.spatial), self.dtype, self.device, where == GPU, self.fmt)
+        self.stores[op.dst] = out
+        if where != RECOMPUTE or slot.groups is not None:
+            for a in range(0, n_out, rows):
+                y = self.slab(k, a, min(a + rows, n_out))
+                if slot.groups is not None:
+                    out.accumulate(y, slot.groups)
+                if where != RECOMPUTE:
+                    out.write(a, min(a + rows, n_out), y)
+        for s in {op.src, op.res} - {None}:
+            if self.last[s] <= k and s != 0:
+                self.stores[s].release()
+                self.stores[s] = None
 
 
 def _execute(ops, slots, plan: DecodePlan, x: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -627,20 +758,22 @@ def _execute(ops, slots, plan: DecodePlan, x: torch.Tensor, device, dtype) -> to
     fmt = torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
     B, last = x.shape[0], len(slots) - 1
     out_shape = (B, slots[last].channels, *slots[last].spatial)
-    final = _Store(out_shape, dtype, device, plan._on_device[last], fmt).t
+    on_dev = plan._place[last] == GPU
+    final = torch.empty(out_shape, dtype=dtype, device=device if on_dev else "cpu", memory_format=fmt)
     for s0 in range(0, B, plan.batch_chunk):
+        run = _Run(ops, slots, plan, device, dtype, fmt)
         xb = x[s0 : s0 + plan.batch_chunk].to(device=device, dtype=dtype, memory_format=fmt)
-        stores: list = [None] * len(slots)
-        stores[0] = _Store.wrap(xb, device)
+        run.B = xb.shape[0]
+        run.stores[0] = _Store(xb, device)
         if slots[0].groups is not None:  # the input itself is normalised by the first op (not in MAISI's nets)
-            stores[0].accumulate(xb, slots[0].groups)
+            run.stores[0].accumulate(xb, slots[0].groups)
         for k, op in enumerate(ops):
-            if op.dst == last:
-                stores[last] = _Store.wrap(final[s0 : s0 + plan.batch_chunk], device)
-            _run_op(op, k, slots, stores, plan, xb.shape[0], dtype, device, fmt)
-            for s in (op.src, op.res):  # free what no later op reads
-                if s is not None and slots[s].last_use == k:
-                    stores[s] = None
+            run.op(k, final[s0 : s0 + plan.batch_chunk] if op.dst == last else None)
+        for st in run.stores:
+            if st is not None and st is not run.stores[0]:
+                st.release()
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
     return final
 
 
@@ -669,7 +802,7 @@ def _compute(vae, x, budget, plan_fn, whole_fn, program_fn, out_device):
         plan = plan_fn(budget)
         try:
             with torch.no_grad():
-                if not plan.tiled:
+                if not plan.tiled and device.type != "cuda":  # CPU, no budget: the network's own forward
                     y = whole_fn(x.to(device=device, dtype=dtype))
                 else:
                     ops, slots = program_fn()
@@ -678,8 +811,11 @@ def _compute(vae, x, budget, plan_fn, whole_fn, program_fn, out_device):
             if out_device is not None:
                 y = y.to(out_device)
             return y, plan
-        except torch.cuda.OutOfMemoryError as e:
+        except RuntimeError as e:  # torch.OutOfMemoryError, or a failed page-locked host allocation
+            if "out of memory" not in str(e).lower():
+                raise
             torch.cuda.empty_cache()
+            free_host_memory()
             if attempt == 1:
                 raise RuntimeError(
                     f"CUDA ran out of memory during the {plan.task} even with half the budget "
@@ -699,7 +835,7 @@ def decode_latent(
     """Exact `vae.decode(z)` for any (B, latent, d, h, w) latent within a device-memory budget.
 
     Runs on the VAE's device in its parameter dtype. The result lives on the compute device when it fits, otherwise
-    in pinned host memory (D-major strides; `plan.output_device` says which), unless `out_device` is given.
+    in host memory (channels_last_3d strides; `plan.output_device` says which), unless `out_device` is given.
     On CUDA out-of-memory it retries once with half the budget, then raises RuntimeError.
     Returns the image, or (image, plan) with `return_plan=True`.
     """

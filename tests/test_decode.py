@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -79,6 +81,29 @@ def test_tiled_encode_equals_whole_volume(vae, shape):
     (mu, sigma), plan = encode_image(vae, x, budget, return_plan=True)
     assert plan.tiled and plan.num_slabs >= 8
     assert _rel(mu, mu_ref) < 1e-5 and _rel(sigma, sigma_ref) < 1e-5
+
+
+@pytest.mark.parametrize("net", ["vae", "mask_vae"])
+def test_recompute_and_host_placement_is_exact(net, request):
+    """The CUDA planner's off-device placements (activations recomputed from their input when read, or kept in host
+    memory), forced here on CPU so that CI runs the same executor code."""
+    from fastmaisi import decode as D
+
+    vae = request.getfixturevalue(net)
+    z = torch.randn(2, 4, 7, 5, 6, generator=torch.Generator().manual_seed(5))
+    ops, slots = D._compile(vae.decoder.blocks, vae.latent_channels, vae.post_quant_conv)
+    D._shapes(ops, slots, z.shape[2:])
+    place = [D.GPU] * len(slots)
+    for s in sorted(range(1, len(slots)), key=lambda s: -math.prod(slots[s].spatial) * slots[s].channels):
+        place[s] = D.RECOMPUTE if D._recomputable(ops, slots, place, s) else D.HOST
+    assert place.count(D.RECOMPUTE) >= 3 and place.count(D.HOST) >= 3
+    rows, _, _ = D._Planner(ops, slots, 2, 1, 4, "cpu").tile(place, 1_500_000)
+    plan = D.plan_decode(z.shape, "cpu", None, torch.float32, vae)
+    plan.batch_chunk, plan._place, plan._rows = 1, place, rows
+    assert max(-(-slots[op.dst].spatial[0] // r) for op, r in zip(ops, rows)) >= 4
+    with torch.no_grad():
+        y = D._execute(ops, slots, plan, z, torch.device("cpu"), torch.float32)
+        assert _rel(y, vae.decode(z)) < 1e-5
 
 
 def test_untiled_by_default_on_cpu(vae):
