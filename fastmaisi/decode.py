@@ -8,27 +8,32 @@ statistics, no seams), while the device memory it uses stays under a budget. `en
 How the exact path works (the design, and why):
 - The network is compiled into a short program of ops, one per conv: `y = conv(act(GN(x))) [+ shortcut(res)]`,
   where the conv is a stride-1 conv, trilinear x2 + conv, a transposed conv, or a pad-end stride-2 conv. A ResBlock
-  is two ops; its hidden activation is materialised, so nothing is recomputed.
-- Every activation ("slot") is one preallocated tensor `(B, C, D, H, W)`, on the device when the planner can afford
-  it, otherwise in (pinned, when CUDA) host memory laid out D-major so that a slab of rows is one contiguous block.
-  Each op computes its output slab by slab along D, the first spatial axis, into that preallocated tensor: no list
-  of tiles, no `torch.cat`. A slab reads only the input rows it needs (one halo row each side for k3 convs; one
-  extra input row each side for trilinear x2, whose clamped boundary rows then come out exactly as align_corners=
-  False gives them; 2r+1 rows for the pad-end stride-2 conv; r/2+1 rows for the transposed conv), zero-pads only
-  at the true volume boundary, and convolves with no padding along D. Every output row is computed exactly once.
-- GroupNorm needs statistics over the whole volume. While an op writes a slot that a later GroupNorm reads, it
+  is two ops.
+- Every op computes its output slab by slab along D, the first spatial axis. A slab reads only the input rows it
+  needs (one halo row each side for k3 convs; one extra input row each side for trilinear x2, whose clamped end rows
+  then come out exactly as align_corners=False gives them; 2r+1 rows for the pad-end stride-2 conv; r/2+1 rows for
+  the transposed conv), zero-pads only at the true ends of the volume, and convolves with no padding along D, so
+  every cut is exact and no output row is computed twice.
+- GroupNorm needs statistics over the whole volume. While an op produces an activation that a GroupNorm reads, it
   accumulates per-(sample, group) count/mean/M2 of each slab (fp32 two-pass within the slab, merged across slabs
-  in fp64 by Chan et al.'s parallel formula), so the stats pass is fused into the producer and costs no extra read.
-  The consumer then normalises each slab with `x * (w * rstd) + (b - mean * w * rstd)`, the same expression as
-  PyTorch's own GroupNorm kernel.
-- Low-resolution levels keep whole tensors on the device and run as a single slab; only the ops that do not fit
-  are tiled. When the whole network fits, `vae.decode` itself runs. When tiling is needed and B > 1, samples are
-  run one at a time (GroupNorm is per sample, so this is exact and halves the memory per sample).
-- Host-resident slots are read and written with non-blocking copies on the compute stream (ordered, no syncs).
+  in fp64 with Chan et al.'s parallel formula): the statistics pass is fused into the producer. The consumer then
+  normalises each slab with `x * (w * rstd) + (b - mean * w * rstd)`, the expression PyTorch's own GroupNorm kernel
+  uses, in fp32.
+- Each activation lives in one preallocated tensor (outputs are written slab by slab into it: no list of tiles, no
+  `torch.cat`), in one of three places chosen by the planner: on the device; in page-locked host memory (pageable
+  memory registered with CUDA, kept in a pool for reuse); or nowhere: an activation made by an op without residual
+  (a ResBlock's hidden state, an upsample's output) can instead be recomputed, slab by slab, whenever it is read,
+  at the cost of one extra conv per read and no memory. On CUDA tensors are channels_last_3d, cuDNN's fast layout,
+  in which a one-sample slab of D rows is one contiguous block, so host copies are plain memcpys on the compute
+  stream (ordered, no syncs).
+- The planner starts with everything on the device and, while some op cannot keep 8 rows per slab inside the
+  budget, takes the largest activation off the device (recompute if allowed, else host); it also tries host-only
+  and keeps the faster plan by its estimate. Low-resolution levels thus stay whole on the device. When tiling is
+  needed and B > 1, samples run one at a time (GroupNorm is per sample, so this is exact).
 
 The budget counts the device memory for activations and per-slab temporaries; the network's weights (already
 resident) are not counted. On CPU, activations live in RAM either way and the budget bounds the per-slab working
-set; with no budget the CPU path does not tile.
+set; with no budget the CPU path runs `vae.decode` / `vae.encode` themselves.
 """
 
 from __future__ import annotations
@@ -206,7 +211,7 @@ class DecodePlan:
             f"{self.task.capitalize()} {tuple(self.input_shape)} -> {tuple(self.output_shape)} "
             f"({str(self.dtype).replace('torch.', '')}) on {self.device} with {budget}: {how}. "
             f"Estimated peak device memory {gib(self.peak_bytes)}{host}; output on {self.output_device}; "
-            f"expected time about {self.est_seconds:.1f} s (warm; the first call also autotunes and compiles)."
+            f"expected time about {self.est_seconds:.1f} s once warm."
         )
 
     __str__ = describe
@@ -235,7 +240,7 @@ def _ws_bytes(op: _Op, slots: list[_Slot], rows: int, B: int, esz: int, src_dev:
             s.spatial[2] + 1) * esz
     else:
         total += x_el * esz  # padded copy at the volume's ends
-    total += y_el * (esz + (4 if d.groups is not None else 0))  # conv output (+ an fp32 copy for the statistics)
+    total += y_el * (esz + (8 if d.groups is not None else 0))  # conv output (+ fp32 copies for the statistics)
     if op.res is not None:
         total += B * slots[op.res].channels * rows * hw_out * esz * (1 if res_dev else 2) + y_el * esz
     return int(total)
@@ -297,7 +302,7 @@ class _Planner:
 
     def tile(self, place: list[str], budget: int, cap: bool = True):
         """(rows per op, device peak, host peak) for a placement, or None if some op cannot fit one row."""
-        workspace = _CUDA_WORKSPACE if self.cuda else 0
+        workspace = _CUDA_WORKSPACE + budget // 20 if self.cuda else 0  # cuDNN workspaces, allocator rounding
         last = _lifetimes(self.ops, self.slots, place)
         rows, peak, host_peak = [], 0, 0
         for k, op in enumerate(self.ops):
@@ -419,7 +424,8 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     if options:  # meet the slab target if possible, then the faster one
         best = min(options, key=lambda o: (o[1] < 1, -min(o[1], 1), pl.seconds(o[0][0], device)))[0]
     if best is None:
-        need = max((_CUDA_WORKSPACE if cuda else 0) + pl.ws(k, 1, [HOST if cuda else GPU] * n) for k in range(len(ops)))
+        need = max(pl.ws(k, 1, [HOST if cuda else GPU] * n) for k in range(len(ops)))
+        need = -(-(need + _CUDA_WORKSPACE) * 20 // 19) if cuda else need
         raise ValueError(
             f"memory_budget_bytes={budget} is too small to hold even one slab: {task} of {tuple(in_shape)} needs at "
             f"least {need} bytes ({need / _MiB:.1f} MiB)"
@@ -589,21 +595,11 @@ def _grouped(y: torch.Tensor, groups: int) -> tuple[torch.Tensor, tuple[int, ...
     return y.reshape(B, groups, -1), (2,)
 
 
-def _slab_stats_eager(y: torch.Tensor, groups: int):
-    g, dims = _grouped(y, groups)
-    var, mean = torch.var_mean(g.float(), dim=dims, correction=0)
-    return var, mean
-
-
 def _slab_stats(y: torch.Tensor, groups: int):
     """(count, mean, M2) of slab y per (sample, group): fp32 two-pass within the slab, returned in fp64."""
+    g, dims = _grouped(y, groups)
+    var, mean = torch.var_mean(g.float(), dim=dims, correction=0)
     n = y[0].numel() / groups
-    fn = _fused("stats") if y.is_cuda else None
-    if fn is not None:
-        g, dims = _grouped(y, groups)
-        var, mean = fn(g, dims)
-    else:
-        var, mean = _slab_stats_eager(y, groups)
     return n, mean.double(), var.double() * n
 
 
@@ -619,57 +615,12 @@ def _norm_affine(store: _Store, norm: torch.nn.GroupNorm, eps: float) -> tuple[t
     return scale.float().view(shape), shift.float().view(shape)
 
 
-def _normalise_eager(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool) -> torch.Tensor:
-    y = torch.addcmul(shift, x, scale)  # fp32
+def _normalise(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool) -> torch.Tensor:
+    """`silu?(x * scale + shift)` computed in fp32, stored in x's dtype."""
+    y = torch.addcmul(shift, x, scale)
     if silu:
         F.silu(y, inplace=True)
     return y.to(x.dtype)
-
-
-def _normalise(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool) -> torch.Tensor:
-    """`silu?(x * scale + shift)` in fp32, stored in x's dtype (one fused kernel on CUDA when available)."""
-    fn = _fused("silu" if silu else "affine") if x.is_cuda else None
-    return fn(x, scale, shift) if fn is not None else _normalise_eager(x, scale, shift, silu)
-
-
-_FUSED: dict[str, object] = {}
-
-
-def _fused(name: str):
-    """torch.compile'd helpers for CUDA (one kernel instead of 3-4 memory passes); None where unavailable.
-
-    Compilation is lazy, so a failure shows at the first call: the wrapper then switches to eager for good.
-    """
-    if name not in _FUSED:
-        try:
-            import triton  # noqa: F401  (inductor's CUDA backend)
-        except ImportError:
-            _FUSED[name] = None
-            return None
-        if name == "stats":
-            def f(g, dims):
-                return torch.var_mean(g.float(), dim=dims, correction=0)
-            eager = lambda g, dims: torch.var_mean(g.float(), dim=dims, correction=0)  # noqa: E731
-        else:
-            silu = name == "silu"
-
-            def f(x, scale, shift):
-                y = x.float() * scale + shift
-                return (F.silu(y) if silu else y).to(x.dtype)
-            eager = lambda x, scale, shift: _normalise_eager(x, scale, shift, silu)  # noqa: E731
-        compiled = torch.compile(f, dynamic=True)
-
-        def call(*args):
-            if _FUSED.get(name + ".failed"):
-                return eager(*args)
-            try:
-                return compiled(*args)
-            except Exception:  # noqa: BLE001 - no working compiler here: eager from now on
-                _FUSED[name + ".failed"] = True
-                return eager(*args)
-
-        _FUSED[name] = call
-    return _FUSED[name]
 
 
 class _Run:
