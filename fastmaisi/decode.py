@@ -205,7 +205,7 @@ class DecodePlan:
                    f"{self.slab_rows} rows along D at full resolution ({lv})")
         if self.batch_chunk < self.input_shape[0]:
             how += ", one sample at a time"
-        host = (f" and {gib(self.host_bytes)} of page-locked host memory (about {self.host_bytes / _GiB * 0.22:.0f} s "
+        host = (f" and {gib(self.host_bytes)} of page-locked host memory (about {self.host_bytes / _GiB * 0.5:.0f} s "
                 "to set up on first use, then kept for reuse)" if self.host_bytes else "")
         return (
             f"{self.task.capitalize()} {tuple(self.input_shape)} -> {tuple(self.output_shape)} "
@@ -497,22 +497,22 @@ def plan_encode(
 # 3. The executor
 # ----------------------------------------------------------------------------------------------------------------
 
-_HOST_POOL: dict[int, list[torch.Tensor]] = {}
+_HOST_POOL: list[torch.Tensor] = []
 
 
 def _host_buffer(nbytes: int) -> torch.Tensor:
-    """A page-locked host byte buffer: pageable memory registered with CUDA (about 3x faster to set up than
-    cudaHostAlloc, with no power-of-two rounding), reused across calls; see `free_host_memory`."""
-    pool = _HOST_POOL.get(nbytes)
-    if pool:
-        return pool.pop()
+    """A page-locked host byte buffer of at least `nbytes`: pageable memory registered with CUDA (faster to set up
+    than cudaHostAlloc, with no power-of-two rounding), reused across calls (best fit); see `free_host_memory`."""
+    fits = [i for i, b in enumerate(_HOST_POOL) if nbytes <= b.numel() <= 2 * nbytes]
+    if fits:
+        return _HOST_POOL.pop(min(fits, key=lambda i: _HOST_POOL[i].numel()))
     buf = torch.empty(nbytes, dtype=torch.uint8)
     torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)  # on failure the buffer stays pageable
     return buf
 
 
 def _host_release(buf: torch.Tensor) -> None:
-    _HOST_POOL.setdefault(buf.numel(), []).append(buf)
+    _HOST_POOL.append(buf)
 
 
 def free_host_memory() -> int:
@@ -520,10 +520,9 @@ def free_host_memory() -> int:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     freed = 0
-    for bufs in _HOST_POOL.values():
-        for buf in bufs:
-            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
-            freed += buf.numel()
+    for buf in _HOST_POOL:
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        freed += buf.numel()
     _HOST_POOL.clear()
     return freed
 
@@ -546,7 +545,7 @@ class _Store:
         B, C, D, H, W = shape
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         buf = _host_buffer(nbytes)
-        return cls(buf.view(dtype).view(B, D, H, W, C).permute(0, 4, 1, 2, 3), device, buf)
+        return cls(buf[:nbytes].view(dtype).view(B, D, H, W, C).permute(0, 4, 1, 2, 3), device, buf)
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
         x = self.t[:, :, lo:hi]
