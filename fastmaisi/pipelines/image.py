@@ -24,4 +24,6 @@ def sample_image_latent(models: Models, *, size, spacing, modality_code: int, st
     else:
         kwargs["class_labels"] = torch.tensor([modality_code], device=device, dtype=torch.long)
     denoise = image_denoiser(models.diffusion_unet, **kwargs)
-    return sample(denoise, build_scheduler(models.scheduler_def), x, steps, disable=not progress, desc="image DM")
+    g = torch.Generator(device=device).manual_seed(int(seed) + 1)  # DDPM's per-step noise (RFlow draws none)
+    return sample(denoise, build_scheduler(models.scheduler_def), x, steps, generator=g, disable=not progress,
+                  desc="image DM")
