@@ -125,6 +125,7 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     models = model_io.load_models(variant, weights_dir, roles, device=device, dtype=dtype,
                                   network_config=request.network_config)
+    plan = _plan_text(opts, device, budget, models.autoencoder)
     results = []
     for i, stem in enumerate(stems):
         attempts = []
@@ -159,7 +160,7 @@ def _one_volume(models, workflow, opts, seed, user_label, budget, progress):
         z = paired.sample_mask_latent(models, opts["anatomy"], seed=seed, latent_shape=models.mask_latent_shape,
                                       steps=opts["mask_steps"], progress=progress)
         raw = paired.decode_mask(models, z, budget)
-        label = common.resample_label(raw, [models.mask_spacing] * 3, opts["size"], opts["spacing"])
+        label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"])
         timings["mask_s"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
     # 3-4. condition + sample
@@ -220,12 +221,16 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _plan_text(opts, device, budget) -> str:
+def _plan_text(opts, device, budget, vae=None) -> str:
+    """The memory/time plan of the decode (for MAISI's autoencoder unless `vae` is given), as printed by --dry-run."""
+    import torch
+
     from fastmaisi.decode import plan_decode
 
     latent = (1, 4, *[s // 4 for s in opts["size"]])
-    plan = plan_decode(latent, device, budget, None)
-    return (f"plan: {opts['steps']} steps at latent {latent[2:]} on {device}; decode: {plan.describe()}")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    plan = plan_decode(latent, device, budget, dtype, vae=vae)
+    return f"{opts['steps']} sampling steps at latent {tuple(latent[2:])} on {device}. {plan.describe()}"
 
 
 def _record(request, variant, opts, models, attempts, plan, device, mask_info) -> dict:

@@ -30,8 +30,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line (exit 2) instead of usage + message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastmaisi generate", description=(
+    p = _Parser(prog="fastmaisi generate", description=(
         "Generate CT/MR volumes: image only (default), from a label map (--mask), or paired mask+image "
         "(--organ-size). Writes int16 NIfTI + label + JSON record + preview PNG per sample."))
     p.add_argument("-o", "--output", required=True, help="output folder")
@@ -88,7 +95,10 @@ def request_from_args(args):
 
 
 def generate_main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage mistake (2, already reported in one line)
+        return int(exc.code or 0)
     from fastmaisi.pipelines.generate import generate
 
     warnings.simplefilter("default")

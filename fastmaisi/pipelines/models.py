@@ -26,7 +26,7 @@ class Models:
     mask_scale_factor: float = 1.0
     dtype: torch.dtype = torch.float32
     mask_latent_shape: tuple = MASK_LATENT_SHAPE
-    mask_spacing: float = 1.5  # mm per voxel of the decoded mask (reference: 256^3 at 1.5 mm)
+    mask_spacing: tuple = (1.5, 1.5, 1.5)  # mm per voxel of the decoded mask (reference: 256^3 at 1.5 mm)
     files: dict = field(default_factory=dict)  # role -> {"path", "sha256"} for the record
 
     @property
@@ -83,10 +83,12 @@ def load_models(variant: Variant, weights_dir: str | Path, roles, device: torch.
         files[role] = {"path": str(path), "sha256": sha256_file(path)}
         if meta.get("scale_factor") is not None:
             scales[role] = float(meta["scale_factor"])
-    scheduler_def = variant.scheduler
+    scheduler_def, extra = variant.scheduler, {}
     if network_config is not None:
         config = json.loads(Path(network_config).read_text())
         scheduler_def = config.get("noise_scheduler", scheduler_def)
-    return Models(variant=variant, scheduler_def=scheduler_def, dtype=dtype, files=files,
+        if "mask_generation_latent_shape" in config:
+            extra["mask_latent_shape"] = tuple(config["mask_generation_latent_shape"])
+    return Models(variant=variant, scheduler_def=scheduler_def, dtype=dtype, files=files, **extra,
                   scale_factor=scales.get("diffusion_unet", 1.0), mask_scale_factor=scales.get("mask_diffusion", 1.0),
                   **nets)

@@ -1,0 +1,168 @@
+"""`fastmaisi generate` end to end on CPU: tiny random networks saved in NVIDIA's checkpoint layouts, an official-format
+network config, the three workflows, reproduction from the record, and bad input (exit 2, one line, nothing written)."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from fastmaisi.nets import build
+from fastmaisi.pipelines.generate_cli import generate_main
+
+AE = dict(_target_="monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi", spatial_dims=3,
+          in_channels=1, out_channels=1, latent_channels=4, num_channels=[8, 8, 16], num_res_blocks=[1, 1, 1],
+          norm_num_groups=4, norm_eps=1e-6, attention_levels=[False, False, False], with_encoder_nonlocal_attn=False,
+          with_decoder_nonlocal_attn=False, use_checkpointing=False, use_convtranspose=False, norm_float16=True,
+          num_splits=4, dim_split=1)
+TRUNK = dict(spatial_dims=3, in_channels=4, num_channels=[8, 16, 16, 32], attention_levels=[False, False, True, True],
+             num_head_channels=[0, 0, 8, 8], num_res_blocks=1, norm_num_groups=8, use_flash_attention=True,
+             num_class_embeds=128, resblock_updown=True, include_fc=True)
+CONFIG = {
+    "spatial_dims": 3, "latent_channels": 4, "mask_generation_latent_shape": [4, 8, 8, 8],
+    "autoencoder_def": AE,
+    "diffusion_unet_def": dict(_target_="monai.apps.generation.maisi.networks.diffusion_model_unet_maisi."
+                               "DiffusionModelUNetMaisi", out_channels=4, include_spacing_input=True, **TRUNK),
+    "controlnet_def": dict(_target_="monai.apps.generation.maisi.networks.controlnet_maisi.ControlNetMaisi",
+                           conditioning_embedding_in_channels=8, conditioning_embedding_num_channels=[8, 8, 8],
+                           **TRUNK),
+    "mask_generation_autoencoder_def": AE | dict(in_channels=8, out_channels=125, use_convtranspose=True),
+    "mask_generation_diffusion_def": dict(
+        _target_="monai.networks.nets.diffusion_model_unet.DiffusionModelUNet", spatial_dims="@spatial_dims",
+        in_channels="@latent_channels", out_channels="@latent_channels", channels=[8, 8, 16, 16],
+        attention_levels=[False, False, True, True], num_head_channels=[0, 0, 8, 8], num_res_blocks=1,
+        norm_num_groups=8, with_conditioning=True, upcast_attention=True, cross_attention_dim=10),
+    "noise_scheduler": {"_target_": "monai.networks.schedulers.rectified_flow.RFlowScheduler",
+                        "num_train_timesteps": 1000, "use_discrete_timesteps": False, "use_timestep_transform": True,
+                        "sample_method": "uniform", "scale": 1.4},
+}
+FILES = {"autoencoder_def": ("autoencoder_v1.pt", None), "diffusion_unet_def": ("diff_unet_3d_rflow-ct.pt", "unet"),
+         "controlnet_def": ("controlnet_3d_rflow-ct.pt", "controlnet"),
+         "mask_generation_autoencoder_def": ("mask_generation_autoencoder.pt", None),
+         "mask_generation_diffusion_def": ("mask_generation_diffusion_unet.pt", "unet")}
+SIZE = ["32", "32", "64"]
+SPACING = ["10", "10", "5"]  # field of view inside the trained range: no warning noise
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A weights folder in NVIDIA's layouts (raw / unet_state_dict+scale_factor / controlnet_state_dict) + config."""
+    from fastmaisi.config import resolve_network_definition
+
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    for key, (name, layout) in FILES.items():
+        net = build(resolve_network_definition(CONFIG, key))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        sd = net.state_dict()
+        obj = {"unet": {"unet_state_dict": sd, "scale_factor": torch.tensor(1.3)},
+               "controlnet": {"controlnet_state_dict": sd, "epoch": 1}}.get(layout, sd)
+        torch.save(obj, root / name)
+    (root / "config_network.json").write_text(json.dumps(CONFIG))
+    return root
+
+
+def run(weights, out, *extra):
+    args = ["-o", str(out), "--weights", str(weights), "--network-config", str(weights / "config_network.json"),
+            "--size", *SIZE, "--spacing", *SPACING, "--steps", "3", "-q", *extra]
+    return generate_main(args)
+
+
+def phantom_mask(path, body=True, bad=None):
+    from fastmaisi.phantom import make_phantom
+
+    _, label = make_phantom((32, 32, 64), (10.0, 10.0, 5.0), seed=3)
+    label = label.astype(np.int16)
+    if not body:
+        label[label == 200] = 0
+    if bad is not None:
+        label[0, 0, 0] = bad
+    nib.save(nib.Nifti1Image(label, np.diag([10.0, 10.0, 5.0, 1.0])), path)
+    return path
+
+
+def test_image_workflow_writes_int16_hu_and_record(weights, tmp_path):
+    assert run(weights, tmp_path, "--seed", "5") == 0
+    img = nib.load(tmp_path / "sample_000005_image.nii.gz")
+    assert img.get_data_dtype() == np.int16 and img.shape == (32, 32, 64)
+    assert np.allclose(img.header.get_zooms(), (10, 10, 5))
+    data = np.asarray(img.dataobj)
+    assert data.min() >= -1000 and data.max() <= 1000 and data.std() > 0
+    record = json.loads((tmp_path / "sample_000005_record.json").read_text())
+    assert record["variant"] == "rflow-ct" and record["workflow"] == "image" and record["seed"] == 5
+    assert record["weights"]["diffusion_unet"]["sha256"] and record["scale_factor"] == pytest.approx(1.3)
+    assert (tmp_path / "sample_000005_preview.png").stat().st_size > 0
+
+
+def test_from_mask_and_record_reproduces_bit_for_bit(weights, tmp_path):
+    mask = phantom_mask(tmp_path / "mask.nii.gz")
+    out = tmp_path / "a"
+    assert run(weights, out, "--mask", str(mask), "--max-retries", "0") == 0
+    label = np.asarray(nib.load(out / "sample_000000_label.nii.gz").dataobj)
+    assert label.dtype == np.uint8 and (label == 200).any() and (label == 1).any()
+    image = np.asarray(nib.load(out / "sample_000000_image.nii.gz").dataobj)
+    assert (image[label == 0] == -1000).all()  # outside the body: air, as the reference crops
+    again = tmp_path / "b"
+    assert generate_main(["-o", str(again), "--from-record", str(out / "sample_000000_record.json"), "-q"]) == 0
+    image2 = np.asarray(nib.load(again / "sample_000000_image.nii.gz").dataobj)
+    assert np.array_equal(image, image2)
+
+
+def test_paired_workflow_records_quality_retries(weights, tmp_path):
+    assert run(weights, tmp_path, "--organ-size", "liver=0.5", "--mask-steps", "10", "--max-retries", "1") == 0
+    record = json.loads((tmp_path / "sample_000000_record.json").read_text())
+    assert record["workflow"] == "paired" and record["resolved"]["anatomy"][1] == 0.5
+    # random weights: the HU check runs on the generated label map; a failure triggers a retry with a new seed
+    assert record["quality_check"] is not None
+    assert len(record["attempts"]) == (1 if record["attempts"][0]["quality_check"]["passed"] else 2)
+    assert len({a["seed"] for a in record["attempts"]}) == len(record["attempts"])
+
+
+def test_dry_run_writes_nothing(weights, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(weights, out, "--dry-run") == 0
+    assert "sampling steps" in capsys.readouterr().out and not out.exists()
+
+
+def test_existing_outputs_refused_then_overwritten(weights, tmp_path, capsys):
+    assert run(weights, tmp_path) == 0
+    before = (tmp_path / "sample_000000_record.json").read_text()
+    assert run(weights, tmp_path) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert run(weights, tmp_path, "--overwrite") == 0
+    assert json.loads((tmp_path / "sample_000000_record.json").read_text())["seed"] == json.loads(before)["seed"]
+
+
+@pytest.mark.parametrize("case", ["no_body_strict", "label_300", "float_mask", "size", "organ", "missing_weights",
+                                  "variant", "modality"])
+def test_bad_input_exit_2_one_line_nothing_written(weights, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    extra = []
+    w = weights
+    if case == "no_body_strict":
+        extra = ["--mask", str(phantom_mask(tmp_path / "m.nii.gz", body=False)), "--strict-mask"]
+    elif case == "label_300":
+        extra = ["--mask", str(phantom_mask(tmp_path / "m.nii.gz", bad=300))]
+    elif case == "float_mask":
+        nib.save(nib.Nifti1Image(np.random.rand(32, 32, 64).astype(np.float32), np.eye(4)), tmp_path / "f.nii.gz")
+        extra = ["--mask", str(tmp_path / "f.nii.gz")]
+    elif case == "size":
+        extra = ["--size", "30", "32", "64"]
+    elif case == "organ":
+        extra = ["--organ-size", "livr=0.5"]
+    elif case == "missing_weights":
+        w = tmp_path / "empty"
+        w.mkdir()
+        (w / "config_network.json").write_text(json.dumps(CONFIG))
+    elif case == "variant":
+        extra = ["--variant", "rflow-xx"]
+    elif case == "modality":
+        extra = ["--modality", "mri_t1"]
+    code = run(w, out, *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("fastmaisi generate:"), err
+    assert not out.exists() or not any(out.iterdir())
