@@ -405,11 +405,11 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """MONAI `WrappedUpsample` (nontrainable nearest x2 + `postconv` k3)."""
 
+    upsample_on_coarse_grid = True  # `upsample_conv` instead of interpolate + conv (same math, 8/27 FLOPs)
+
     def __init__(self, spatial_dims: int, channels: int) -> None:
         super().__init__()
         self.postconv = Conv(spatial_dims, channels, channels, 3, 1, 1)
-
-    upsample_on_coarse_grid = True  # `upsample_conv` instead of interpolate + conv (same math, 8/27 FLOPs)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         if self.upsample_on_coarse_grid:
