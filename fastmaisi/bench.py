@@ -26,7 +26,7 @@ SEED_ROWS = [((256, 256, 128), (96, 96, 96), 0.25, 2), ((256, 256, 256), (48, 48
              ((512, 512, 512), (80, 80, 48), 0.4, 4), ((512, 512, 512), (80, 80, 80), 0.4, 4),
              ((512, 512, 768), (80, 80, 96), 0.4, 4)]
 # a tiny configuration for tests on a CPU: same code paths, small networks and sizes
-TINY = dict(rows=[((32, 32, 32), (4, 4, 4), 0.25, 2)], mask_latent=(4, 8, 8, 8),
+TINY = dict(rows=[((32, 32, 32), (4, 4, 4), 0.25, 1)], mask_latent=(4, 8, 8, 8),
             ae=dict(num_channels=[8, 8, 16], num_res_blocks=[1, 1, 1], norm_num_groups=4),
             unet=dict(num_channels=[8, 16, 16, 32], num_head_channels=[0, 0, 8, 8], norm_num_groups=8,
                       num_res_blocks=1),
