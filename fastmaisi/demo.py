@@ -1,0 +1,89 @@
+"""The built-in demo: narrow MAISI networks trained by `scripts/train_demo.py` on our procedural phantoms.
+
+They ship inside the package (`fastmaisi/data/demo/`, a few MB of safetensors), so `fastmaisi generate` runs on a
+CPU-only machine without downloads. Same classes and checkpoint layouts as the real variants, only narrower:
+
+    grid        64 x 64 x 64 voxels at 4.5 x 4.5 x 4.0 mm (288 x 288 x 256 mm, the phantoms' lower chest + upper
+                abdomen); image latent 4 x 16^3
+    image       AutoencoderKlMaisi [16, 32, 32]; rflow DiffusionModelUNetMaisi + ControlNetMaisi [16, 32, 32, 48]
+    mask        mask AutoencoderKlMaisi [8, 16, 32] (8 bit-channels in, 125 classes out) and DiffusionModelUNet
+                [16, 32, 32, 48] (context: the 10-slot organ-size vector), working directly on the image grid:
+                mask latent 4 x 16^3, 100 DDPM steps
+
+The demo is a toy: it knows only what the phantoms show (one body shape, the phantom organs and HU), not real CT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastmaisi.variants import _AE, _CNET, _MASK_UNET, _UNET, RFLOW_SCHEDULER_DEF, Variant
+
+DEMO_WEIGHTS_DIR = Path(__file__).parent / "data" / "demo"
+DEMO_SIZE = (64, 64, 64)
+DEMO_SPACING = (4.5, 4.5, 4.0)
+DEMO_STEPS = 30  # rflow steps of the image DM (ControlNet + UNet)
+DEMO_MASK_STEPS = 100  # DDPM steps of the mask DM (divides 1000)
+DEMO_MASK_LATENT_SHAPE = (4, 16, 16, 16)  # the mask DM's latent: the demo grid / 4
+DEMO_MASK_SPACING = DEMO_SPACING  # the mask VAE decodes straight onto the demo grid
+DEMO_FILES = {"autoencoder": "demo_autoencoder", "diffusion_unet": "demo_diffusion_unet",
+              "controlnet": "demo_controlnet", "mask_autoencoder": "demo_mask_autoencoder",
+              "mask_diffusion": "demo_mask_diffusion_unet"}
+DEMO_ORGAN_SIZES = {"liver": 0.085, "stomach": 0.017, "gallbladder": 0.0016, "pancreas": 0.0065, "colon": 0.034}
+"""Default organ sizes of the paired workflow: about the phantoms' median (fraction of the labelled voxels)."""
+
+
+def _ae(in_channels: int, out_channels: int, channels, res_blocks, transposed: bool) -> dict:
+    return dict(_target_=_AE, spatial_dims=3, in_channels=in_channels, out_channels=out_channels, latent_channels=4,
+                num_channels=list(channels), num_res_blocks=list(res_blocks), norm_num_groups=8, norm_eps=1e-6,
+                attention_levels=[False, False, False], with_encoder_nonlocal_attn=False,
+                with_decoder_nonlocal_attn=False, use_checkpointing=False, use_convtranspose=transposed,
+                norm_float16=False, num_splits=1, dim_split=1)
+
+
+def _trunk() -> dict:
+    """Keyword arguments shared by the demo image UNet and its ControlNet (the rflow-ct trunk, narrow)."""
+    return dict(spatial_dims=3, in_channels=4, num_channels=[16, 32, 32, 48],
+                attention_levels=[False, False, True, True], num_head_channels=[0, 0, 16, 16], num_res_blocks=1,
+                norm_num_groups=8, use_flash_attention=True, num_class_embeds=128, resblock_updown=True,
+                include_fc=True)
+
+
+def demo_definitions() -> dict:
+    """Network definitions of the demo, by role (the official `*_def` layout)."""
+    return {
+        "autoencoder": _ae(1, 1, (16, 32, 32), (1, 1, 1), False),
+        "diffusion_unet": dict(_target_=_UNET, out_channels=4, **_trunk(), include_top_region_index_input=False,
+                               include_bottom_region_index_input=False, include_spacing_input=True),
+        "controlnet": dict(_target_=_CNET, conditioning_embedding_in_channels=8,
+                           conditioning_embedding_num_channels=[8, 16, 16], **_trunk()),
+        "mask_autoencoder": _ae(8, 125, (8, 16, 32), (1, 1, 1), True),
+        "mask_diffusion": dict(_target_=_MASK_UNET, spatial_dims=3, in_channels=4, out_channels=4,
+                               channels=[16, 32, 32, 48], attention_levels=[False, False, True, True],
+                               num_head_channels=[0, 0, 16, 16], num_res_blocks=1, norm_num_groups=8,
+                               use_flash_attention=True, with_conditioning=True, upcast_attention=True,
+                               cross_attention_dim=10),
+    }
+
+
+@dataclass(frozen=True)
+class DemoVariant(Variant):
+    """A `Variant` whose networks are the narrow demo definitions; the mask DM works on the image grid."""
+
+    mask_steps: int = DEMO_MASK_STEPS
+    mask_latent_shape: tuple = DEMO_MASK_LATENT_SHAPE
+    mask_spacing: tuple = DEMO_MASK_SPACING
+
+    def definitions(self) -> dict:
+        return {role: d for role, d in demo_definitions().items() if role in self.files}
+
+
+DEMO_VARIANT = DemoVariant("demo", "ct", False, RFLOW_SCHEDULER_DEF, DEMO_STEPS, DEMO_SIZE, DEMO_SPACING, 1, 0.0,
+                           dict(DEMO_FILES))
+
+
+def demo_models_kwargs() -> dict:
+    """What `generate` needs to run the demo: variant, weights folder, mask grid and step counts."""
+    return {"variant": DEMO_VARIANT, "weights_dir": DEMO_WEIGHTS_DIR, "mask_latent_shape": DEMO_MASK_LATENT_SHAPE,
+            "mask_spacing": DEMO_MASK_SPACING, "mask_steps": DEMO_MASK_STEPS, "organ_sizes": dict(DEMO_ORGAN_SIZES)}
