@@ -76,9 +76,10 @@ def _networks(defs: dict, reference: bool, device):
 
 
 def _time(fn, repeats: int, device) -> dict:
-    """Median/spread seconds of `fn` after one warm-up call, and the peak memory allocated during the calls."""
+    """Median/spread seconds of `fn` after two warm-up calls, and the peak memory allocated during the calls."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
+    for _ in range(2):  # warm-up: cuDNN/Triton pick and compile kernels per new shape on the first calls
+        fn()
     sync()
     if device.type == "cuda":
         torch.cuda.empty_cache()
