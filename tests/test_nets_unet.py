@@ -343,3 +343,21 @@ def test_gpu_mask_unet_autocast():
         with torch.autocast("cuda", dtype=torch.float16):
             out = ours(x.half(), t, context=ctx.half())
     assert rel(out, truth) < 2e-2
+
+
+def test_gradient_checkpointing_same_gradients():
+    """use_checkpointing recomputes blocks in backward: same loss and gradients, no new state_dict keys."""
+    torch.manual_seed(0)
+    a = randomize(DiffusionModelUNetMaisi(**RFLOW)).train()
+    b = DiffusionModelUNetMaisi(**RFLOW).train()
+    b.load_state_dict(a.state_dict())
+    b.use_checkpointing = True
+    assert a.state_dict().keys() == b.state_dict().keys()
+    inp = inputs()
+    keys = ("x", "timesteps", "class_labels", "spacing_tensor")
+    la = a(**{k: inp[k] for k in keys}).square().mean()
+    lb = b(**{k: inp[k] for k in keys}).square().mean()
+    la.backward(), lb.backward()
+    assert torch.equal(la, lb)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7, msg=name)

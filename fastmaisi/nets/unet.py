@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from fastmaisi.nets.blocks import (
@@ -72,6 +73,13 @@ class _UNetBase(nn.Module):
     _name = "DiffusionModelUNet"
     _extra_inputs: tuple[tuple[str, str, int], ...] = ()  # (layer attribute, forward keyword, input dim)
     _inplace_control = False  # MAISI's in-place residual add (the middle block then sees h + ctrl_down[-1])
+    use_checkpointing = False  # training only: recompute each block in backward (not a parameter: no state_dict key)
+
+    def _run(self, fn, *args):
+        """fn(*args), under activation checkpointing when training with gradients and `use_checkpointing` is set."""
+        if self.use_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def _build(self, *, spatial_dims: int, in_channels: int, out_channels: int, num_res_blocks, channels,
                attention_levels, norm_num_groups: int, norm_eps: float, resblock_updown: bool, num_head_channels,
@@ -143,7 +151,7 @@ class _UNetBase(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h, out = block(h, temb, context)
+            h, out = self._run(lambda h_, b=block: b(h_, temb, context), h)
             skips.extend(out)
 
         if down_res is not None:
@@ -161,12 +169,14 @@ class _UNetBase(nn.Module):
             else:
                 skips = [s + r for s, r in zip(skips, down_res)]
 
-        h = self.middle_block(h, temb, context)
+        h = self._run(lambda h_: self.middle_block(h_, temb, context), h)
         if mid_res is not None:
             h = add_residual_inplace(h, mid_res) if self._inplace_control else h + mid_res
 
         for block in self.up_blocks:
-            h = block(h, skips, temb, context)
+            n = len(block.resnets)  # each resnet pops one skip: hand the block exactly its own (recompute-safe)
+            mine, skips = skips[-n:], skips[:-n]
+            h = self._run(lambda h_, *s, b=block: b(h_, list(s), temb, context), h, *mine)
         h = group_norm(h, self.out[0], silu=True)
         return self.out[2](h)
 
