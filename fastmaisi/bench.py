@@ -25,8 +25,10 @@ SEED_ROWS = [((256, 256, 128), (96, 96, 96), 0.25, 2), ((256, 256, 256), (48, 48
              ((512, 512, 128), (80, 80, 32), 0.4, 2), ((512, 512, 512), (64, 64, 48), 0.4, 2),
              ((512, 512, 512), (80, 80, 48), 0.4, 4), ((512, 512, 512), (80, 80, 80), 0.4, 4),
              ((512, 512, 768), (80, 80, 96), 0.4, 4)]
+# DM training rows (latent sizes of the seed's training table), batch 1
+TRAIN_LATENTS = [(64, 64, 32), (64, 64, 64), (128, 128, 32), (128, 128, 64), (128, 128, 128)]
 # a tiny configuration for tests on a CPU: same code paths, small networks and sizes
-TINY = dict(rows=[((32, 32, 32), (4, 4, 4), 0.25, 1)], mask_latent=(4, 8, 8, 8),
+TINY = dict(rows=[((32, 32, 32), (4, 4, 4), 0.25, 1)], train=[(8, 8, 8)], mask_latent=(4, 8, 8, 8),
             ae=dict(num_channels=[8, 8, 16], num_res_blocks=[1, 1, 1], norm_num_groups=4),
             unet=dict(num_channels=[8, 16, 16, 32], num_head_channels=[0, 0, 8, 8], norm_num_groups=8,
                       num_res_blocks=1),
@@ -109,8 +111,46 @@ def _dm_step(unet, cnet, latent, device, dtype):
     return step
 
 
+def _train_step(impl: str, defs: dict, latent, dev):
+    """One DM training step as the reference trains (UNet fwd + L1 + bwd + Adam, fp16 autocast + GradScaler, batch 1).
+
+    Ours adds activation checkpointing (`use_checkpointing`), the reference runs as NVIDIA's trainer does.
+    """
+    unet = _networks_unet_fp32(defs, impl == "reference", dev)
+    if impl == "ours":
+        unet.use_checkpointing = True
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-5)
+    cuda = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    x, target = torch.randn(1, 4, *latent, device=dev), torch.randn(1, 4, *latent, device=dev)
+    t, cls = torch.rand(1, device=dev) * 1000, torch.tensor([1], device=dev)
+    spacing = torch.full((1, 3), 100.0, device=dev)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+            out = unet(x=x, timesteps=t, spacing_tensor=spacing, class_labels=cls)
+        loss = torch.nn.functional.l1_loss(out.float(), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _networks_unet_fp32(defs: dict, reference: bool, dev):
+    torch.manual_seed(0)
+    if reference:
+        from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
+
+        return DiffusionModelUNetMaisi(**defs["unet"] | {"use_flash_attention": dev.type == "cuda"}).to(dev).train()
+    from fastmaisi.nets.unet import DiffusionModelUNetMaisi
+
+    return DiffusionModelUNetMaisi(**defs["unet"]).to(dev).train()
+
+
 def run_bench(tiny: bool = False, reference: bool = False, device: str = "auto", repeats: int = 3,
-              rows=None) -> dict:
+              rows=None, training: bool = True, inference: bool = True) -> dict:
     """Measure every row for ours (and the reference); returns the JSON-able result."""
     from fastmaisi.decode import decode_latent
 
@@ -119,8 +159,20 @@ def run_bench(tiny: bool = False, reference: bool = False, device: str = "auto",
     table = [r for i, r in enumerate(TINY["rows"] if tiny else SEED_ROWS) if rows is None or i in rows]
     impls = ["ours"] + (["reference"] if reference else [])
     out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-           "weights": "random (timings do not depend on weight values)", "rows": [], "mask_stage": []}
-    for impl in impls:
+           "weights": "random (timings do not depend on weight values)", "rows": [], "mask_stage": [], "training": []}
+    for impl in impls if training else []:
+        for latent in TINY["train"] if tiny else TRAIN_LATENTS:
+            try:
+                m = _time(_train_step(impl, defs, latent, dev), repeats, dev)
+                row = {"impl": impl, "latent": list(latent), "step_s": m["s"], "spread_s": m["spread_s"],
+                       "peak_GiB": m["peak_GiB"]}
+            except torch.cuda.OutOfMemoryError:
+                row = {"impl": impl, "latent": list(latent), "error": "out of memory"}
+            out["training"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    for impl in impls if inference else []:
         ae, unet, cnet, mask_unet = _networks(defs, impl == "reference", dev)
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
         amp = torch.autocast("cuda", dtype=torch.float16, enabled=impl == "reference" and dev.type == "cuda")
@@ -185,6 +237,11 @@ def markdown(out: dict) -> str:
         lines.append(f"| {'x'.join(map(str, r['output']))} | {r['window']} / {r['overlap']} / {r['splits']} | "
                      f"{r['impl']} | {r['dm_step_s']:.3f} ({r['rflow30_s']:.1f} / {r['ddpm1000_s']:.0f}) | "
                      f"{_gib(r['dm_peak_GiB'])} | {r['decode_s']:.2f} | {_gib(r['decode_peak_GiB'])} |")
+    if out.get("training"):
+        lines += ["", "| DM training step, latent | impl | s/step | peak GiB |", "|---|---|---|---|"]
+        for r in out["training"]:
+            lines.append(f"| {'x'.join(map(str, r['latent']))} | {r['impl']} | "
+                         + (f"{r['step_s']:.3f} | {_gib(r['peak_GiB'])} |" if "step_s" in r else f"{r['error']} | |"))
     for m in out["mask_stage"]:
         lines.append(f"\nmask stage ({m['impl']}): {m['step_s']:.4f} s/step, 1000 DDPM steps {m['ddpm1000_s']:.1f} s, "
                      f"peak {_gib(m['peak_GiB'])} GiB")
@@ -228,6 +285,8 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("-o", "--output", default="bench_out")
     p.add_argument("-d", "--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-training", action="store_true", help="skip the DM training rows")
+    p.add_argument("--training-only", action="store_true", help="only the DM training rows")
     args = p.parse_args(argv)
     if args.reference:
         try:
@@ -236,7 +295,7 @@ def bench_main(argv: list[str]) -> int:
             print("fastmaisi bench: --reference needs monai (pip install monai==1.6.1)", file=sys.stderr)
             return 2
     out = run_bench(tiny=args.tiny, reference=args.reference, device=args.device, repeats=args.repeats,
-                    rows=args.rows)
+                    rows=args.rows, training=not args.no_training, inference=not args.training_only)
     folder = Path(args.output)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bench.json").write_text(json.dumps(out, indent=1))

@@ -22,5 +22,7 @@ def test_tiny_bench_structure(tmp_path):
     assert all(r["dm_speedup"] > 0 and r["decode_speedup"] > 0 for r in ours)
     assert {m["impl"] for m in out["mask_stage"]} == {"ours", "reference"}
     assert all(m["step_s"] > 0 for m in out["mask_stage"])
+    assert {r["impl"] for r in out["training"]} == {"ours", "reference"}
+    assert all(r["step_s"] > 0 for r in out["training"])
     table = (tmp_path / "bench.md").read_text()
     assert table.count("| 32x32x32 |") == 2
