@@ -2,6 +2,7 @@
 network config, the three workflows, reproduction from the record, and bad input (exit 2, one line, nothing written)."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -166,3 +167,28 @@ def test_bad_input_exit_2_one_line_nothing_written(weights, tmp_path, capsys, ca
     assert code == 2
     assert len(err) == 1 and err[0].startswith("fastmaisi generate:"), err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_mask_db_picks_best_fit_and_walks_candidates_on_retry(weights, tmp_path):
+    from fastmaisi.pipelines.mask_db import rank_candidates
+
+    db = tmp_path / "db"
+    db.mkdir()
+    phantom_mask(db / "a_fits.nii.gz")  # 32x32x64 at 10x10x5 mm: the requested grid
+    from fastmaisi.phantom import make_phantom
+
+    _, far = make_phantom((32, 32, 32), (12.0, 12.0, 12.0), seed=4)
+    nib.save(nib.Nifti1Image(far.astype(np.int16), np.diag([12.0, 12.0, 12.0, 1.0])), db / "b_far.nii.gz")
+    ranked = rank_candidates(db, (32, 32, 64), (10.0, 10.0, 5.0))
+    assert [p.name for p in ranked] == ["a_fits.nii.gz", "b_far.nii.gz"]
+    out = tmp_path / "out"
+    assert run(weights, out, "--mask-db", str(db), "--max-retries", "1") == 0
+    record = json.loads((out / "sample_000000_record.json").read_text())
+    assert record["workflow"] == "from-mask"
+    names = [Path(a["mask"]["path"]).name for a in record["attempts"]]
+    assert names[0] == "a_fits.nii.gz" and (len(names) == 1 or names[1] == "b_far.nii.gz")
+
+
+def test_ab2_sampler_option(weights, tmp_path):
+    assert run(weights, tmp_path / "a", "--steps", "4", "--sampler", "ab2") == 0
+    assert json.loads((tmp_path / "a" / "sample_000000_record.json").read_text())["resolved"]["sampler"] == "ab2"

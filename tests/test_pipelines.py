@@ -160,3 +160,22 @@ def test_mask_stage_matches_reference():
             out = ref(x, timesteps=torch.Tensor((t,)), context=ctx)
             x, _ = sched.step(out, t, x, generator=g)
     assert rel(z, x) < TOL
+
+
+def test_ab2_sampler_option_changes_the_integrator(rflow_nets):
+    from fastmaisi.schedulers import build
+    from fastmaisi.schedulers.samplers import sample_rflow_ab2
+
+    _, unet, _, _ = rflow_nets
+    models = _models("rflow-ct", unet)
+    kw = dict(size=SIZE, spacing=SPACING, modality_code=1, steps=6, guidance_scale=0.0, seed=3, progress=False)
+    euler = image.sample_image_latent(models, **kw)
+    ab2 = image.sample_image_latent(models, sampler="ab2", **kw)
+    sched = build(RFLOW_SCHEDULER_DEF)
+    x = latent_noise(3, euler.shape, "cpu", torch.float32)
+    sched.set_timesteps(6, input_img_size_numel=x[0, 0].numel())
+    spacing = torch.tensor([[s * 100 for s in SPACING]])
+    with torch.no_grad():
+        direct = sample_rflow_ab2(lambda x_, t: unet(x=x_, timesteps=t, spacing_tensor=spacing,
+                                                     class_labels=torch.tensor([1])), x, sched.timesteps, disable=True)
+    assert rel(ab2, direct) < TOL and rel(ab2, euler) > 1e-3

@@ -35,7 +35,8 @@ def bit_channels(label: np.ndarray, device, dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_latent_from_mask(models: Models, label: np.ndarray, *, spacing, modality_code: int, steps: int,
-                            guidance_scale: float, seed: int, progress: bool = True) -> torch.Tensor:
+                            guidance_scale: float, seed: int, progress: bool = True,
+                            sampler: str = "euler") -> torch.Tensor:
     """Noise -> latent (1, 4, *label.shape/4) conditioned on `label` through the ControlNet."""
     device, dtype = models.device, models.dtype
     variant = models.variant
@@ -52,7 +53,7 @@ def sample_latent_from_mask(models: Models, label: np.ndarray, *, spacing, modal
     denoise = image_denoiser(models.diffusion_unet, models.controlnet, **kwargs)
     g = torch.Generator(device=device).manual_seed(int(seed) + 1)  # DDPM's per-step noise (RFlow draws none)
     return sample(denoise, build_scheduler(models.scheduler_def), x, steps, generator=g, disable=not progress,
-                  desc="image DM")
+                  desc="image DM", method=sampler)
 
 
 def crop_to_body(image_hu: np.ndarray, label: np.ndarray, background: int) -> np.ndarray:

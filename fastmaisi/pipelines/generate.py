@@ -27,6 +27,7 @@ class GenerateRequest:
     modality: str | int | None = None
     body_region: tuple[str, str] = ("chest", "abdomen")
     mask: str | None = None
+    mask_db: str | None = None  # folder of candidate label maps (the reference's mask database path)
     strict_mask: bool = False
     organ_sizes: dict = field(default_factory=dict)
     steps: int | None = None
@@ -39,6 +40,7 @@ class GenerateRequest:
     memory_budget_gb: float | None = None
     overwrite: bool = False
     fmt: str = "nifti"
+    sampler: str = "euler"  # "euler" (the reference's) or "ab2" (rectified flow only; faster, not bit-compatible)
 
     workflow_name: str | None = None  # "image", "from-mask" or "paired"; None: from-mask with --mask, paired with
     # --organ-size, else image
@@ -47,7 +49,7 @@ class GenerateRequest:
     def workflow(self) -> str:
         if self.workflow_name:
             return self.workflow_name
-        if self.mask:
+        if self.mask or self.mask_db:
             return "from-mask"
         return "paired" if self.organ_sizes else "image"
 
@@ -69,10 +71,15 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     if is_ct != (variant.modality == "ct"):
         raise ValueError(f"--modality {request.modality!r} does not match variant {variant.name} "
                          f"({'CT' if variant.modality == 'ct' else 'MR'})")
-    if (request.mask or request.organ_sizes) and not variant.has_controlnet:
-        raise ValueError(f"variant {variant.name} has no ControlNet: --mask and --organ-size need a CT variant")
-    if request.mask and request.organ_sizes:
-        raise ValueError("--mask and --organ-size are two different workflows: give one of them")
+    if (request.mask or request.mask_db or request.organ_sizes) and not variant.has_controlnet:
+        raise ValueError(f"variant {variant.name} has no ControlNet: --mask, --mask-db and --organ-size need a CT "
+                         "variant")
+    if sum(map(bool, (request.mask, request.mask_db, request.organ_sizes))) > 1:
+        raise ValueError("--mask, --mask-db and --organ-size are different workflows: give one of them")
+    if request.sampler not in ("euler", "ab2"):
+        raise ValueError(f"--sampler {request.sampler!r}: choose euler or ab2")
+    if request.sampler == "ab2" and not variant.scheduler["_target_"].endswith("RFlowScheduler"):
+        raise ValueError(f"--sampler ab2 is for rectified-flow variants; {variant.name} uses DDPM")
     anatomy = anatomy_size_vector(request.organ_sizes) if request.organ_sizes else None
     steps = request.steps or variant.steps
     if steps < 1 or (variant.scheduler["_target_"].endswith("DDPMScheduler") and 1000 % steps):
@@ -85,7 +92,7 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     if request.mask_steps < 1 or 1000 % request.mask_steps:
         raise ValueError(f"--mask-steps {request.mask_steps}: must divide 1000 (DDPM)")
     return variant, dict(size=size, spacing=spacing, modality_code=code, steps=steps, guidance_scale=guidance,
-                         anatomy=anatomy, mask_steps=request.mask_steps)
+                         anatomy=anatomy, mask_steps=request.mask_steps, sampler=request.sampler)
 
 
 def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = False) -> list[dict]:
@@ -110,9 +117,13 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     missing = model_io.missing_weight_files(variant, weights_dir, roles)
     if missing:
         raise ValueError(f"--weights {weights_dir}: missing {', '.join(missing)}")
-    user_label, user_mask_info = None, None
-    if workflow == "from-mask":
-        user_label, user_mask_info = _load_user_mask(request, opts)
+    user_label, user_mask_info, candidates = None, None, []
+    if request.mask:
+        user_label, user_mask_info = _load_user_mask(request, opts, request.mask)
+    elif request.mask_db:
+        from fastmaisi.pipelines.mask_db import rank_candidates
+
+        candidates = rank_candidates(request.mask_db, opts["size"], opts["spacing"])
     stems = [f"sample_{request.seed + i:06d}" for i in range(request.num_samples)]
     device = _device(request.device)
     budget = int(request.memory_budget_gb * 2**30) if request.memory_budget_gb else None
@@ -132,11 +143,13 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         for k in range(request.max_retries + 1):
             seed = request.seed + i + k * RETRY_SEED_STRIDE
             t0 = time.perf_counter()
+            if candidates:  # mask database: sample i starts at the i-th best mask; each retry takes the next one
+                user_label, user_mask_info = _load_user_mask(request, opts, candidates[(i + k) % len(candidates)])
             image_hu, label, timings = _one_volume(models, workflow, opts, seed, user_label, budget, progress)
             # 6. check: per-organ median HU (CT only); a failed check retries with a new seed
             qc = _quality(variant, image_hu, label)
             attempts.append({"seed": seed, "quality_check": qc, "seconds": round(time.perf_counter() - t0, 2),
-                             "timings": timings})
+                             "timings": timings, "mask": user_mask_info})
             if qc is None or qc["passed"]:
                 break
         # 7. write: int16 image, uint8 label, record, preview — atomically
@@ -165,7 +178,8 @@ def _one_volume(models, workflow, opts, seed, user_label, budget, progress):
         t = time.perf_counter()
     # 3-4. condition + sample
     common_kw = dict(spacing=opts["spacing"], modality_code=opts["modality_code"], steps=opts["steps"],
-                     guidance_scale=opts["guidance_scale"], seed=seed, progress=progress)
+                     guidance_scale=opts["guidance_scale"], seed=seed, progress=progress,
+                     sampler=opts["sampler"])
     if label is None:
         z = image.sample_image_latent(models, size=opts["size"], **common_kw)
     else:
@@ -191,22 +205,22 @@ def _quality(variant, image_hu, label):
             "medians": {k: (None if v is None else float(v)) for k, v in result.medians.items()}}
 
 
-def _load_user_mask(request, opts):
-    """Read, validate, body-envelope and resample the user's label map to the requested grid."""
+def _load_user_mask(request, opts, path):
+    """Read, validate, body-envelope and resample a label map (the user's, or a database candidate) to the grid."""
     from fastmaisi import io, labels
     from fastmaisi.pipelines.common import resample_label
     from fastmaisi.weights import sha256_file
 
-    label, spacing, _ = io.read_label_map(request.mask)
+    label, spacing, _ = io.read_label_map(path)
     info = labels.validate_label_map(label)
     if not info["has_body"]:
         if request.strict_mask:
-            raise ValueError(f"--mask {request.mask}: no body label (200) and --strict-mask was given")
-        warnings.warn(f"--mask {request.mask} has no body label (200): adding it with the documented envelope rule",
+            raise ValueError(f"--mask {path}: no body label (200) and --strict-mask was given")
+        warnings.warn(f"--mask {path} has no body label (200): adding it with the documented envelope rule",
                       stacklevel=2)
-        label = labels.add_body_envelope(label)
+        label = labels.add_body_envelope(label, spacing=spacing)
     resampled = resample_label(label, spacing, opts["size"], opts["spacing"])
-    return resampled, {"path": str(request.mask), "sha256": sha256_file(request.mask),
+    return resampled, {"path": str(path), "sha256": sha256_file(path),
                        "spacing": [float(s) for s in spacing], "shape": list(label.shape),
                        "body_added": not info["has_body"]}
 

@@ -51,12 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-region", nargs=2, metavar=("TOP", "BOTTOM"), default=("chest", "abdomen"),
                    help="ddpm-ct only: head, chest, abdomen or pelvis")
     p.add_argument("--mask", help="label map (NIfTI or DICOM folder) in the MAISI vocabulary: image-from-mask")
+    p.add_argument("--mask-db", help="folder of candidate label maps: the best-fitting one per sample, the next on "
+                   "each quality-check retry (the reference's mask database path)")
     p.add_argument("--strict-mask", action="store_true", help="refuse a mask without the body label 200")
     p.add_argument("--organ-size", type=_organ_size, action="append", default=[], metavar="NAME=FRACTION",
                    help="paired workflow: organ size in [0,1] or -1 (repeatable)")
     p.add_argument("--workflow", choices=["image", "from-mask", "paired"], help="default: from the options given")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: the variant's)")
     p.add_argument("--mask-steps", type=_positive_int, default=1000, help="mask DM DDPM steps (default 1000)")
+    p.add_argument("--sampler", choices=["euler", "ab2"], default="euler",
+                   help="euler: the reference's; ab2: 2nd-order, more accurate per step (rflow only, not bit-compatible)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=_positive_int, default=1)
@@ -87,11 +91,11 @@ def request_from_args(args):
     return GenerateRequest(
         output_dir=args.output, variant=args.variant, weights=args.weights, network_config=args.network_config,
         size=tuple(args.size) if args.size else None, spacing=tuple(args.spacing) if args.spacing else None,
-        modality=args.modality, body_region=tuple(args.body_region), mask=args.mask, strict_mask=args.strict_mask,
+        modality=args.modality, body_region=tuple(args.body_region), mask=args.mask, mask_db=args.mask_db, strict_mask=args.strict_mask,
         organ_sizes=dict(args.organ_size), workflow_name=args.workflow, steps=args.steps, mask_steps=args.mask_steps,
         guidance_scale=args.guidance_scale, seed=args.seed, num_samples=args.num_samples,
         max_retries=args.max_retries, device=args.device, memory_budget_gb=args.memory_budget_gb,
-        overwrite=args.overwrite, fmt=args.format)
+        overwrite=args.overwrite, fmt=args.format, sampler=args.sampler)
 
 
 def generate_main(argv: list[str]) -> int:

@@ -12,7 +12,8 @@ from fastmaisi.schedulers import build as build_scheduler
 
 @torch.no_grad()
 def sample_image_latent(models: Models, *, size, spacing, modality_code: int, steps: int, guidance_scale: float,
-                        seed: int, body_region=("chest", "abdomen"), progress: bool = True) -> torch.Tensor:
+                        seed: int, body_region=("chest", "abdomen"), progress: bool = True,
+                        sampler: str = "euler") -> torch.Tensor:
     """Noise -> latent (1, 4, *size/4) with the image DM alone (no ControlNet), as the reference's diff_model_infer."""
     device, dtype = models.device, models.dtype
     variant = models.variant
@@ -26,4 +27,4 @@ def sample_image_latent(models: Models, *, size, spacing, modality_code: int, st
     denoise = image_denoiser(models.diffusion_unet, **kwargs)
     g = torch.Generator(device=device).manual_seed(int(seed) + 1)  # DDPM's per-step noise (RFlow draws none)
     return sample(denoise, build_scheduler(models.scheduler_def), x, steps, generator=g, disable=not progress,
-                  desc="image DM")
+                  desc="image DM", method=sampler)

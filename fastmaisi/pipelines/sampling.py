@@ -15,14 +15,20 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,C,*S), 
 
 @torch.no_grad()
 def sample(denoise: Denoiser, scheduler, x: torch.Tensor, num_steps: int, generator: torch.Generator | None = None,
-           callback: Callable[[dict], None] | None = None, disable: bool = False, desc: str = "sampling") -> torch.Tensor:
+           callback: Callable[[dict], None] | None = None, disable: bool = False, desc: str = "sampling",
+           method: str = "euler") -> torch.Tensor:
     """Run `scheduler` from noise `x` (B, C, *S) to a clean latent in `num_steps` steps.
 
     Timesteps follow the reference: RFlow gets the latent's spatial numel for its resolution shift and steps to the
-    next timestep (0 after the last); DDPM/DDIM step on their own grid.
+    next timestep (0 after the last); DDPM/DDIM step on their own grid. method="ab2": `sample_rflow_ab2` instead of
+    Euler (rectified flow only).
     """
     scheduler.set_timesteps(num_steps, device=x.device, input_img_size_numel=int(torch.tensor(x.shape[2:]).prod()))
     timesteps = scheduler.timesteps
+    if method == "ab2":  # optional 2nd-order rectified-flow sampler over the same grid (not the reference's)
+        from fastmaisi.schedulers.samplers import sample_rflow_ab2
+
+        return sample_rflow_ab2(denoise, x, timesteps, scheduler.num_train_timesteps, callback, disable)
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=disable, leave=False)):
         t_batch = torch.full((x.shape[0],), float(t), device=x.device)
         out = denoise(x, t_batch)
