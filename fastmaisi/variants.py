@@ -59,7 +59,11 @@ RFLOW_SCHEDULER_DEF = dict(_target_=_RFLOW, num_train_timesteps=1000, use_discre
                            use_timestep_transform=True, sample_method="uniform", scale=1.4)
 DDPM_SCHEDULER_DEF = dict(_target_=_DDPM, num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
                           schedule="scaled_linear_beta", clip_sample=False)
-MASK_LATENT_SHAPE = (4, 64, 64, 64)  # the mask DM always works at 256^3 x 1.5 mm
+MASK_LATENT_SHAPE = (4, 64, 64, 64)
+# network role -> its `*_def` key in the official config_network_*.json
+ROLE_CONFIG_KEYS = {"autoencoder": "autoencoder_def", "diffusion_unet": "diffusion_unet_def",
+                    "controlnet": "controlnet_def", "mask_autoencoder": "mask_generation_autoencoder_def",
+                    "mask_diffusion": "mask_generation_diffusion_def"}  # the mask DM always works at 256^3 x 1.5 mm
 
 
 @dataclass(frozen=True)

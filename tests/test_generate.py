@@ -192,3 +192,21 @@ def test_mask_db_picks_best_fit_and_walks_candidates_on_retry(weights, tmp_path)
 def test_ab2_sampler_option(weights, tmp_path):
     assert run(weights, tmp_path / "a", "--steps", "4", "--sampler", "ab2") == 0
     assert json.loads((tmp_path / "a" / "sample_000000_record.json").read_text())["resolved"]["sampler"] == "ab2"
+
+
+def test_ranks_split_samples_without_collisions(weights, tmp_path, monkeypatch):
+    """Under torchrun each rank takes samples i % world == rank: disjoint files, union complete, rank recorded."""
+    written = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        before = set(tmp_path.glob("*_record.json"))
+        assert run(weights, tmp_path, "--num-samples", "3", "--seed", "10", "--max-retries", "0") == 0
+        written[rank] = set(tmp_path.glob("*_record.json")) - before
+    assert {p.name for p in written[0]} == {"sample_000010_record.json", "sample_000012_record.json"}
+    assert {p.name for p in written[1]} == {"sample_000011_record.json"}
+    for rank, files in written.items():
+        for f in files:
+            rec = json.loads(f.read_text())
+            assert rec["rank"] == rank and rec["world_size"] == 2 and rec["seed"] == int(f.name[7:13])

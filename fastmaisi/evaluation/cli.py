@@ -11,15 +11,9 @@ import math
 import sys
 from pathlib import Path
 
+from fastmaisi.argtypes import positive_int as _positive_int
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+
 
 
 def _ratio(text: str) -> float:

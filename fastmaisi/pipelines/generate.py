@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -124,21 +125,23 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         from fastmaisi.pipelines.mask_db import rank_candidates
 
         candidates = rank_candidates(request.mask_db, opts["size"], opts["spacing"])
-    stems = [f"sample_{request.seed + i:06d}" for i in range(request.num_samples)]
-    device = _device(request.device)
+    rank, world, local_rank = _torchrun_rank()
+    indices = [i for i in range(request.num_samples) if i % world == rank]  # under torchrun: rank r takes i % world == r
+    stems = {i: f"sample_{request.seed + i:06d}" for i in indices}  # seed-named: no two ranks write the same file
+    device = _device(request.device, local_rank if world > 1 else None)
     budget = int(request.memory_budget_gb * 2**30) if request.memory_budget_gb else None
     plan = _plan_text(opts, device, budget)
     if dry_run:
         print(plan)
         return []
-    io.check_output_dir(request.output_dir, stems, overwrite=request.overwrite)
+    io.check_output_dir(request.output_dir, list(stems.values()), overwrite=request.overwrite)
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     models = model_io.load_models(variant, weights_dir, roles, device=device, dtype=dtype,
                                   network_config=request.network_config)
     plan = _plan_text(opts, device, budget, models.autoencoder)
     results = []
-    for i, stem in enumerate(stems):
+    for i, stem in stems.items():
         attempts = []
         for k in range(request.max_retries + 1):
             seed = request.seed + i + k * RETRY_SEED_STRIDE
@@ -154,6 +157,7 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
                 break
         # 7. write: int16 image, uint8 label, record, preview — atomically
         record = _record(request, variant, opts, models, attempts, plan, device, user_mask_info)
+        record["rank"], record["world_size"] = rank, world
         paths = io.write_outputs(request.output_dir, stem, image_hu, label, opts["spacing"], record,
                                  fmt=request.fmt, overwrite=request.overwrite, modality=variant.modality)
         results.append({"paths": paths, "record": record})
@@ -225,11 +229,19 @@ def _load_user_mask(request, opts, path):
                        "body_added": not info["has_body"]}
 
 
-def _device(name: str):
+def _torchrun_rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the variables torchrun sets for each process; (0, 1, 0) otherwise."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def _device(name: str, local_rank: int | None = None):
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", local_rank) if local_rank is not None else torch.device("cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return torch.device(name)

@@ -7,6 +7,7 @@ import json
 import sys
 import warnings
 
+from fastmaisi.argtypes import positive_int as _positive_int
 from fastmaisi.variants import VARIANTS
 
 
@@ -20,14 +21,6 @@ def _organ_size(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--organ-size {text!r}: {value!r} is not a number") from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):

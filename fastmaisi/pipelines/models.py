@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fastmaisi.variants import MASK_LATENT_SHAPE, Variant
+from fastmaisi.variants import MASK_LATENT_SHAPE, ROLE_CONFIG_KEYS, Variant
 
 
 @dataclass
@@ -61,9 +61,7 @@ def network_definitions(variant: Variant, network_config: Path | None) -> dict:
     from fastmaisi.config import resolve_network_definition
 
     config = json.loads(Path(network_config).read_text())
-    keys = {"autoencoder": "autoencoder_def", "diffusion_unet": "diffusion_unet_def", "controlnet": "controlnet_def",
-            "mask_autoencoder": "mask_generation_autoencoder_def", "mask_diffusion": "mask_generation_diffusion_def"}
-    return {role: resolve_network_definition(config, keys[role]) for role in defs}
+    return {role: resolve_network_definition(config, ROLE_CONFIG_KEYS[role]) for role in defs}
 
 
 def load_models(variant: Variant, weights_dir: str | Path, roles, device: torch.device | str = "cpu",

@@ -11,6 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
+from fastmaisi.argtypes import non_negative as _non_negative
+from fastmaisi.argtypes import positive_int as _positive_int
+from fastmaisi.variants import ROLE_CONFIG_KEYS as CONFIG_KEYS
 from fastmaisi.variants import VARIANTS
 
 RECIPES = ("vae", "diffusion", "controlnet", "mask-vae", "mask-diffusion")
@@ -22,30 +25,10 @@ DEFAULTS = {
     "mask-vae": dict(lr=1e-4, lr_power=0.0),
     "mask-diffusion": dict(lr=1e-4, lr_power=2.0),
 }
-# official network-config keys of each network role, and of the schedulers
-CONFIG_KEYS = {"autoencoder": "autoencoder_def", "diffusion_unet": "diffusion_unet_def",
-               "controlnet": "controlnet_def", "mask_autoencoder": "mask_generation_autoencoder_def",
-               "mask_diffusion": "mask_generation_diffusion_def"}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
 
 
 def _fraction(text: str) -> float:
