@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fastmaisi.variants import _AE, _CNET, _MASK_UNET, _UNET, RFLOW_SCHEDULER_DEF, Variant
 
 DEMO_WEIGHTS_DIR = Path(__file__).parent / "data" / "demo"
@@ -30,8 +32,9 @@ DEMO_MASK_SPACING = DEMO_SPACING  # the mask VAE decodes straight onto the demo 
 DEMO_FILES = {"autoencoder": "demo_autoencoder", "diffusion_unet": "demo_diffusion_unet",
               "controlnet": "demo_controlnet", "mask_autoencoder": "demo_mask_autoencoder",
               "mask_diffusion": "demo_mask_diffusion_unet"}
-DEMO_ORGAN_SIZES = {"liver": 0.085, "stomach": 0.017, "gallbladder": 0.0016, "pancreas": 0.0065, "colon": 0.034}
-"""Default organ sizes of the paired workflow: about the phantoms' median (fraction of the labelled voxels)."""
+DEMO_ORGAN_SIZES = {"gallbladder": 0.0025, "liver": 0.106, "stomach": 0.0164, "pancreas": 0.0053, "colon": 0.0268}
+"""Default organ sizes of the paired workflow: the training phantoms' medians (organ voxels / labelled voxels,
+`train.data.organ_size_vector`); tumour slots -1 (absent)."""
 
 
 def _ae(in_channels: int, out_channels: int, channels, res_blocks, transposed: bool) -> dict:
@@ -87,3 +90,76 @@ def demo_models_kwargs() -> dict:
     """What `generate` needs to run the demo: variant, weights folder, mask grid and step counts."""
     return {"variant": DEMO_VARIANT, "weights_dir": DEMO_WEIGHTS_DIR, "mask_latent_shape": DEMO_MASK_LATENT_SHAPE,
             "mask_spacing": DEMO_MASK_SPACING, "mask_steps": DEMO_MASK_STEPS, "organ_sizes": dict(DEMO_ORGAN_SIZES)}
+
+
+def load_demo_models(roles=tuple(DEMO_FILES), device="cpu"):
+    """The demo networks (`pipelines.models.Models`, fp32) with the demo's mask grid set."""
+    from fastmaisi.pipelines.models import load_models
+
+    models = load_models(DEMO_VARIANT, DEMO_WEIGHTS_DIR, list(roles), device=device)
+    models.mask_latent_shape, models.mask_spacing = DEMO_MASK_LATENT_SHAPE, DEMO_MASK_SPACING
+    return models
+
+
+def volume_from_mask(models, label: np.ndarray, seed: int, steps: int = DEMO_STEPS) -> np.ndarray:
+    """ControlNet + UNet from a demo-grid label map (X, Y, Z), decoded to HU (float32, not cropped to the body)."""
+    from fastmaisi.io import hu_from_unit
+    from fastmaisi.pipelines import common, from_mask
+
+    z = from_mask.sample_latent_from_mask(models, label, spacing=DEMO_SPACING, modality_code=1, steps=steps,
+                                          guidance_scale=0.0, seed=seed, progress=False)
+    return hu_from_unit(common.decode_to_unit(models, z)[0, 0], "ct").astype(np.float32)
+
+
+def paired_volume(models, seed: int, organ_sizes: dict | None = None, steps: int = DEMO_STEPS,
+                  mask_steps: int = DEMO_MASK_STEPS) -> tuple[np.ndarray, np.ndarray]:
+    """The paired workflow on the demo grid: organ sizes -> mask DM -> mask VAE -> label map -> image.
+
+    Returns (image_hu float32 (X, Y, Z), cropped to the body as `generate` does, label uint8 (X, Y, Z)).
+    """
+    from fastmaisi.labels import anatomy_size_vector
+    from fastmaisi.pipelines import common, from_mask, paired
+
+    anatomy = anatomy_size_vector(DEMO_ORGAN_SIZES if organ_sizes is None else organ_sizes)
+    z = paired.sample_mask_latent(models, anatomy, seed=seed, latent_shape=DEMO_MASK_LATENT_SHAPE, steps=mask_steps,
+                                  progress=False)
+    label = common.resample_label(paired.decode_mask(models, z), DEMO_MASK_SPACING, DEMO_SIZE, DEMO_SPACING)
+    image = volume_from_mask(models, label, seed, steps)
+    return from_mask.crop_to_body(image, label, -1000).astype(np.float32), label.astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ checks (tests, record)
+LUNG_LOBES = (28, 29, 30, 31, 32)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2.0 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
+
+
+def organs_by_hu(image_hu: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
+    """Body, lungs and liver found by HU (the label map only places the liver's search box and HU window):
+
+    body   HU > -500, holes filled per axial slice (the lungs lie inside it)
+    lungs  HU < -500 inside that body
+    liver  3x3x3 median-filtered HU within +-12 HU of its median over the conditioning liver, inside the liver's
+           bounding box grown by 2 voxels. Liver and muscle / spleen differ by only ~15 HU in the phantoms (as in
+           real CT), so even a phantom's own image scores only ~0.8 with this rule.
+    """
+    from scipy import ndimage
+
+    body = np.stack([ndimage.binary_fill_holes(s) for s in np.moveaxis(image_hu > -500, 2, 0)], axis=2)
+    liver_true = label == 1
+    smooth = ndimage.median_filter(image_hu, 3)
+    where = np.argwhere(liver_true)
+    lo, hi = np.maximum(where.min(0) - 2, 0), where.max(0) + 3
+    box = np.zeros_like(liver_true)
+    box[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    liver = box & (np.abs(smooth - np.median(smooth[liver_true])) < 12.0)
+    return {"body": body, "lungs": (image_hu < -500) & body, "liver": liver}
+
+
+def organ_dice(image_hu: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    """Dice of `organs_by_hu` against the label map's body (> 0), lung lobes and liver (needs a liver label)."""
+    truth = {"body": label > 0, "lungs": np.isin(label, LUNG_LOBES), "liver": label == 1}
+    found = organs_by_hu(image_hu, label)
+    return {k: dice(found[k], truth[k]) for k in truth}

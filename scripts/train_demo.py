@@ -1,13 +1,14 @@
 """Retrain the built-in demo networks (fastmaisi/data/demo/) from scratch on CPU, reproducibly.
 
-    python scripts/train_demo.py                      # about 30 min on 2 CPU cores
+    python scripts/train_demo.py                      # about 30 min on 2 otherwise idle CPU cores
     python scripts/train_demo.py --scale 0.02 --out /tmp/demo_smoke   # a quick smoke run
 
-Steps: phantoms at the demo grid -> image VAE (L1 + KL, no GAN / perceptual) -> `encode` -> rflow diffusion UNet ->
-ControlNet (from the DM, with the phantom labels) -> mask VAE -> mask diffusion UNet (context: organ-size vector of
-each label map), all through fastmaisi.train's Python API (the same trainers as `fastmaisi train`), fp32. The
-official-layout checkpoints are converted to safetensors (`fastmaisi.weights.convert`, checked against the demo
-definitions) and a `record.json` notes the settings, final losses, wall time and versions.
+Steps: phantoms at the demo grid -> image VAE (L1 + KL, no GAN / perceptual; 32^3 patches, then whole volumes) ->
+`encode` -> rflow diffusion UNet -> ControlNet (from the DM, with the phantom labels) -> mask VAE (patches, then whole
+volumes) -> mask diffusion UNet (context: the organ-size vector of each label map), all through fastmaisi.train's
+Python API (the trainers of `fastmaisi train`), fp32. The official-layout checkpoints are converted to safetensors
+(`fastmaisi.weights.convert`, checked against the demo definitions); `record.json` notes the settings, final losses,
+times, versions and the checks of `evaluate` (VAE PSNR, paired quality-check pass rate, from-mask Dice).
 """
 
 from __future__ import annotations
@@ -31,51 +32,82 @@ from fastmaisi.variants import DDPM_SCHEDULER_DEF, RFLOW_SCHEDULER_DEF  # noqa: 
 
 DATA_SEED = 0  # phantom i has seed DATA_SEED + i; held-out seeds for evaluation start at 1000
 NUM_PHANTOMS = 80
-# recipe -> (steps, batch size, peak lr, extra Recipe fields)
+_PATCH = dict(patch_size=(32, 32, 32), adv_weight=0.0, recon_loss="l1")
+# stage -> (trainer, data ("phantoms" or "latents"), steps, batch size, peak lr, seed, extra Recipe fields, init
+# stage). The VAEs train on 32^3 patches, then on whole 64^3 volumes: generation normalises (GroupNorm) over the
+# whole volume, and patch-only weights shift the decoded HU by ~+40.
 PLAN = {
-    "vae": (900, 4, 1e-3, dict(patch_size=(32, 32, 32), kl_weight=1e-7, adv_weight=0.0, recon_loss="l1")),
-    "diffusion": (2000, 8, 5e-4, dict(modality_dropout=0.1)),
-    "controlnet": (600, 4, 5e-4, dict(roi_labels=(23, 26), roi_weight=100.0, contrastive_weight=0.0,
-                                      exclude_fold=None)),
-    "mask-vae": (700, 4, 1e-3, dict(patch_size=(32, 32, 32), kl_weight=1e-6, spacing=demo.DEMO_SPACING)),
-    "mask-diffusion": (1200, 4, 5e-4, dict(spacing=demo.DEMO_SPACING, size=demo.DEMO_SIZE, loss="l1",
-                                           latent="sample")),
+    "vae": ("vae", "phantoms", 700, 4, 1e-3, 1, dict(_PATCH, kl_weight=1e-7), None),
+    "vae-volume": ("vae", "phantoms", 200, 1, 2e-4, 6, dict(_PATCH, patch_size=demo.DEMO_SIZE, kl_weight=1e-7),
+                   "vae"),
+    "diffusion": ("diffusion", "latents", 1500, 8, 5e-4, 2, dict(modality_dropout=0.1), None),
+    "controlnet": ("controlnet", "latents", 500, 4, 5e-4, 3,
+                   dict(roi_labels=(23, 26), roi_weight=100.0, contrastive_weight=0.0, exclude_fold=None), None),
+    "mask-vae": ("mask-vae", "phantoms", 500, 4, 1e-3, 4, dict(_PATCH, kl_weight=1e-6, spacing=demo.DEMO_SPACING),
+                 None),
+    "mask-vae-volume": ("mask-vae", "phantoms", 150, 1, 2e-4, 7,
+                        dict(_PATCH, patch_size=demo.DEMO_SIZE, kl_weight=1e-6, spacing=demo.DEMO_SPACING),
+                        "mask-vae"),
+    "mask-diffusion": ("mask-diffusion", "phantoms", 1000, 4, 5e-4, 5,
+                       dict(spacing=demo.DEMO_SPACING, size=demo.DEMO_SIZE, loss="l1", latent="sample"), None),
 }
-# recipe -> (official checkpoint file it writes, demo role)
-OUTPUTS = {"vae": ("autoencoder.pt", "autoencoder"), "diffusion": ("diffusion_unet.pt", "diffusion_unet"),
+# stage -> (official checkpoint file it writes, demo role): the shipped networks
+OUTPUTS = {"vae-volume": ("autoencoder.pt", "autoencoder"), "diffusion": ("diffusion_unet.pt", "diffusion_unet"),
            "controlnet": ("controlnet.pt", "controlnet"),
-           "mask-vae": ("mask_generation_autoencoder.pt", "mask_autoencoder"),
+           "mask-vae-volume": ("mask_generation_autoencoder.pt", "mask_autoencoder"),
            "mask-diffusion": ("mask_generation_diffusion_unet.pt", "mask_diffusion")}
+# what a stage reads from earlier stages (Recipe field -> stage, file)
+INPUTS = {"controlnet": {"diffusion": ("diffusion", "diffusion_unet.pt")},
+          "mask-diffusion": {"mask_autoencoder": ("mask-vae-volume", "mask_generation_autoencoder.pt")}}
 
 
-def run_recipe(name: str, work: Path, data: Path, scale: float, seed: int, **paths) -> dict:
-    """Train one recipe into work/<name>; returns its log summary."""
+def run_stage(name: str, work: Path, scale: float) -> dict:
+    """Train one stage into work/<name>; returns its log summary."""
     from fastmaisi.train.loop import Dist, TrainConfig, train
     from fastmaisi.train.trainers import TRAINERS, Recipe
 
-    steps, batch, lr, extra = PLAN[name]
+    trainer, data, steps, batch, lr, seed, extra, init = PLAN[name]
     steps = max(2, int(round(steps * scale)))
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(out_dir=out, steps=steps, batch_size=batch, lr=lr, warmup_steps=min(50, steps // 10),
                       lr_power=1.0, precision="fp32", log_every=10, seed=seed, progress=False)
-    scheduler = DDPM_SCHEDULER_DEF if name == "mask-diffusion" else RFLOW_SCHEDULER_DEF
-    recipe = Recipe(data=data, definitions=demo.demo_definitions(), scheduler=dict(scheduler), cache=True,
+    scheduler = DDPM_SCHEDULER_DEF if trainer == "mask-diffusion" else RFLOW_SCHEDULER_DEF
+    paths = {key: work / stage / file for key, (stage, file) in INPUTS.get(name, {}).items()}
+    if init is not None:
+        paths["init"] = work / init / OUTPUTS[name][0]
+    source = work / "phantoms" / "datalist.json" if data == "phantoms" else work / "latents"
+    recipe = Recipe(data=source, definitions=demo.demo_definitions(), scheduler=dict(scheduler), cache=True,
                     **extra, **paths)
     torch.manual_seed(seed)  # the initial weights
-    t0 = time.time()
-    task = TRAINERS[name](recipe, cfg, Dist())
+    t0, cpu0 = time.time(), time.process_time()
+    task = TRAINERS[trainer](recipe, cfg, Dist())
     history = train(task, cfg, Dist())
-    seconds = time.time() - t0
+    seconds, cpu_seconds = time.time() - t0, time.process_time() - cpu0
     tail = [r["loss"] for r in history[-10:]]
-    summary = {"steps": steps, "batch_size": batch, "lr": lr, "lr_schedule": "linear warmup, then linear decay",
-               "warmup_steps": cfg.warmup_steps, "seed": seed, "settings": _plain(extra),
-               "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
-               "final_loss_mean_last_10_logs": sum(tail) / len(tail), "seconds": round(seconds, 1),
+    summary = {"trainer": trainer, "steps": steps, "batch_size": batch, "lr": lr,
+               "lr_schedule": "linear warmup, then linear decay to 0", "warmup_steps": cfg.warmup_steps, "seed": seed,
+               "init": init, "settings": _plain(extra), "first_loss": history[0]["loss"],
+               "final_loss": history[-1]["loss"], "final_loss_mean_last_10_logs": sum(tail) / len(tail),
+               "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
                "scale_factor": task.extra.get("scale_factor")}
     print(f"{name}: {steps} steps in {seconds:.0f} s, loss {history[0]['loss']:.4g} -> {history[-1]['loss']:.4g}",
           flush=True)
     return summary
+
+
+def encode(work: Path, datalist: Path) -> dict:
+    """`fastmaisi encode` of every phantom with the image VAE: latents (sampled, a seed per image) + label maps."""
+    from fastmaisi.train.encode import EncodeRequest, encode_volumes
+    from fastmaisi.train.loop import Dist
+
+    latents = work / "latents"
+    shutil.rmtree(latents, ignore_errors=True)
+    t0 = time.time()
+    counts = encode_volumes(EncodeRequest(source=datalist, out_dir=latents, autoencoder=work / "vae-volume" /
+                                          "autoencoder.pt", definition=demo.demo_definitions()["autoencoder"],
+                                          multiple=32, latent="sample", seed=DATA_SEED), Dist(), progress=False)
+    return {"counts": counts, "multiple": 32, "latent": "sample", "seconds": round(time.time() - t0, 1)}
 
 
 def _plain(obj):
@@ -86,18 +118,52 @@ def _plain(obj):
     return str(obj) if isinstance(obj, Path) else obj
 
 
+def evaluate(num_seeds: int = 10) -> dict:
+    """Checks of the shipped networks: VAE reconstruction on held-out phantoms (seeds 1000..), the paired workflow's
+    quality-check pass rate (seeds 0..num_seeds-1) and the from-mask HU Dice on held-out phantoms."""
+    import numpy as np
+
+    from fastmaisi.evaluation.recon import hu_to_unit, vae_reconstructor, volume_metrics
+    from fastmaisi.labels import quality_check
+    from fastmaisi.phantom import make_phantom
+
+    models = demo.load_demo_models()
+    reconstruct = vae_reconstructor(models.autoencoder)
+    recon, dices = [], []
+    for k in range(num_seeds):
+        tumour = (None, "liver", "lung")[k % 3]
+        hu, label = make_phantom(demo.DEMO_SIZE, demo.DEMO_SPACING, seed=1000 + k, tumour=tumour)
+        x = hu_to_unit(torch.from_numpy(hu))
+        with torch.no_grad():
+            y = reconstruct(x[None, None])[0, 0].clamp(0, 1)
+        recon.append(volume_metrics(x, y))
+        if k < 3:
+            dices.append(demo.organ_dice(demo.volume_from_mask(models, label, seed=k), label))
+    passed, failed = 0, {}
+    for seed in range(num_seeds):
+        image, label = demo.paired_volume(models, seed)
+        qc = quality_check(image, label)
+        passed += qc.passed
+        for organ in qc.failed:
+            failed[organ] = failed.get(organ, 0) + 1
+    mean = lambda rows: {k: round(float(np.mean([r[k] for r in rows])), 4) for k in rows[0]}  # noqa: E731
+    return {"vae_recon_held_out": {"seeds": [1000, 1000 + num_seeds - 1], **mean(recon)},
+            "from_mask_dice_held_out": {"seeds": [1000, 1002], "rule": "fastmaisi.demo.organs_by_hu", **mean(dices)},
+            "paired_quality_check": {"seeds": [0, num_seeds - 1], "passed": int(passed), "of": num_seeds,
+                                     "failed_organs": failed}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=demo.DEMO_WEIGHTS_DIR, help="where the safetensors go")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fastmaisi_demo_work"), help="scratch folder")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", nargs="+", choices=list(PLAN), help="retrain these recipes only (others reused)")
+    ap.add_argument("--only", nargs="+", choices=list(PLAN), help="retrain these stages only (others reused)")
+    ap.add_argument("--eval-only", action="store_true", help="only re-run the checks into record.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from fastmaisi.phantom import write_dataset
-    from fastmaisi.train.encode import EncodeRequest, encode_volumes
-    from fastmaisi.train.loop import Dist
     from fastmaisi.weights import convert
 
     import logging
@@ -105,47 +171,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    todo = args.only or list(PLAN)
+    todo = list(args.only or PLAN)
     t_start = time.time()
     record_path = args.out / "record.json"
-    record = json.loads(record_path.read_text()) if args.only and record_path.is_file() else {"recipes": {}}
+    record = json.loads(record_path.read_text()) if (args.only or args.eval_only) and record_path.is_file() \
+        else {"recipes": {}}
+    if args.eval_only:
+        record["evaluation"] = evaluate()
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps(record["evaluation"], indent=2))
+        return 0
 
     # 1. phantoms at the demo grid: tumours none / liver / lung in turn
     datalist = work / "phantoms" / "datalist.json"
     if not datalist.is_file():
         write_dataset(work / "phantoms", NUM_PHANTOMS, demo.DEMO_SIZE, demo.DEMO_SPACING, seed=DATA_SEED,
                       tumour="mixed", workers=args.threads)
-    # 2-3. image VAE, then encode every phantom (latent sampled with a seed per image, labels carried along)
-    if "vae" in todo:
-        record["recipes"]["vae"] = run_recipe("vae", work, datalist, args.scale, seed=1)
-    latents = work / "latents"
-    if "vae" in todo or not latents.is_dir():
-        shutil.rmtree(latents, ignore_errors=True)
-        t0 = time.time()
-        counts = encode_volumes(EncodeRequest(source=datalist, out_dir=latents, autoencoder=work / "vae" /
-                                              "autoencoder.pt", definition=demo.demo_definitions()["autoencoder"],
-                                              multiple=32, latent="sample", seed=DATA_SEED), Dist(),
-                                progress=False)
-        record["encode"] = {"counts": counts, "multiple": 32, "latent": "sample", "seconds": round(time.time() - t0, 1)}
-    # 4-5. diffusion UNet on the latents; ControlNet from it, with the label maps
-    if "diffusion" in todo:
-        record["recipes"]["diffusion"] = run_recipe("diffusion", work, latents, args.scale, seed=2)
-    if "controlnet" in todo:
-        record["recipes"]["controlnet"] = run_recipe("controlnet", work, latents, args.scale, seed=3,
-                                                     diffusion=work / "diffusion" / "diffusion_unet.pt")
-    # 6-7. mask VAE on label patches; mask DM on whole label maps with the organ-size context
-    if "mask-vae" in todo:
-        record["recipes"]["mask-vae"] = run_recipe("mask-vae", work, datalist, args.scale, seed=4)
-    if "mask-diffusion" in todo:
-        record["recipes"]["mask-diffusion"] = run_recipe(
-            "mask-diffusion", work, datalist, args.scale, seed=5,
-            mask_autoencoder=work / "mask-vae" / "mask_generation_autoencoder.pt")
+    for name in todo:
+        # 2. image VAE -> encode -> diffusion UNet -> ControlNet; mask VAE -> mask diffusion UNet
+        if name == "diffusion" and ("vae-volume" in todo or not (work / "latents").is_dir()):
+            record["encode"] = encode(work, datalist)
+        record["recipes"][name] = run_stage(name, work, args.scale)
 
     # 8. safetensors (+ sidecar JSON with scale_factor), strictly checked against the demo definitions
     args.out.mkdir(parents=True, exist_ok=True)
     defs = demo.demo_definitions()
     sizes = {}
-    for name in todo:
+    for name in [n for n in todo if n in OUTPUTS]:
         file, role = OUTPUTS[name]
         target = args.out / f"{demo.DEMO_FILES[role]}.safetensors"
         convert(work / name / file, target, defs[role])
@@ -171,8 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     record.setdefault("file_bytes", {}).update(sizes)
     record["wall_seconds_total"] = round(sum(r["seconds"] for r in record["recipes"].values())
                                          + record.get("encode", {}).get("seconds", 0.0), 1)
+    if args.out == demo.DEMO_WEIGHTS_DIR:
+        t0 = time.time()
+        record["evaluation"] = evaluate()
+        record["evaluation"]["seconds"] = round(time.time() - t0, 1)
     record_path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {len(todo)} networks ({sum(sizes.values()) / 1e6:.1f} MB) and {record_path} in "
+    print(json.dumps(record.get("evaluation"), indent=2))
+    print(f"wrote {len(sizes)} networks ({sum(sizes.values()) / 1e6:.1f} MB) and {record_path} in "
           f"{time.time() - t_start:.0f} s")
     return 0
 

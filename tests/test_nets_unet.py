@@ -345,13 +345,14 @@ def test_gpu_mask_unet_autocast():
     assert rel(out, truth) < 2e-2
 
 
-def test_gradient_checkpointing_same_gradients():
+@pytest.mark.parametrize("mode", [True, "selective"])
+def test_gradient_checkpointing_same_gradients(mode):
     """use_checkpointing recomputes blocks in backward: same loss and gradients, no new state_dict keys."""
     torch.manual_seed(0)
     a = randomize(DiffusionModelUNetMaisi(**RFLOW)).train()
     b = DiffusionModelUNetMaisi(**RFLOW).train()
     b.load_state_dict(a.state_dict())
-    b.use_checkpointing = True
+    b.use_checkpointing = mode
     assert a.state_dict().keys() == b.state_dict().keys()
     inp = inputs()
     keys = ("x", "timesteps", "class_labels", "spacing_tensor")
@@ -361,3 +362,40 @@ def test_gradient_checkpointing_same_gradients():
     assert torch.equal(la, lb)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_selective_checkpointing_saves_less_than_plain():
+    """Activation bytes still alive between forward and backward: full recompute < selective (conv / attention
+    outputs kept) < plain autograd. Tracked by weak references to every storage an op made during the forward."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Made(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.refs += [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(),
+                           StorageWeakRef(t.untyped_storage())) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    torch.manual_seed(0)
+    net = randomize(DiffusionModelUNetMaisi(**RFLOW)).train()
+    inp = inputs()
+    keys = ("x", "timesteps", "class_labels", "spacing_tensor")
+    kept, grads = {}, {}
+    for mode in (False, "selective", True):
+        net.use_checkpointing = mode
+        net.zero_grad()
+        with Made() as made:
+            out = net(**{k: inp[k] for k in keys})
+        kept[mode] = sum({ptr: n for ptr, n, ref in made.refs if not ref.expired()}.values())
+        out.square().mean().backward()
+        grads[mode] = [p.grad.clone() for p in net.parameters()]
+    print("bytes kept for backward", kept)
+    assert kept[True] < kept["selective"] < 0.8 * kept[False], kept
+    for g_plain, g_sel in zip(grads[False], grads["selective"]):
+        torch.testing.assert_close(g_sel, g_plain, rtol=1e-5, atol=1e-7)

@@ -66,6 +66,28 @@ def time_and_class_embedding(net: nn.Module, x: torch.Tensor, timesteps: torch.T
     return emb
 
 
+_EXPENSIVE_OPS = None
+
+
+def _save_expensive(ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy: save the outputs of convolutions, matmuls and attention; recompute the rest."""
+    global _EXPENSIVE_OPS
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if _EXPENSIVE_OPS is None:
+        aten = torch.ops.aten
+        names = ("convolution", "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+        _EXPENSIVE_OPS = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    return CheckpointPolicy.MUST_SAVE if op in _EXPENSIVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_save_expensive)
+
+
 class _UNetBase(nn.Module):
     """Shared construction and forward of MONAI's two diffusion UNets (they differ in the embedding inputs and in
     how ControlNet residuals are added)."""
@@ -73,12 +95,18 @@ class _UNetBase(nn.Module):
     _name = "DiffusionModelUNet"
     _extra_inputs: tuple[tuple[str, str, int], ...] = ()  # (layer attribute, forward keyword, input dim)
     _inplace_control = False  # MAISI's in-place residual add (the middle block then sees h + ctrl_down[-1])
-    use_checkpointing = False  # training only: recompute each block in backward (not a parameter: no state_dict key)
+    # Training only (not a parameter: no state_dict key). False: keep every activation; True: recompute each block in
+    # backward; "selective": keep what convolutions, attention and linear layers return, recompute the cheap
+    # norms / activations / adds between them (most of the memory, a few percent of the time).
+    use_checkpointing: bool | str = False
+    supports_selective = True
 
     def _run(self, fn, *args):
         """fn(*args), under activation checkpointing when training with gradients and `use_checkpointing` is set."""
         if self.use_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+            context = _selective_context if self.use_checkpointing == "selective" else None
+            kwargs = {"context_fn": context} if context is not None else {}
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
         return fn(*args)
 
     def _build(self, *, spatial_dims: int, in_channels: int, out_channels: int, num_res_blocks, channels,

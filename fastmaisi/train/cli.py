@@ -68,7 +68,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "fp64"], default="fp32",
                    help="bf16/fp16: autocast (fp16 with a GradScaler); fp64: all in double, for numerics checks")
     p.add_argument("--ema-decay", type=_fraction, default=0.0, help="EMA of the weights; 0 = off (default)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="for nets that support it")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="full", choices=["full", "selective"],
+                   help="recompute activations in backward: full (each block; least memory) or selective (the "
+                        "diffusion UNets: keep conv/attention outputs, recompute norms and activations); "
+                        "no value = full")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps; 0 = only at the end (default)")
     p.add_argument("--log-every", type=_positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -176,7 +179,8 @@ def train_main(argv: list[str] | None = None) -> int:
         definitions, scheduler = _definitions(args, ROLES[args.recipe])
         recipe = Recipe(data=args.data, definitions=definitions, scheduler=scheduler, base_dir=args.data_base_dir,
                         modality=args.modality, cache=args.cache, max_bad_fraction=args.max_bad_fraction,
-                        init=args.init, gradient_checkpointing=args.gradient_checkpointing)
+                        init=args.init, gradient_checkpointing={None: False, "full": True}.get(
+                            args.gradient_checkpointing, args.gradient_checkpointing))
         for key in ("patch_size", "kl_weight", "perceptual_weights", "perceptual_weight", "adv_weight", "recon_loss",
                     "scale_factor", "modality_dropout", "diffusion", "roi_weight", "contrastive_delta", "spacing",
                     "mask_autoencoder", "size", "loss", "latent"):

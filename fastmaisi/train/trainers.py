@@ -66,7 +66,7 @@ class Recipe:
     cache: bool = False
     max_bad_fraction: float = 0.1
     init: Path | None = None  # start from these weights (fine-tuning), loaded strictly
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # True: recompute each block; "selective": see nets.unet
     # vae / mask-vae
     kl_weight: float = 1e-7
     perceptual_weights: Path | None = None
@@ -92,12 +92,14 @@ class Recipe:
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def build_net(definition: dict, checkpointing: bool = False) -> nn.Module:
+def build_net(definition: dict, checkpointing: bool | str = False) -> nn.Module:
+    """The network of `definition`; `checkpointing` True / "selective" sets its activation checkpointing (the
+    autoencoders and the ControlNet know only whole-block recomputation, which "selective" then means)."""
     from fastmaisi.nets import build
 
     net = build(definition)
-    if checkpointing and hasattr(net, "use_checkpointing"):
-        net.use_checkpointing = True  # nets without it (the UNets) train without checkpointing
+    if checkpointing:
+        net.use_checkpointing = checkpointing if getattr(type(net), "supports_selective", False) else True
     return net
 
 
