@@ -83,6 +83,15 @@ def step_fn(unet, cnet, inp, memory_format=None):
     return step
 
 
+def graphed(step):
+    """The step replayed from a CUDA graph (fastmaisi.nets.graphs.CudaGraphed; its first call is the capture)."""
+    from fastmaisi.nets.graphs import CudaGraphed
+
+    runner = CudaGraphed(lambda _x: step())
+    dummy = torch.zeros(1, device=dev)
+    return lambda: runner(dummy)
+
+
 def timed(step, repeats, autocast):
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -100,6 +109,62 @@ def timed(step, repeats, autocast):
     return out, statistics.median(times), (max(times) - min(times)), torch.cuda.max_memory_allocated() / 2**30
 
 
+def mask_stage(repeats):
+    """Mask DM (MONAI DiffusionModelUNet, 64^3 latent, one-token cross-attention): one step of the reference (fp16
+    autocast) vs ours (fp16, eager / CUDA graph), and the 1000-step DDPM stage through `paired.sample_mask_latent`."""
+    from monai.networks.nets import DiffusionModelUNet as MonaiUNet
+
+    from fastmaisi.pipelines import paired
+    from fastmaisi.pipelines.models import Models
+    from fastmaisi.variants import MASK_DIFFUSION_DEF, MASK_LATENT_SHAPE
+
+    kw = {k: v for k, v in MASK_DIFFUSION_DEF.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    ref = MonaiUNet(**kw).to(dev).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = build(MASK_DIFFUSION_DEF)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ours = ours.to(dev).half().eval()
+    g = torch.Generator(device=dev).manual_seed(3)
+    x = torch.randn(1, *MASK_LATENT_SHAPE, device=dev, generator=g).half()
+    ctx = torch.rand(1, 1, 10, device=dev, generator=g).half()
+    t = torch.tensor([500.0], device=dev)
+    results_by_mode = {}
+    for name, make, autocast in [
+        ("reference", lambda: (lambda: ref(x=x, timesteps=t, context=ctx)), True),
+        ("ours_half", lambda: (lambda: ours(x=x, timesteps=t, context=ctx)), False),
+        ("ours_half_graph", lambda: graphed(lambda: ours(x=x, timesteps=t, context=ctx)), False),
+    ]:
+        out, med, spread, peak = timed(make(), max(repeats, 20), autocast)
+        results_by_mode[name] = out.float()
+        row = {"what": "mask_dm_step", "mode": name, "s_median": round(med, 5), "s_spread": round(spread, 5),
+               "peak_alloc_GiB": round(peak, 2), "ddpm1000_s": round(1000 * med, 1)}
+        if name != "reference":
+            row["rel_diff_vs_reference"] = rel(out, results_by_mode["reference"])
+        emit(row)
+    emit({"what": "mask_dm_graph_equals_eager", "max_abs_diff": float(
+        (results_by_mode["ours_half_graph"] - results_by_mode["ours_half"]).abs().max())})
+    models = Models(variant=None, autoencoder=None, diffusion_unet=ours, scheduler_def={}, mask_diffusion=ours,
+                    dtype=torch.float16)
+    anatomy = [0.1, 0.02, 0.005, 0.01, 0.03, -1, -1, -1, -1, -1]
+    latents = {}
+    for graphs in (True, False):
+        models.cuda_graphs = graphs
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        latents[graphs] = paired.sample_mask_latent(models, anatomy, seed=7, latent_shape=MASK_LATENT_SHAPE,
+                                                    steps=1000, progress=False)
+        torch.cuda.synchronize()
+        emit({"what": "mask_stage_1000_ddpm_steps", "cuda_graphs": graphs,
+              "s": round(time.perf_counter() - t0, 2), "peak_alloc_GiB": round(torch.cuda.max_memory_allocated()
+                                                                               / 2**30, 2)})
+    emit({"what": "mask_stage_graph_equals_eager", "max_abs_diff": float(
+        (latents[True].float() - latents[False].float()).abs().max())})
+
+
 def rel(a, b):
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm())
@@ -110,7 +175,10 @@ def main():
     ap.add_argument("--latent", type=int, nargs=3, default=[128, 128, 128])
     ap.add_argument("--accuracy-latent", type=int, nargs=3, default=[64, 64, 64])
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--modes", nargs="*", default=["reference", "ours_autocast", "ours_half", "ours_half_cl"])
+    ap.add_argument("--modes", nargs="*", default=["reference", "ours_autocast", "ours_half", "ours_half_cl",
+                                                   "ours_half_graph", "ours_half_cl_graph"])
+    ap.add_argument("--mask", action="store_true", help="also the mask DM: one step eager / graph vs reference, and "
+                                                        "the 1000-step mask stage through the pipeline function")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     ref_unet, ref_cnet = monai_nets()
@@ -141,6 +209,12 @@ def main():
         "ours_half_cl": (lambda: step_fn(our_unet_h.to(memory_format=torch.channels_last_3d),
                                          our_cnet_h.to(memory_format=torch.channels_last_3d), inp,
                                          torch.channels_last_3d), False),
+        "ours_half_graph": (lambda: graphed(step_fn(our_unet_h.to(memory_format=torch.contiguous_format),
+                                                    our_cnet_h.to(memory_format=torch.contiguous_format), inp)),
+                            False),
+        "ours_half_cl_graph": (lambda: graphed(step_fn(our_unet_h.to(memory_format=torch.channels_last_3d),
+                                                       our_cnet_h.to(memory_format=torch.channels_last_3d), inp,
+                                                       torch.channels_last_3d)), False),
     }
     ref_time = None
     outs = {}
@@ -161,6 +235,10 @@ def main():
         if "reference" in outs and name != "reference":
             row["rel_diff_vs_reference"] = rel(outs[name], outs["reference"])
         emit(row)
+    del ref_unet, ref_cnet, our_unet, our_cnet, our_unet_h, our_cnet_h, outs
+    torch.cuda.empty_cache()
+    if args.mask:
+        mask_stage(args.repeats)
     out_dir = os.environ.get("OUT", ".")
     with open(os.path.join(out_dir, "bench_nets.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f, indent=1)

@@ -25,11 +25,15 @@ SEED_ROWS = [((256, 256, 128), (96, 96, 96), 0.25, 2), ((256, 256, 256), (48, 48
              ((512, 512, 128), (80, 80, 32), 0.4, 2), ((512, 512, 512), (64, 64, 48), 0.4, 2),
              ((512, 512, 512), (80, 80, 48), 0.4, 4), ((512, 512, 512), (80, 80, 80), 0.4, 4),
              ((512, 512, 768), (80, 80, 96), 0.4, 4)]
-# DM training rows (latent sizes of the seed's training table), batch 1
+# DM training rows (latent sizes of the seed's training table), batch 1; ours under each activation-checkpointing mode
 TRAIN_LATENTS = [(64, 64, 32), (64, 64, 64), (128, 128, 32), (128, 128, 64), (128, 128, 128)]
+CHECKPOINTING = {"full": True, "selective": "selective", "none": False}
+# VAE training rows: patch sizes of the reference's two training phases (64^3 on 16 GB, 128^3 on 32 GB GPUs)
+VAE_PATCHES = [(64, 64, 64), (128, 128, 128)]
 # a tiny configuration for tests on a CPU: same code paths, small networks and sizes
-TINY = dict(rows=[((32, 32, 32), (4, 4, 4), 0.25, 1)], train=[(8, 8, 8)], mask_latent=(4, 8, 8, 8),
-            ae=dict(num_channels=[8, 8, 16], num_res_blocks=[1, 1, 1], norm_num_groups=4),
+TINY = dict(rows=[((32, 32, 32), (4, 4, 4), 0.25, 1)], train=[(8, 8, 8)], vae_patches=[(16, 16, 16)],
+            mask_latent=(4, 8, 8, 8),
+            ae=dict(num_channels=[8, 8, 16], num_res_blocks=[1, 1, 1], norm_num_groups=4, num_splits=1),
             unet=dict(num_channels=[8, 16, 16, 32], num_head_channels=[0, 0, 8, 8], norm_num_groups=8,
                       num_res_blocks=1),
             cond=[8, 8, 8], mask=dict(channels=[8, 8, 16, 16], num_head_channels=[0, 0, 8, 8], norm_num_groups=8,
@@ -111,31 +115,63 @@ def _dm_step(unet, cnet, latent, device, dtype):
     return step
 
 
-def _train_step(impl: str, defs: dict, latent, dev):
+def _train_step(impl: str, defs: dict, latent, dev, checkpointing=True):
     """One DM training step as the reference trains (UNet fwd + L1 + bwd + Adam, fp16 autocast + GradScaler, batch 1).
 
-    Ours adds activation checkpointing (`use_checkpointing`), the reference runs as NVIDIA's trainer does.
+    Ours with `checkpointing` (False, "selective" or True: `DiffusionModelUNetMaisi.use_checkpointing`); the
+    reference runs as NVIDIA's trainer does.
     """
     unet = _networks_unet_fp32(defs, impl == "reference", dev)
     if impl == "ours":
-        unet.use_checkpointing = True
+        unet.use_checkpointing = checkpointing
     opt = torch.optim.Adam(unet.parameters(), lr=1e-5)
-    cuda = dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     x, target = torch.randn(1, 4, *latent, device=dev), torch.randn(1, 4, *latent, device=dev)
     t, cls = torch.rand(1, device=dev) * 1000, torch.tensor([1], device=dev)
     spacing = torch.full((1, 3), 100.0, device=dev)
+    return _amp_step(lambda: unet(x=x, timesteps=t, spacing_tensor=spacing, class_labels=cls), target, opt, dev)
+
+
+def _amp_step(forward, target, opt, dev, extra_loss=None):
+    """fp16-autocast forward, L1 (+ extra) loss, GradScaler backward and optimiser step, as the reference trainers."""
+    cuda = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
 
     def step():
         with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
-            out = unet(x=x, timesteps=t, spacing_tensor=spacing, class_labels=cls)
-        loss = torch.nn.functional.l1_loss(out.float(), target)
+            out = forward()
+        recon = out[0] if isinstance(out, tuple) else out
+        loss = torch.nn.functional.l1_loss(recon.float(), target)
+        if extra_loss is not None:
+            loss = loss + extra_loss(out)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def _vae_train_step(impl: str, defs: dict, patch, dev):
+    """One VAE generator step as the reference's trainer (fp16 autocast): reconstruct a (1, 1, *patch) patch,
+    L1 + 1e-7 KL, backward, Adam. The perceptual and adversarial terms (networks outside the VAE, the same for both
+    implementations) are left out."""
+    torch.manual_seed(0)
+    kw = dict(defs["autoencoder"])
+    if impl == "reference":
+        from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+    else:
+        from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
+    if dev.type != "cuda":
+        kw["norm_float16"] = False
+    vae = AutoencoderKlMaisi(**kw).to(dev).train()
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-4)
+    x = torch.rand(1, 1, *patch, device=dev)
+
+    def kl(out):
+        mu, sigma = out[1].float(), out[2].float()
+        return 1e-7 * 0.5 * (mu.square() + sigma.square() - torch.log(sigma.square() + 1e-8) - 1).sum()
+
+    return _amp_step(lambda: vae(x), x, opt, dev, kl)
 
 
 def _networks_unet_fp32(defs: dict, reference: bool, dev):
@@ -149,8 +185,22 @@ def _networks_unet_fp32(defs: dict, reference: bool, dev):
     return DiffusionModelUNetMaisi(**defs["unet"]).to(dev).train()
 
 
+def _measure(make_step, row: dict, repeats: int, dev) -> dict:
+    """Time the step `make_step()` builds into `row` (step_s, spread_s, peak_GiB, or an out-of-memory error)."""
+    try:
+        m = _time(make_step(), repeats, dev)
+        row.update(step_s=m["s"], spread_s=m["spread_s"], peak_GiB=m["peak_GiB"])
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
 def run_bench(tiny: bool = False, reference: bool = False, device: str = "auto", repeats: int = 3,
-              rows=None, training: bool = True, inference: bool = True) -> dict:
+              rows=None, training: bool = True, inference: bool = True,
+              checkpointing=("full", "selective", "none")) -> dict:
     """Measure every row for ours (and the reference); returns the JSON-able result."""
     from fastmaisi.decode import decode_latent
 
@@ -159,19 +209,18 @@ def run_bench(tiny: bool = False, reference: bool = False, device: str = "auto",
     table = [r for i, r in enumerate(TINY["rows"] if tiny else SEED_ROWS) if rows is None or i in rows]
     impls = ["ours"] + (["reference"] if reference else [])
     out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-           "weights": "random (timings do not depend on weight values)", "rows": [], "mask_stage": [], "training": []}
-    for impl in impls if training else []:
+           "weights": "random (timings do not depend on weight values)", "rows": [], "mask_stage": [], "training": [],
+           "vae_training": []}
+    train_cases = [("ours", mode) for mode in checkpointing] + [("reference", None)] * reference
+    for impl, mode in train_cases if training else []:
         for latent in TINY["train"] if tiny else TRAIN_LATENTS:
-            try:
-                m = _time(_train_step(impl, defs, latent, dev), repeats, dev)
-                row = {"impl": impl, "latent": list(latent), "step_s": m["s"], "spread_s": m["spread_s"],
-                       "peak_GiB": m["peak_GiB"]}
-            except torch.cuda.OutOfMemoryError:
-                row = {"impl": impl, "latent": list(latent), "error": "out of memory"}
-            out["training"].append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            row = {"impl": impl if mode is None else f"ours-{mode}", "latent": list(latent)}
+            out["training"].append(_measure(lambda: _train_step(impl, defs, latent, dev, CHECKPOINTING.get(mode)),
+                                            row, repeats, dev))
+    for impl in impls if training else []:
+        for patch in TINY["vae_patches"] if tiny else VAE_PATCHES:
+            row = {"impl": impl, "patch": list(patch)}
+            out["vae_training"].append(_measure(lambda: _vae_train_step(impl, defs, patch, dev), row, repeats, dev))
     for impl in impls if inference else []:
         ae, unet, cnet, mask_unet = _networks(defs, impl == "reference", dev)
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
@@ -242,6 +291,12 @@ def markdown(out: dict) -> str:
         for r in out["training"]:
             lines.append(f"| {'x'.join(map(str, r['latent']))} | {r['impl']} | "
                          + (f"{r['step_s']:.3f} | {_gib(r['peak_GiB'])} |" if "step_s" in r else f"{r['error']} | |"))
+    if out.get("vae_training"):
+        lines += ["", "| VAE training step (L1 + KL, fp16 autocast), patch | impl | s/step | peak GiB |",
+                  "|---|---|---|---|"]
+        for r in out["vae_training"]:
+            lines.append(f"| {'x'.join(map(str, r['patch']))} | {r['impl']} | "
+                         + (f"{r['step_s']:.3f} | {_gib(r['peak_GiB'])} |" if "step_s" in r else f"{r['error']} | |"))
     for m in out["mask_stage"]:
         lines.append(f"\nmask stage ({m['impl']}): {m['step_s']:.4f} s/step, 1000 DDPM steps {m['ddpm1000_s']:.1f} s, "
                      f"peak {_gib(m['peak_GiB'])} GiB")
@@ -286,7 +341,9 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("-d", "--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-training", action="store_true", help="skip the DM training rows")
-    p.add_argument("--training-only", action="store_true", help="only the DM training rows")
+    p.add_argument("--training-only", action="store_true", help="only the training rows (DM and VAE)")
+    p.add_argument("--checkpointing", nargs="+", choices=list(CHECKPOINTING), default=list(CHECKPOINTING),
+                   help="our DM training rows under these activation-checkpointing modes (default: all three)")
     args = p.parse_args(argv)
     if args.reference:
         try:
@@ -295,7 +352,8 @@ def bench_main(argv: list[str]) -> int:
             print("fastmaisi bench: --reference needs monai (pip install monai==1.6.1)", file=sys.stderr)
             return 2
     out = run_bench(tiny=args.tiny, reference=args.reference, device=args.device, repeats=args.repeats,
-                    rows=args.rows, training=not args.no_training, inference=not args.training_only)
+                    rows=args.rows, training=not args.no_training, inference=not args.training_only,
+                    checkpointing=args.checkpointing)
     folder = Path(args.output)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bench.json").write_text(json.dumps(out, indent=1))

@@ -53,6 +53,7 @@ from fastmaisi.nets.autoencoder import (
     ResBlock,
     Upsample,
 )
+from fastmaisi.nets.blocks import group_moments, scale_shift
 
 _MiB = 1 << 20
 _GiB = 1 << 30
@@ -561,7 +562,7 @@ class _Store:
 
     def accumulate(self, y: torch.Tensor, groups: int) -> None:
         """Merge the (count, mean, M2) of slab y per (sample, group) into the running whole-volume statistics."""
-        n_b, mean_b, m2_b = _slab_stats(y, groups)
+        n_b, mean_b, m2_b = group_moments(y, groups)  # fp32 within the slab, fp64 out
         if self.stats is None:
             self.stats = (n_b, mean_b, m2_b)
             return
@@ -584,24 +585,6 @@ class _Recomputed(_Store):
         self.run = None
 
 
-def _grouped(y: torch.Tensor, groups: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """A view of y (B, C, ...) as (B, G, C/G, N) or (B, N, G, C/G) without copying, and the dims to reduce."""
-    B, C = y.shape[:2]
-    if y.is_contiguous():
-        return y.view(B, groups, -1), (2,)
-    if y.is_contiguous(memory_format=torch.channels_last_3d):
-        return y.permute(0, 2, 3, 4, 1).view(B, -1, groups, C // groups), (1, 3)
-    return y.reshape(B, groups, -1), (2,)
-
-
-def _slab_stats(y: torch.Tensor, groups: int):
-    """(count, mean, M2) of slab y per (sample, group): fp32 two-pass within the slab, returned in fp64."""
-    g, dims = _grouped(y, groups)
-    var, mean = torch.var_mean(g.float(), dim=dims, correction=0)
-    n = y[0].numel() / groups
-    return n, mean.double(), var.double() * n
-
-
 def _norm_affine(store: _Store, norm: torch.nn.GroupNorm, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (sample, channel) scale and shift so that GN(x) = x * scale + shift (PyTorch's kernel's own form)."""
     n, mean, m2 = store.stats
@@ -610,16 +593,7 @@ def _norm_affine(store: _Store, norm: torch.nn.GroupNorm, eps: float) -> tuple[t
     rstd_c, mean_c = rstd.repeat_interleave(rep, dim=1), mean.repeat_interleave(rep, dim=1)
     scale = rstd_c * norm.weight.detach().double()
     shift = norm.bias.detach().double() - mean_c * scale
-    shape = (*scale.shape, 1, 1, 1)
-    return scale.float().view(shape), shift.float().view(shape)
-
-
-def _normalise(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool) -> torch.Tensor:
-    """`silu?(x * scale + shift)` computed in fp32, stored in x's dtype."""
-    y = torch.addcmul(shift, x, scale)
-    if silu:
-        F.silu(y, inplace=True)
-    return y.to(x.dtype)
+    return scale.float(), shift.float()  # (B, C)
 
 
 class _Run:
@@ -650,7 +624,7 @@ class _Run:
         lo, hi = _in_rows(op, a, b, n_in)
         x = self.stores[op.src].read(lo, hi)
         if aff is not None:
-            x = _normalise(x, aff[0], aff[1], op.silu)
+            x = scale_shift(x, aff[0], aff[1], op.silu)  # fp32 math, one rounding
         if op.kind == "conv":
             p = op.conv.padding[0]
             front, back = p - (a - lo), p - (hi - b)

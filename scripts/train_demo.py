@@ -1,6 +1,7 @@
 """Retrain the built-in demo networks (fastmaisi/data/demo/) from scratch on CPU, reproducibly.
 
-    python scripts/train_demo.py                      # about 30 min on 2 otherwise idle CPU cores
+    python scripts/train_demo.py --device cuda        # a few minutes on one GPU (how the shipped weights were made)
+    python scripts/train_demo.py                      # CPU only: over an hour on 2 cores
     python scripts/train_demo.py --scale 0.02 --out /tmp/demo_smoke   # a quick smoke run
 
 Steps: phantoms at the demo grid -> image VAE (L1 + KL, no GAN / perceptual; 32^3 patches, then whole volumes) ->
@@ -61,7 +62,7 @@ INPUTS = {"controlnet": {"diffusion": ("diffusion", "diffusion_unet.pt")},
           "mask-diffusion": {"mask_autoencoder": ("mask-vae-volume", "mask_generation_autoencoder.pt")}}
 
 
-def run_stage(name: str, work: Path, scale: float) -> dict:
+def run_stage(name: str, work: Path, scale: float, device: str = "cpu") -> dict:
     """Train one stage into work/<name>; returns its log summary."""
     from fastmaisi.train.loop import Dist, TrainConfig, train
     from fastmaisi.train.trainers import TRAINERS, Recipe
@@ -81,8 +82,9 @@ def run_stage(name: str, work: Path, scale: float) -> dict:
                     **extra, **paths)
     torch.manual_seed(seed)  # the initial weights
     t0, cpu0 = time.time(), time.process_time()
-    task = TRAINERS[trainer](recipe, cfg, Dist())
-    history = train(task, cfg, Dist())
+    dist = Dist(device=torch.device(device))
+    task = TRAINERS[trainer](recipe, cfg, dist)
+    history = train(task, cfg, dist)
     seconds, cpu_seconds = time.time() - t0, time.process_time() - cpu0
     tail = [r["loss"] for r in history[-10:]]
     summary = {"trainer": trainer, "steps": steps, "batch_size": batch, "lr": lr,
@@ -96,7 +98,7 @@ def run_stage(name: str, work: Path, scale: float) -> dict:
     return summary
 
 
-def encode(work: Path, datalist: Path) -> dict:
+def encode(work: Path, datalist: Path, device: str = "cpu") -> dict:
     """`fastmaisi encode` of every phantom with the image VAE: latents (sampled, a seed per image) + label maps."""
     from fastmaisi.train.encode import EncodeRequest, encode_volumes
     from fastmaisi.train.loop import Dist
@@ -106,7 +108,8 @@ def encode(work: Path, datalist: Path) -> dict:
     t0 = time.time()
     counts = encode_volumes(EncodeRequest(source=datalist, out_dir=latents, autoencoder=work / "vae-volume" /
                                           "autoencoder.pt", definition=demo.demo_definitions()["autoencoder"],
-                                          multiple=32, latent="sample", seed=DATA_SEED), Dist(), progress=False)
+                                          multiple=32, latent="sample", seed=DATA_SEED),
+                           Dist(device=torch.device(device)), progress=False)
     return {"counts": counts, "multiple": 32, "latent": "sample", "seconds": round(time.time() - t0, 1)}
 
 
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/fastmaisi_demo_work"), help="scratch folder")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the networks train (cpu, cuda); the checks run on the CPU")
     ap.add_argument("--only", nargs="+", choices=list(PLAN), help="retrain these stages only (others reused)")
     ap.add_argument("--eval-only", action="store_true", help="only re-run the checks into record.json")
     args = ap.parse_args(argv)
@@ -190,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in todo:
         # 2. image VAE -> encode -> diffusion UNet -> ControlNet; mask VAE -> mask diffusion UNet
         if name == "diffusion" and ("vae-volume" in todo or not (work / "latents").is_dir()):
-            record["encode"] = encode(work, datalist)
-        record["recipes"][name] = run_stage(name, work, args.scale)
+            record["encode"] = encode(work, datalist, args.device)
+        record["recipes"][name] = run_stage(name, work, args.scale, args.device)
 
     # 8. safetensors (+ sidecar JSON with scale_factor), strictly checked against the demo definitions
     args.out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "definitions": defs, "scale": args.scale,
         "wall_seconds_this_run": round(time.time() - t_start, 1),
         "torch": torch.__version__, "python": platform.python_version(),
-        "cpu_threads": args.threads, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_threads": args.threads, "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
+        else "cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
     record.setdefault("file_bytes", {}).update(sizes)
     record["wall_seconds_total"] = round(sum(r["seconds"] for r in record["recipes"].values())

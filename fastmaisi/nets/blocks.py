@@ -195,33 +195,76 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False,
             x = x + pre_bias.reshape(*pre_bias.shape, *([1] * (x.dim() - pre_bias.dim()))).to(x.dtype)
         return ops.group_norm(x, norm, silu)
     k = _triton_kernels()
-    layout = _gn_layout(x)
     B, C = x.shape[:2]
-    S = x[0, 0].numel()
-    sB, sC, sS = layout
-    if sS == 1:  # NCDHW: long contiguous rows per channel
-        block_c, block_s = 2, 4096
-    else:  # channels-last: contiguous channel vectors per voxel
-        block_c = min(k["next_pow2"](C), 64)
-        block_s = 8192 // block_c
-    c_tiles, s_tiles = k["cdiv"](C, block_c), k["cdiv"](S, block_s)
-    iters = max(1, s_tiles * c_tiles * B // 4096)  # keep ~4k programs; each merges `iters` tiles
-    T = k["cdiv"](s_tiles, iters)
-    mean = torch.empty(B, T, C, device=x.device, dtype=torch.float32)
-    m2 = torch.empty_like(mean)
-    k["stats"][(T, c_tiles, B)](x, mean, m2, S, C, sB, sC, sS, iters, BLOCK_S=block_s, BLOCK_C=block_c,
-                                num_warps=8)
+    mean, m2, T, span, S = _stats_tiles(x, k)
     G = norm.num_groups
     cg = C // G
     scale = torch.empty(B, C, device=x.device, dtype=torch.float32)
     shift = torch.empty_like(scale)
     pre = scale if pre_bias is None else pre_bias.float().expand(B, C).contiguous()
-    k["finalize"][(B * G,)](mean, m2, norm.weight, norm.bias, pre, scale, shift, T, C, S, G, block_s * iters,
+    k["finalize"][(B * G,)](mean, m2, norm.weight, norm.bias, pre, scale, shift, T, C, S, G, span,
                             norm.eps, CG=cg, BLOCK_T=max(16, 2048 // k["next_pow2"](cg)),
                             BLOCK_CG=k["next_pow2"](cg), PRE=pre_bias is not None, num_warps=4)
-    y = torch.empty_like(x)  # same strides as x (it is dense)
-    k["apply"][(s_tiles, c_tiles, B)](x, y, scale, shift, S, C, sB, sC, sS, SILU=silu, BLOCK_S=block_s,
-                                      BLOCK_C=block_c, num_warps=8)
+    return scale_shift(x, scale, shift, silu)
+
+
+def _tile(C: int, sS: int, k: dict) -> tuple[int, int]:
+    """(channels, voxels) per Triton program: long rows per channel for NCDHW (sS == 1), else channel vectors."""
+    if sS == 1:
+        return 2, 4096
+    block_c = min(k["next_pow2"](C), 64)
+    return block_c, 8192 // block_c
+
+
+def _stats_tiles(x: torch.Tensor, k: dict) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """Per (sample, spatial tile, channel) mean and M2 of x in fp32 (the `stats` kernel); (mean, m2, T, span, S)."""
+    B, C = x.shape[:2]
+    S = x[0, 0].numel()
+    sB, sC, sS = _gn_layout(x)
+    block_c, block_s = _tile(C, sS, k)
+    c_tiles, s_tiles = k["cdiv"](C, block_c), k["cdiv"](S, block_s)
+    iters = max(1, s_tiles * c_tiles * B // 4096)
+    T = k["cdiv"](s_tiles, iters)
+    mean = torch.empty(B, T, C, device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+    k["stats"][(T, c_tiles, B)](x, mean, m2, S, C, sB, sC, sS, iters, BLOCK_S=block_s, BLOCK_C=block_c,
+                                num_warps=8)
+    return mean, m2, T, block_s * iters, S
+
+
+def group_moments(x: torch.Tensor, groups: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) of x (B, C, *S) per (sample, group), mean and M2 (B, G) in fp64 — the pieces that merge
+    exactly across slabs (Chan et al.). On CUDA one read of x (Triton, fp32 two-pass per tile); else torch."""
+    B, C = x.shape[:2]
+    n = x[0].numel() / groups
+    k = _triton_kernels() if x.is_cuda and _gn_layout(x) is not None else None
+    if k is None:
+        var, mean = torch.var_mean(x.reshape(B, groups, -1).float(), dim=2, correction=0)
+        return n, mean.double(), var.double() * n
+    mean, m2, T, span, S = _stats_tiles(x, k)
+    n_t = (S - torch.arange(T, device=x.device, dtype=torch.float64) * span).clamp(0, span).view(1, T, 1, 1)
+    mean, m2 = mean.double().view(B, T, groups, C // groups), m2.double().view(B, T, groups, C // groups)
+    mean_g = (mean * n_t).sum((1, 3)) / n
+    m2_g = (m2 + n_t * (mean - mean_g[:, None, :, None]).square()).sum((1, 3))
+    return n, mean_g, m2_g
+
+
+def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """silu?(x * scale + shift) with per-(sample, channel) fp32 scale and shift (B, C), fp32 math, one rounding to
+    x's dtype: a normalisation whose statistics are already known. One Triton pass on CUDA; torch otherwise."""
+    B, C = x.shape[:2]
+    k = _triton_kernels() if x.is_cuda and _gn_layout(x) is not None else None
+    if k is None:
+        view = (B, C, *([1] * (x.dim() - 2)))
+        y = torch.addcmul(shift.view(view), x, scale.view(view))
+        return (F.silu(y, inplace=True) if silu else y).to(x.dtype)
+    sB, sC, sS = _gn_layout(x)
+    S = x[0, 0].numel()
+    block_c, block_s = _tile(C, sS, k)
+    y = torch.empty_like(x)
+    k["apply"][(k["cdiv"](S, block_s), k["cdiv"](C, block_c), B)](
+        x, y, scale.float().contiguous(), shift.float().contiguous(), S, C, sB, sC, sS, SILU=silu,
+        BLOCK_S=block_s, BLOCK_C=block_c, num_warps=8)
     return y
 
 

@@ -53,7 +53,7 @@ def sample_latent_from_mask(models: Models, label: np.ndarray, *, spacing, modal
     denoise = image_denoiser(models.diffusion_unet, models.controlnet, **kwargs)
     g = torch.Generator(device=device).manual_seed(int(seed) + 1)  # DDPM's per-step noise (RFlow draws none)
     return sample(denoise, build_scheduler(models.scheduler_def), x, steps, generator=g, disable=not progress,
-                  desc="image DM", method=sampler)
+                  desc="image DM", method=sampler, cuda_graph=models.cuda_graphs)
 
 
 def crop_to_body(image_hu: np.ndarray, label: np.ndarray, background: int) -> np.ndarray:

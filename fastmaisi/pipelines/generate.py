@@ -42,6 +42,7 @@ class GenerateRequest:
     overwrite: bool = False
     fmt: str = "nifti"
     sampler: str = "euler"  # "euler" (the reference's) or "ab2" (rectified flow only; faster, not bit-compatible)
+    cuda_graphs: bool = True  # CUDA: replay each denoiser step from a CUDA graph (same kernels, same result)
 
     workflow_name: str | None = None  # "image", "from-mask" or "paired"; None: from-mask with --mask, paired with
     # --organ-size, else image
@@ -139,6 +140,7 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     models = model_io.load_models(variant, weights_dir, roles, device=device, dtype=dtype,
                                   network_config=request.network_config)
+    models.cuda_graphs = request.cuda_graphs
     plan = _plan_text(opts, device, budget, models.autoencoder)
     results = []
     for i, stem in stems.items():
@@ -236,15 +238,21 @@ def _torchrun_rank() -> tuple[int, int, int]:
 
 
 def _device(name: str, local_rank: int | None = None):
+    """The torch device for --device `name`; under torchrun (`local_rank` given) "auto" and a bare "cuda" mean
+    cuda:<local rank>. A CUDA device also becomes the process's current device: the Triton GroupNorm kernels launch
+    on the current device, so without it every rank's kernels would run on GPU 0."""
     import torch
 
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", local_rank) if local_rank is not None else torch.device("cuda")
+    if name == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    device = torch.device("cuda" if name == "auto" else name)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
 
 
 def _plan_text(opts, device, budget, vae=None) -> str:

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-steps", type=_positive_int, default=1000, help="mask DM DDPM steps (default 1000)")
     p.add_argument("--sampler", choices=["euler", "ab2"], default="euler",
                    help="euler: the reference's; ab2: 2nd-order, more accurate per step (rflow only, not bit-compatible)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="launch every step's kernels from Python instead of replaying a CUDA graph (same result)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=_positive_int, default=1)
@@ -88,7 +90,8 @@ def request_from_args(args):
         organ_sizes=dict(args.organ_size), workflow_name=args.workflow, steps=args.steps, mask_steps=args.mask_steps,
         guidance_scale=args.guidance_scale, seed=args.seed, num_samples=args.num_samples,
         max_retries=args.max_retries, device=args.device, memory_budget_gb=args.memory_budget_gb,
-        overwrite=args.overwrite, fmt=args.format, sampler=args.sampler)
+        overwrite=args.overwrite, fmt=args.format, sampler=args.sampler,
+        cuda_graphs=args.cuda_graphs)
 
 
 def generate_main(argv: list[str]) -> int:

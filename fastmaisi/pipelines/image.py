@@ -27,4 +27,4 @@ def sample_image_latent(models: Models, *, size, spacing, modality_code: int, st
     denoise = image_denoiser(models.diffusion_unet, **kwargs)
     g = torch.Generator(device=device).manual_seed(int(seed) + 1)  # DDPM's per-step noise (RFlow draws none)
     return sample(denoise, build_scheduler(models.scheduler_def), x, steps, generator=g, disable=not progress,
-                  desc="image DM", method=sampler)
+                  desc="image DM", method=sampler, cuda_graph=models.cuda_graphs)

@@ -23,7 +23,7 @@ def sample_mask_latent(models: Models, anatomy_sizes: list[float], *, seed: int,
     x = latent_noise(seed, (1, *latent_shape), device, dtype)
     g = torch.Generator(device=device).manual_seed(int(seed) + 1)  # DDPM's per-step noise, drawn on the device
     return sample(mask_denoiser(models.mask_diffusion, context), build_scheduler(DDPM_SCHEDULER_DEF), x, steps,
-                  generator=g, disable=not progress, desc="mask DM")
+                  generator=g, disable=not progress, desc="mask DM", cuda_graph=models.cuda_graphs)
 
 
 @torch.no_grad()

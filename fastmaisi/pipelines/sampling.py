@@ -16,15 +16,21 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,C,*S), 
 @torch.no_grad()
 def sample(denoise: Denoiser, scheduler, x: torch.Tensor, num_steps: int, generator: torch.Generator | None = None,
            callback: Callable[[dict], None] | None = None, disable: bool = False, desc: str = "sampling",
-           method: str = "euler") -> torch.Tensor:
+           method: str = "euler", cuda_graph: bool = False) -> torch.Tensor:
     """Run `scheduler` from noise `x` (B, C, *S) to a clean latent in `num_steps` steps.
 
     Timesteps follow the reference: RFlow gets the latent's spatial numel for its resolution shift and steps to the
-    next timestep (0 after the last); DDPM/DDIM step on their own grid. method="ab2": `sample_rflow_ab2` instead of
-    Euler (rectified flow only).
+    next timestep (0 after the last); DDPM/DDIM step on their own grid. The loop reads them from a host copy, so no
+    step waits for the GPU. method="ab2": `sample_rflow_ab2` instead of Euler (rectified flow only).
+    cuda_graph: on CUDA, replay the denoiser from a CUDA graph after its first call (`nets.graphs`; same kernels,
+    same result, without the per-step launch cost).
     """
-    scheduler.set_timesteps(num_steps, device=x.device, input_img_size_numel=int(torch.tensor(x.shape[2:]).prod()))
+    scheduler.set_timesteps(num_steps, device="cpu", input_img_size_numel=int(torch.tensor(x.shape[2:]).prod()))
     timesteps = scheduler.timesteps
+    if cuda_graph:
+        from fastmaisi.nets.graphs import CudaGraphed
+
+        denoise = CudaGraphed(denoise)
     if method == "ab2":  # optional 2nd-order rectified-flow sampler over the same grid (not the reference's)
         from fastmaisi.schedulers.samplers import sample_rflow_ab2
 

@@ -1,0 +1,78 @@
+"""CUDA-only fast paths, checked against plain PyTorch on the GPU (skipped on CPU-only machines, so CI runs only the
+CPU fallbacks; the GPU runs of `bench/` run this file): the decode's slab statistics and normalisation kernels, and
+CUDA-graph replay of a denoiser."""
+
+import pytest
+import torch
+
+from fastmaisi.nets.blocks import group_moments, scale_shift
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _layouts(x):
+    return [x, x.contiguous(memory_format=torch.channels_last_3d)]
+
+
+def test_cpu_fallbacks_match_definitions():
+    """On CPU: group_moments is (count, mean, sum of squared deviations) per group; scale_shift is x*s+b (+SiLU)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 3, 4, 5, generator=g) * 2 + 1
+    n, mean, m2 = group_moments(x, 4)
+    grouped = x.double().reshape(2, 4, -1)
+    assert n == grouped.shape[2]
+    torch.testing.assert_close(mean, grouped.mean(2))
+    torch.testing.assert_close(m2, (grouped - grouped.mean(2, keepdim=True)).square().sum(2))
+    scale, shift = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+    y = scale_shift(x.half(), scale, shift, silu=True)
+    truth = torch.nn.functional.silu(x.half().float() * scale[..., None, None, None] + shift[..., None, None, None])
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), truth.half().float())
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,groups", [((1, 64, 13, 40, 48), 32), ((2, 128, 6, 17, 9), 32), ((1, 8, 1, 1, 1), 4)])
+def test_gpu_group_moments_and_scale_shift(dtype, shape, groups):
+    x = (torch.randn(shape, device="cuda") * 3 + 5).to(dtype)  # offset mean: stresses the merge
+    B, C = shape[:2]
+    ref = x.double().reshape(B, groups, -1)
+    scale, shift = torch.randn(B, C, device="cuda"), torch.randn(B, C, device="cuda")
+    truth = torch.nn.functional.silu(x.float() * scale[..., None, None, None] + shift[..., None, None, None])
+    for xs in _layouts(x):
+        n, mean, m2 = group_moments(xs, groups)
+        assert n == ref.shape[2]
+        torch.testing.assert_close(mean, ref.mean(2), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(m2, (ref - ref.mean(2, keepdim=True)).square().sum(2), rtol=1e-5, atol=1e-3)
+        y = scale_shift(xs, scale, shift, silu=True)
+        assert y.dtype == dtype and y.stride() == xs.stride()
+        torch.testing.assert_close(y.float(), truth.to(dtype).float(), rtol=0, atol=0)  # one fp32 expression
+
+
+@cuda
+def test_gpu_cuda_graph_replay_equals_eager():
+    """CudaGraphed: first call eager, later calls replay; outputs equal eager calls on new inputs, bit for bit, and
+    a returned output is not overwritten by the next call."""
+    from fastmaisi.nets.graphs import CudaGraphed
+    from fastmaisi.nets.unet import DiffusionModelUNet
+
+    torch.manual_seed(0)
+    net = DiffusionModelUNet(spatial_dims=3, in_channels=4, out_channels=4, channels=[16, 32, 32, 32],
+                             attention_levels=[False, False, True, True], num_head_channels=[0, 0, 8, 8],
+                             num_res_blocks=1, norm_num_groups=8, with_conditioning=True, cross_attention_dim=10,
+                             upcast_attention=True).cuda().half().eval()
+    ctx = torch.rand(1, 1, 10, device="cuda").half()
+
+    def denoise(x, t):
+        return net(x=x, timesteps=t, context=ctx)
+
+    graphed = CudaGraphed(denoise)
+    outs = []
+    with torch.no_grad():
+        for i in range(4):
+            x = torch.randn(1, 4, 16, 16, 16, device="cuda").half()
+            t = torch.tensor([100.0 * i + 3], device="cuda")
+            outs.append((graphed(x, t), denoise(x, t)))
+    assert graphed.graph is not None and not graphed.eager
+    for got, want in outs:
+        assert torch.equal(got, want)
