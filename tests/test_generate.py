@@ -210,3 +210,19 @@ def test_ranks_split_samples_without_collisions(weights, tmp_path, monkeypatch):
         for f in files:
             rec = json.loads(f.read_text())
             assert rec["rank"] == rank and rec["world_size"] == 2 and rec["seed"] == int(f.name[7:13])
+
+
+def test_device_under_torchrun_is_the_local_gpu_and_current(monkeypatch):
+    """auto / a bare cuda mean cuda:<LOCAL_RANK> under torchrun, and that GPU becomes the current device (the Triton
+    kernels launch on the current device; without it rank 1's kernels would run on GPU 0)."""
+    from fastmaisi.pipelines.generate import _device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    assert _device("auto", 1) == torch.device("cuda", 1) and current[-1] == torch.device("cuda", 1)
+    assert _device("cuda", 1) == torch.device("cuda", 1) and current[-1] == torch.device("cuda", 1)
+    assert _device("cuda:0", 1) == torch.device("cuda", 0) and current[-1] == torch.device("cuda", 0)
+    assert _device("auto") == torch.device("cuda", 0)
+    assert _device("cpu", 1) == torch.device("cpu") and len(current) == 4
