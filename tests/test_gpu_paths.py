@@ -46,7 +46,8 @@ def test_gpu_group_moments_and_scale_shift(dtype, shape, groups):
         torch.testing.assert_close(m2, (ref - ref.mean(2, keepdim=True)).square().sum(2), rtol=1e-5, atol=1e-3)
         y = scale_shift(xs, scale, shift, silu=True)
         assert y.dtype == dtype and y.stride() == xs.stride()
-        torch.testing.assert_close(y.float(), truth.to(dtype).float(), rtol=0, atol=0)  # one fp32 expression
+        tol = 1e-6 if dtype == torch.float32 else 1e-3  # fp32 FMA vs torch's mul + add: an ulp at most
+        torch.testing.assert_close(y.float(), truth.to(dtype).float(), rtol=tol, atol=tol)
 
 
 @cuda

@@ -9,7 +9,7 @@ from fastmaisi.pipelines.common import latent_noise
 from fastmaisi.pipelines.models import Models
 from fastmaisi.pipelines.sampling import mask_denoiser, sample
 from fastmaisi.schedulers import build as build_scheduler
-from fastmaisi.variants import DDPM_SCHEDULER_DEF
+from fastmaisi.variants import DDIM_SCHEDULER_DEF, DDPM_SCHEDULER_DEF
 
 MASK_SPACING_MM = 1.5  # the mask DM's fixed output grid (reference: 256^3 at 1.5 mm)
 
@@ -17,12 +17,18 @@ MASK_SPACING_MM = 1.5  # the mask DM's fixed output grid (reference: 256^3 at 1.
 @torch.no_grad()
 def sample_mask_latent(models: Models, anatomy_sizes: list[float], *, seed: int, latent_shape, steps: int = 1000,
                        progress: bool = True) -> torch.Tensor:
-    """DDPM from noise (1, *latent_shape) with the organ-size vector as the one-token cross-attention context."""
+    """DDPM from noise (1, *latent_shape) with the organ-size vector as the one-token cross-attention context.
+
+    The reference's DDPM step always goes from t to t-1, so it is right only with all 1000 steps; with fewer, the
+    same model is sampled with DDIM (η = 0, the deterministic few-step sampler for ε-prediction models) instead.
+    """
     device, dtype = models.device, models.dtype
     context = torch.tensor(anatomy_sizes, device=device, dtype=dtype).view(1, 1, -1)
     x = latent_noise(seed, (1, *latent_shape), device, dtype)
     g = torch.Generator(device=device).manual_seed(int(seed) + 1)  # DDPM's per-step noise, drawn on the device
-    return sample(mask_denoiser(models.mask_diffusion, context), build_scheduler(DDPM_SCHEDULER_DEF), x, steps,
+    scheduler = build_scheduler(DDPM_SCHEDULER_DEF if steps == DDPM_SCHEDULER_DEF["num_train_timesteps"]
+                                else DDIM_SCHEDULER_DEF)
+    return sample(mask_denoiser(models.mask_diffusion, context), scheduler, x, steps,
                   generator=g, disable=not progress, desc="mask DM", cuda_graph=models.cuda_graphs)
 
 
