@@ -141,16 +141,23 @@ def test_from_mask_ddpm_regions_match_reference():
     assert rel(ours, ref) < TOL
 
 
-def test_mask_stage_matches_reference():
+@pytest.mark.parametrize("scheduler", ["DDPMScheduler", "DDIMScheduler"])
+def test_mask_stage_matches_reference(scheduler, monkeypatch):
+    """The mask stage's loop equals the reference loop with either scheduler: DDPM (what 1000 steps use) and DDIM
+    (what fewer steps use: MONAI's DDPM step is t -> t-1). 10 steps each; DDPM forced for the test."""
     from fastmaisi.nets.unet import DiffusionModelUNet
+    from fastmaisi.variants import DDIM_SCHEDULER_DEF
 
+    if scheduler == "DDPMScheduler":  # the loop with DDPM, at 10 steps instead of 1000
+        monkeypatch.setattr(paired, "DDIM_SCHEDULER_DEF", DDPM_SCHEDULER_DEF)
     ref, ours = pair(monai_unet.DiffusionModelUNet, DiffusionModelUNet, MASK, seed=31)
     sizes = [-1, 0.5, 0.3, -1, -1, -1, -1, 0.1, -1, -1]
     models = _models("rflow-ct", None, mask_diffusion=ours)
     models.diffusion_unet = ours  # Models.device reads the UNet's parameters
     z = paired.sample_mask_latent(models, sizes, seed=7, latent_shape=(4, 8, 8, 8), steps=10, progress=False)
-    # reference: DiffusionInferer.sample with cross-attention context (B, 1, 10), DDPM, same noise and generator
-    sched = monai_sched.DDPMScheduler(**_kw(DDPM_SCHEDULER_DEF))
+    # reference: DiffusionInferer.sample with cross-attention context (B, 1, 10), same noise and generator
+    sched = getattr(monai_sched, scheduler)(**_kw(DDPM_SCHEDULER_DEF if scheduler == "DDPMScheduler"
+                                                   else DDIM_SCHEDULER_DEF))
     sched.set_timesteps(10)
     x = latent_noise(7, (1, 4, 8, 8, 8), "cpu", torch.float32)
     g = torch.Generator().manual_seed(8)
@@ -158,8 +165,20 @@ def test_mask_stage_matches_reference():
     with torch.no_grad():
         for t in sched.timesteps:
             out = ref(x, timesteps=torch.Tensor((t,)), context=ctx)
-            x, _ = sched.step(out, t, x, generator=g)
+            x, _ = sched.step(out, t, x, generator=g) if scheduler == "DDPMScheduler" else sched.step(out, t, x)
     assert rel(z, x) < TOL
+
+
+def test_mask_stage_scheduler_by_step_count(monkeypatch):
+    """All 1000 steps: the reference's DDPM; fewer: DDIM (never the reference's DDPM skipping timesteps)."""
+    seen = []
+    monkeypatch.setattr(paired, "sample", lambda denoise, scheduler, x, steps, **kw: seen.append(
+        (type(scheduler).__name__, steps)) or x)
+    models = _models("rflow-ct", torch.nn.Linear(1, 1))  # never called: `sample` is replaced
+    models.mask_diffusion = models.diffusion_unet
+    for steps in (1000, 100, 10):
+        paired.sample_mask_latent(models, [-1] * 10, seed=0, latent_shape=(4, 8, 8, 8), steps=steps, progress=False)
+    assert seen == [("DDPMScheduler", 1000), ("DDIMScheduler", 100), ("DDIMScheduler", 10)]
 
 
 def test_ab2_sampler_option_changes_the_integrator(rflow_nets):
