@@ -310,10 +310,21 @@ def upsample_conv(x: torch.Tensor, conv: nn.Module, bias: torch.Tensor | None) -
     copy; cuDNN runs the 2^d phases with 2^d taps each: 8/27 of the FLOPs in 3D). x: (B, Cin, *N) -> (B, Cout, *2N)."""
     d = x.dim() - 2
     w = conv.weight
-    taps = torch.tensor(_UP_TAPS, dtype=torch.float32, device=w.device)
-    wt = torch.einsum(_UP_EINSUM[d], *([taps] * d), w.float()).to(w.dtype)  # (Cin, Cout, 4, .., 4)
-    if _is_channels_last(x):
-        wt = wt.contiguous(memory_format=torch.channels_last_3d)
+    key = (w.data_ptr(), w._version, w.dtype, w.device, _is_channels_last(x))
+    cached = getattr(conv, "_upsample_weight", None)
+    if cached is not None and cached[0] == key and not _needs_grad(w):
+        wt = cached[1]  # inference: derived once per weight version (no work, no host copy, inside CUDA graphs too)
+    else:
+        taps = w.new_zeros(len(_UP_TAPS), 3, dtype=torch.float32)  # filled on w's device: no host-to-device copy
+        for t, row in enumerate(_UP_TAPS):
+            for k, used in enumerate(row):
+                if used:
+                    taps[t, k] = 1.0
+        wt = torch.einsum(_UP_EINSUM[d], *([taps] * d), w.float()).to(w.dtype)  # (Cin, Cout, 4, .., 4)
+        if key[-1]:
+            wt = wt.contiguous(memory_format=torch.channels_last_3d)
+        if not _needs_grad(w):
+            conv._upsample_weight = (key, wt)
     return _CONV_T[d](x, wt, bias, stride=2, padding=1)
 
 
