@@ -109,6 +109,23 @@ def timed(step, repeats, autocast):
     return out, statistics.median(times), (max(times) - min(times)), torch.cuda.max_memory_allocated() / 2**30
 
 
+def profile_step(step):
+    """Where one ControlNet + UNet step of ours spends its GPU time: the top kernels by CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as p:
+            step()
+            torch.cuda.synchronize()
+    events = sorted(p.key_averages(), key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events)
+    emit({"what": "profile dm step (ours fp16)", "total_cuda_ms": round(total / 1e3, 1),
+          "top": [{"name": e.key[:80], "calls": e.count, "cuda_ms": round(e.device_time_total / 1e3, 2)}
+                  for e in events[:12]]})
+
+
 def loop30(unet, cnet, inp, fmt):
     """The rflow-ct image stage's sampling loop (30 steps, ControlNet + UNet) through `pipelines.sampling.sample`,
     with and without CUDA-graph replay; the same final latent either way."""
@@ -202,6 +219,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--modes", nargs="*", default=["reference", "ours_autocast", "ours_half", "ours_half_cl",
                                                    "ours_half_graph", "ours_half_cl_graph"])
+    ap.add_argument("--profile", action="store_true", help="top CUDA kernels of one step of ours (fp16)")
     ap.add_argument("--mask", action="store_true", help="also the mask DM: one step eager / graph vs reference, and "
                                                         "the 1000-step mask stage through the pipeline function")
     args = ap.parse_args()
@@ -260,6 +278,9 @@ def main():
         if "reference" in outs and name != "reference":
             row["rel_diff_vs_reference"] = rel(outs[name], outs["reference"])
         emit(row)
+    if args.profile:
+        profile_step(step_fn(our_unet_h.to(memory_format=torch.contiguous_format),
+                             our_cnet_h.to(memory_format=torch.contiguous_format), inp))
     for cl in (False, True):
         loop30(our_unet_h, our_cnet_h, inp, torch.channels_last_3d if cl else torch.contiguous_format)
     del ref_unet, ref_cnet, our_unet, our_cnet, our_unet_h, our_cnet_h, outs
