@@ -77,3 +77,33 @@ def test_gpu_cuda_graph_replay_equals_eager():
     assert graphed.graph is not None and not graphed.eager
     for got, want in outs:
         assert torch.equal(got, want)
+
+
+def test_cpu_upsample_rows_are_a_slice_of_the_whole():
+    from fastmaisi.nets.blocks import upsample_trilinear_x2
+
+    x = torch.randn(2, 3, 5, 4, 6)
+    whole = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=False)
+    assert torch.equal(upsample_trilinear_x2(x), whole)
+    assert torch.equal(upsample_trilinear_x2(x, (3, 8)), whole[:, :, 3:8])
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,rows", [((1, 64, 7, 9, 11), None), ((2, 128, 6, 5, 8), (3, 10)),
+                                        ((1, 3, 1, 1, 1), None), ((1, 256, 4, 16, 16), (0, 1))])
+def test_gpu_upsample_trilinear_x2_equals_interpolate(dtype, shape, rows):
+    from fastmaisi.nets.blocks import upsample_trilinear_x2
+
+    x = torch.randn(shape, device="cuda").to(dtype)
+    for xs in _layouts(x):
+        truth = torch.nn.functional.interpolate(xs.float(), scale_factor=2.0, mode="trilinear", align_corners=False)
+        if rows is not None:
+            truth = truth[:, :, rows[0]:rows[1]]
+        y = upsample_trilinear_x2(xs, rows)
+        assert y.dtype == dtype and y.shape == truth.shape
+        from fastmaisi.nets.blocks import _is_channels_last
+
+        assert _is_channels_last(y) == _is_channels_last(xs)  # the input's layout
+        tol = 1e-6 if dtype == torch.float32 else 1e-3
+        torch.testing.assert_close(y.float(), truth.to(dtype).float(), rtol=tol, atol=tol)

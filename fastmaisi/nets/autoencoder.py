@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fastmaisi.nets.blocks import upsample_trilinear_x2
 from fastmaisi.nets.ops import group_norm
 
 
@@ -125,7 +126,7 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_convtranspose:
             return self.conv(x)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=False))
+        return self.conv(upsample_trilinear_x2(x))
 
 
 class Encoder(nn.Module):

@@ -162,7 +162,47 @@ def _triton_kernels():
             y = y * tl.sigmoid(y)
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    _TRITON.update(stats=stats, finalize=finalize, apply=apply, cdiv=triton.cdiv,
+    @triton.jit
+    def _source(o, n):
+        # align_corners=False source coordinate of output o (x2), clamped at 0 as PyTorch: (i0, i1, weight of i1)
+        src = tl.maximum(o.to(tl.float32) * 0.5 - 0.25, 0.0)
+        i0 = src.to(tl.int64)
+        return i0, tl.minimum(i0 + 1, n - 1), src - i0.to(tl.float32)
+
+    @triton.jit
+    def up2(x_ptr, y_ptr, C, D, H, W, R, row0, sxb, sxc, sxd, sxh, sxw, syb, syc, syd, syh, syw,
+            BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr):
+        # y[b, c, r, oh, ow] = trilinear_x2(x)[b, c, row0 + r, oh, ow]; fp32 math in PyTorch's nesting order
+        pv, pc, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        v = pv.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+        c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+        OH, OW = 2 * H, 2 * W
+        ow, oh, r = v % OW, (v // OW) % OH, v // (OW * OH)
+        mask = (r < R)[:, None] & (c < C)[None, :]
+        d0, d1, ld = _source(r + row0, D)
+        h0, h1, lh = _source(oh, H)
+        w0, w1, lw = _source(ow, W)
+        base = x_ptr + b.to(tl.int64) * sxb + c[None, :].to(tl.int64) * sxc
+        off_d0, off_d1 = (d0 * sxd)[:, None], (d1 * sxd)[:, None]
+        off_h0, off_h1 = (h0 * sxh)[:, None], (h1 * sxh)[:, None]
+        off_w0, off_w1 = (w0 * sxw)[:, None], (w1 * sxw)[:, None]
+        lw1, lh1, ld1 = lw[:, None], lh[:, None], ld[:, None]
+        lw0, lh0, ld0 = 1.0 - lw1, 1.0 - lh1, 1.0 - ld1
+        x000 = tl.load(base + off_d0 + off_h0 + off_w0, mask=mask, other=0.0).to(tl.float32)
+        x001 = tl.load(base + off_d0 + off_h0 + off_w1, mask=mask, other=0.0).to(tl.float32)
+        x010 = tl.load(base + off_d0 + off_h1 + off_w0, mask=mask, other=0.0).to(tl.float32)
+        x011 = tl.load(base + off_d0 + off_h1 + off_w1, mask=mask, other=0.0).to(tl.float32)
+        x100 = tl.load(base + off_d1 + off_h0 + off_w0, mask=mask, other=0.0).to(tl.float32)
+        x101 = tl.load(base + off_d1 + off_h0 + off_w1, mask=mask, other=0.0).to(tl.float32)
+        x110 = tl.load(base + off_d1 + off_h1 + off_w0, mask=mask, other=0.0).to(tl.float32)
+        x111 = tl.load(base + off_d1 + off_h1 + off_w1, mask=mask, other=0.0).to(tl.float32)
+        val = (ld0 * (lh0 * (lw0 * x000 + lw1 * x001) + lh1 * (lw0 * x010 + lw1 * x011))
+               + ld1 * (lh0 * (lw0 * x100 + lw1 * x101) + lh1 * (lw0 * x110 + lw1 * x111)))
+        out = (y_ptr + b.to(tl.int64) * syb + c[None, :].to(tl.int64) * syc + (r * syd)[:, None]
+               + (oh * syh)[:, None] + (ow * syw)[:, None])
+        tl.store(out, val.to(y_ptr.dtype.element_ty), mask=mask)
+
+    _TRITON.update(stats=stats, finalize=finalize, apply=apply, up2=up2, cdiv=triton.cdiv,
                    next_pow2=triton.next_power_of_2)
     return _TRITON
 
@@ -265,6 +305,29 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu:
     k["apply"][(k["cdiv"](S, block_s), k["cdiv"](C, block_c), B)](
         x, y, scale.float().contiguous(), shift.float().contiguous(), S, C, sB, sC, sS, SILU=silu,
         BLOCK_S=block_s, BLOCK_C=block_c, num_warps=8)
+    return y
+
+
+def upsample_trilinear_x2(x: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """`F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)[:, :, r0:r1]` for x (B, C, D, H, W).
+
+    On CUDA (inference) one Triton pass that computes only the output rows asked for, in x's layout (PyTorch's
+    kernel takes ~0.7 s of a 512^3 decode); elsewhere F.interpolate, then the slice.
+    """
+    r0, r1 = rows if rows is not None else (0, 2 * x.shape[2])
+    k = _triton_kernels() if x.is_cuda and x.dim() == 5 and not _needs_grad(x) else None
+    if k is None:
+        return F.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=False)[:, :, r0:r1]
+    B, C, D, H, W = x.shape
+    fmt = torch.channels_last_3d if _is_channels_last(x) else torch.contiguous_format
+    y = torch.empty((B, C, r1 - r0, 2 * H, 2 * W), device=x.device, dtype=x.dtype, memory_format=fmt)
+    if y.numel() == 0:
+        return y
+    block_c = min(k["next_pow2"](C), 64)
+    block_v = 4096 // block_c
+    grid = (k["cdiv"]((r1 - r0) * 4 * H * W, block_v), k["cdiv"](C, block_c), B)
+    k["up2"][grid](x, y, C, D, H, W, r1 - r0, r0, *x.stride(), *y.stride(), BLOCK_V=block_v, BLOCK_C=block_c,
+                   num_warps=4)
     return y
 
 
