@@ -226,3 +226,12 @@ def test_device_under_torchrun_is_the_local_gpu_and_current(monkeypatch):
     assert _device("cuda:0", 1) == torch.device("cuda", 0) and current[-1] == torch.device("cuda", 0)
     assert _device("auto") == torch.device("cuda", 0)
     assert _device("cpu", 1) == torch.device("cpu") and len(current) == 4
+
+
+def test_no_weights_says_what_to_pass(tmp_path, capsys):
+    """Without --weights (and no built-in demo networks): exit 2, one line naming --weights, nothing written."""
+    out = tmp_path / "out"
+    assert generate_main(["-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no --weights given" in err[0] and "--weights DIR" in err[0], err
+    assert not out.exists() or not any(out.iterdir())

@@ -113,8 +113,11 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         roles.append("controlnet")
     if workflow == "paired":
         roles += ["mask_autoencoder", "mask_diffusion"]
-    weights_dir = Path(request.weights) if request.weights else None
-    if weights_dir is None or not weights_dir.is_dir():
+    if not request.weights:
+        raise ValueError(f"no --weights given: pass --weights DIR, a folder with the {variant.name} weight files "
+                         "(official .pt or converted .safetensors); built-in demo networks are not installed")
+    weights_dir = Path(request.weights)
+    if not weights_dir.is_dir():
         raise ValueError(f"--weights {request.weights}: not a folder with the {variant.name} weight files")
     missing = model_io.missing_weight_files(variant, weights_dir, roles)
     if missing:
