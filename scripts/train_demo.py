@@ -42,15 +42,15 @@ PLAN = {
     "vae-volume": ("vae", "phantoms", 200, 1, 2e-4, 6, dict(_PATCH, patch_size=demo.DEMO_SIZE, kl_weight=1e-7),
                    "vae"),
     "diffusion": ("diffusion", "latents", 1500, 8, 5e-4, 2, dict(modality_dropout=0.1), None),
-    "controlnet": ("controlnet", "latents", 500, 4, 5e-4, 3,
+    "controlnet": ("controlnet", "latents", 1000, 4, 5e-4, 3,
                    dict(roi_labels=(23, 26), roi_weight=100.0, contrastive_weight=0.0, exclude_fold=None), None),
-    "mask-vae": ("mask-vae", "phantoms", 500, 4, 1e-3, 4, dict(_PATCH, kl_weight=1e-6, spacing=demo.DEMO_SPACING),
+    "mask-vae": ("mask-vae", "phantoms", 1500, 4, 1e-3, 4, dict(_PATCH, kl_weight=1e-6, spacing=demo.DEMO_SPACING),
                  None),
-    "mask-vae-volume": ("mask-vae", "phantoms", 150, 1, 2e-4, 7,
+    "mask-vae-volume": ("mask-vae", "phantoms", 300, 1, 2e-4, 7,
                         dict(_PATCH, patch_size=demo.DEMO_SIZE, kl_weight=1e-6, spacing=demo.DEMO_SPACING),
                         "mask-vae"),
     "mask-diffusion": ("mask-diffusion", "phantoms", 1000, 4, 5e-4, 5,
-                       dict(spacing=demo.DEMO_SPACING, size=demo.DEMO_SIZE, loss="l1", latent="sample"), None),
+                       dict(spacing=demo.DEMO_SPACING, size=demo.DEMO_SIZE, loss="l1", latent="mean"), None),
 }
 # stage -> (official checkpoint file it writes, demo role): the shipped networks
 OUTPUTS = {"vae-volume": ("autoencoder.pt", "autoencoder"), "diffusion": ("diffusion_unet.pt", "diffusion_unet"),
@@ -108,9 +108,9 @@ def encode(work: Path, datalist: Path, device: str = "cpu") -> dict:
     t0 = time.time()
     counts = encode_volumes(EncodeRequest(source=datalist, out_dir=latents, autoencoder=work / "vae-volume" /
                                           "autoencoder.pt", definition=demo.demo_definitions()["autoencoder"],
-                                          multiple=32, latent="sample", seed=DATA_SEED),
+                                          multiple=32, latent="mean", seed=DATA_SEED),
                            Dist(device=torch.device(device)), progress=False)
-    return {"counts": counts, "multiple": 32, "latent": "sample", "seconds": round(time.time() - t0, 1)}
+    return {"counts": counts, "multiple": 32, "latent": "mean", "seconds": round(time.time() - t0, 1)}
 
 
 def _plain(obj):
