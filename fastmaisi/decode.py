@@ -18,7 +18,8 @@ How the exact path works (the design, and why):
   accumulates per-(sample, group) count/mean/M2 of each slab (fp32 two-pass within the slab, merged across slabs
   in fp64 with Chan et al.'s parallel formula): the statistics pass is fused into the producer. The consumer then
   normalises each slab with `x * (w * rstd) + (b - mean * w * rstd)`, the expression PyTorch's own GroupNorm kernel
-  uses, in fp32.
+  uses, in fp32. On CUDA the statistics, the normalisation (+SiLU) and the trilinear x2 (only the rows a slab's conv
+  reads) are one Triton pass each (`nets.blocks`); on CPU they are plain torch.
 - Each activation lives in one preallocated tensor (outputs are written slab by slab into it: no list of tiles, no
   `torch.cat`), in one of three places chosen by the planner: on the device; in page-locked host memory (pageable
   memory registered with CUDA, kept in a pool for reuse); or nowhere: an activation made by an op without residual
