@@ -66,19 +66,16 @@ def time_and_class_embedding(net: nn.Module, x: torch.Tensor, timesteps: torch.T
     return emb
 
 
-_EXPENSIVE_OPS = None
+# outputs the selective-checkpoint policy keeps: convolutions, matmuls and attention (whichever SDPA backends exist)
+_EXPENSIVE_OPS = frozenset(getattr(torch.ops.aten, n).default for n in (
+    "convolution", "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(torch.ops.aten, n))
 
 
 def _save_expensive(ctx, op, *args, **kwargs):
     """Selective-checkpoint policy: save the outputs of convolutions, matmuls and attention; recompute the rest."""
-    global _EXPENSIVE_OPS
     from torch.utils.checkpoint import CheckpointPolicy
 
-    if _EXPENSIVE_OPS is None:
-        aten = torch.ops.aten
-        names = ("convolution", "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
-                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
-        _EXPENSIVE_OPS = {getattr(aten, n).default for n in names if hasattr(aten, n)}
     return CheckpointPolicy.MUST_SAVE if op in _EXPENSIVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -97,7 +94,8 @@ class _UNetBase(nn.Module):
     _inplace_control = False  # MAISI's in-place residual add (the middle block then sees h + ctrl_down[-1])
     # Training only (not a parameter: no state_dict key). False: keep every activation; True: recompute each block in
     # backward; "selective": keep what convolutions, attention and linear layers return, recompute the cheap
-    # norms / activations / adds between them (most of the memory, a few percent of the time).
+    # norms / activations / adds between them (H200, latent 128^3: 17.2 GiB vs 21.8 plain and 12.8 full, but as slow
+    # as full recomputation, 0.62 vs 0.44 s per step).
     use_checkpointing: bool | str = False
     supports_selective = True
 

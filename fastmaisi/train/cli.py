@@ -87,6 +87,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modality", default="ct", help="modality of items that do not name one (ct, mri_t1, 9, ...)")
 
 
+def checkpointing_mode(flag: str | None) -> bool | str:
+    """--gradient-checkpointing's value as `Recipe.gradient_checkpointing`: off, True (full) or "selective"."""
+    return {None: False, "full": True}.get(flag, flag)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmaisi train", description=(
         "Train a MAISI network. Writes the official checkpoint layout (loadable by `fastmaisi generate` and by the "
@@ -179,8 +184,7 @@ def train_main(argv: list[str] | None = None) -> int:
         definitions, scheduler = _definitions(args, ROLES[args.recipe])
         recipe = Recipe(data=args.data, definitions=definitions, scheduler=scheduler, base_dir=args.data_base_dir,
                         modality=args.modality, cache=args.cache, max_bad_fraction=args.max_bad_fraction,
-                        init=args.init, gradient_checkpointing={None: False, "full": True}.get(
-                            args.gradient_checkpointing, args.gradient_checkpointing))
+                        init=args.init, gradient_checkpointing=checkpointing_mode(args.gradient_checkpointing))
         for key in ("patch_size", "kl_weight", "perceptual_weights", "perceptual_weight", "adv_weight", "recon_loss",
                     "scale_factor", "modality_dropout", "diffusion", "roi_weight", "contrastive_delta", "spacing",
                     "mask_autoencoder", "size", "loss", "latent"):
