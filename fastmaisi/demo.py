@@ -141,9 +141,9 @@ def organs_by_hu(image_hu: np.ndarray, label: np.ndarray) -> dict[str, np.ndarra
 
     body   HU > -500, holes filled per axial slice (the lungs lie inside it)
     lungs  HU < -500 inside that body
-    liver  3x3x3 median-filtered HU within +-12 HU of its median over the conditioning liver, inside the liver's
-           bounding box grown by 2 voxels. Liver and muscle / spleen differ by only ~15 HU in the phantoms (as in
-           real CT), so even a phantom's own image scores only ~0.8 with this rule.
+    liver  3x3x3 median-filtered HU within +-25 HU of its median over the conditioning liver, inside the liver's
+           bounding box grown by 2 voxels, opened by one voxel, largest connected piece. The box also holds spleen,
+           pancreas and muscle within ~50 HU of the enhanced liver, so even a phantom's own image scores ~0.87.
     """
     from scipy import ndimage
 
@@ -154,7 +154,10 @@ def organs_by_hu(image_hu: np.ndarray, label: np.ndarray) -> dict[str, np.ndarra
     lo, hi = np.maximum(where.min(0) - 2, 0), where.max(0) + 3
     box = np.zeros_like(liver_true)
     box[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
-    liver = box & (np.abs(smooth - np.median(smooth[liver_true])) < 12.0)
+    liver = ndimage.binary_opening(box & (np.abs(smooth - np.median(smooth[liver_true])) < 25.0))
+    pieces, n = ndimage.label(liver)
+    if n > 1:
+        liver = pieces == 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
     return {"body": body, "lungs": (image_hu < -500) & body, "liver": liver}
 
 

@@ -9,8 +9,8 @@ Geometry is in millimetres, so the anatomy keeps its physical size whatever the 
 field of view, centred in x and y and at `center_z_mm` (0 = the right diaphragm dome) in z. Per seed: body size,
 organ positions (about +-5 mm), sizes (+-12 %), orientations, one smooth random deformation of the whole body
 (std 4 mm, 50 mm correlation), tissue HU, noise level. Anatomy draws do not depend on the grid, so one seed gives the
-same patient on every grid. Images: HU per tissue plus a smooth texture field, a gaussian blur (partial volume /
-scanner PSF), then white noise (10-20 HU) inside the body; air outside the body stays exactly -1000.
+same patient on every grid. Images: HU per tissue (portal-venous contrast phase: liver ~105, spleen ~120, kidney ~165,
+muscle ~55) plus a smooth texture field, a gaussian blur (partial volume / scanner PSF), then white noise (10-20 HU) inside the body; air outside the body stays exactly -1000.
 
 Arrays are (X, Y, Z) in RAS index order: axis 0 runs from the patient's left to right, axis 1 posterior to anterior,
 axis 2 inferior to superior; the NIfTI affine is diag(spacing) (RAS+).
@@ -148,9 +148,11 @@ def _draw(rng: np.random.Generator) -> dict:
     organs = ["liver_r", "liver_l", "spleen", "stomach", "kidney_r", "kidney_l", "gallbladder", "heart", "pancreas"]
     for o in organs:  # centre shift (mm), per-axis size factor, small rotations (rad)
         p[o] = (n(0.0, 5.0, 3), u(0.88, 1.12, 3), n(0.0, math.radians(7.0), 3))
-    hu_mean = {"fat": -100, "muscle": 45, "visceral": -90, "lung": -850, "liver": 60, "spleen": 48, "kidney": 32,
-               "pancreas": 40, "stomach": 25, "gallbladder": 8, "colon": 15, "bowel": 28, "heart": 40, "vessel": 45,
-               "cord": 35, "cancellous": 300, "cortical": 700, "arch": 500, "rib": 550, "sternum": 400,
+    # portal-venous-phase contrast CT (most abdominal CT, and most of MAISI's training data): the enhanced liver
+    # stands ~50 HU above muscle, so the organs can be told apart by HU, as in the scans users generate
+    hu_mean = {"fat": -100, "muscle": 55, "visceral": -90, "lung": -850, "liver": 105, "spleen": 120, "kidney": 165,
+               "pancreas": 85, "stomach": 25, "gallbladder": 8, "colon": 15, "bowel": 35, "heart": 150, "vessel": 160,
+               "wall": 45, "cord": 35, "cancellous": 300, "cortical": 700, "arch": 500, "rib": 550, "sternum": 400,
                "cartilage": 130, "disc": 80}
     spread = {"lung": 20, "cancellous": 30, "rib": 50, "cortical": 50}
     p["hu"] = {k: float(v + n(0.0, spread.get(k, 6.0))) for k, v in hu_mean.items()}
@@ -354,13 +356,13 @@ def _mediastinum(cv: _Canvas, p):
     )
     for name, pts, r in vessels:
         sl, m, _ = cv.tube(pts, r)
-        cv.paint(sl, m, _id(name), hu["vessel"] if name != "esophagus" else hu["heart"])
+        cv.paint(sl, m, _id(name), hu["vessel"] if name != "esophagus" else hu["wall"])
     carina = (0, y_vb + 48, 165)
     for name, pts, r in (("trachea", [carina, (0, y_vb + 45, 330)], 9.0),
                          ("airway", [carina, (35, y_vb + 40, 140)], 6.0),
                          ("airway", [carina, (-40, y_vb + 38, 135)], 6.0)):
         sl, m, q = cv.tube(pts, r)
-        cv.paint(sl, m, _id(name), np.where(q < 0.7, np.float32(-950.0), np.float32(hu["heart"])))
+        cv.paint(sl, m, _id(name), np.where(q < 0.7, np.float32(-950.0), np.float32(hu["wall"])))
 
 
 def _skeleton(cv: _Canvas, p):
@@ -435,7 +437,7 @@ def _tumour(cv: _Canvas, p, kind: str, rng: np.random.Generator):
     """A spherical lesion inside its host organ: random host voxels are tried as centres until the whole sphere
     lies in the host and the field of view (the radius shrinks by 10 % every 20 tries; skipped if nothing fits)."""
     if kind == "liver":
-        host, label, radius, value = (_id("liver"),), _id("hepatic tumor"), rng.uniform(10, 22), p["hu"]["liver"] - 30
+        host, label, radius, value = (_id("liver"),), _id("hepatic tumor"), rng.uniform(10, 22), p["hu"]["liver"] - 45
     else:
         host = tuple(_id(n) for n in ("left lung upper lobe", "left lung lower lobe", "right lung upper lobe",
                                       "right lung middle lobe", "right lung lower lobe"))

@@ -34,7 +34,8 @@ def test_definitions_and_files():
     total = sum((demo.DEMO_WEIGHTS_DIR / f"{s}.safetensors").stat().st_size for s in demo.DEMO_FILES.values())
     assert total <= 25e6
     record = json.loads((demo.DEMO_WEIGHTS_DIR / "record.json").read_text())
-    assert set(record["recipes"]) == {"vae", "diffusion", "controlnet", "mask-vae", "mask-diffusion"}
+    assert set(record["recipes"]) == {"vae", "vae-volume", "diffusion", "controlnet", "mask-vae",
+                                      "mask-vae-volume", "mask-diffusion"}
 
 
 def test_dice_rule_ceiling():
@@ -43,7 +44,7 @@ def test_dice_rule_ceiling():
 
     image, label = make_phantom(demo.DEMO_SIZE, demo.DEMO_SPACING, seed=HELD_OUT_SEEDS[0], tumour="liver")
     d = demo.organ_dice(image, label)
-    assert d["body"] > 0.98 and d["lungs"] > 0.98 and d["liver"] > 0.7, d
+    assert d["body"] > 0.98 and d["lungs"] > 0.98 and d["liver"] > 0.8, d
 
 
 def test_from_mask_follows_the_mask(models):
