@@ -40,13 +40,15 @@ _PATCH = dict(patch_size=(32, 32, 32), adv_weight=0.0, recon_loss="l1")
 # stage -> (trainer, data ("phantoms" or "latents"), steps, batch size, peak lr, seed, extra Recipe fields, init
 # stage). The VAEs train on 32^3 patches, then on whole 64^3 volumes: generation normalises (GroupNorm) over the
 # whole volume, and patch-only weights shift the decoded HU by ~+40.
+# The ControlNet weighs the tumour latents x10, not the reference's x100: on this small model x100 left the anatomy
+# (lungs, liver) under-learned.
 PLAN = {
     "vae": ("vae", "phantoms", 3000, 4, 1e-3, 1, dict(_PATCH, kl_weight=1e-7), None),
     "vae-volume": ("vae", "phantoms", 600, 1, 2e-4, 6, dict(_PATCH, patch_size=demo.DEMO_SIZE, kl_weight=1e-7),
                    "vae"),
-    "diffusion": ("diffusion", "latents", 2500, 8, 5e-4, 2, dict(modality_dropout=0.1), None),
-    "controlnet": ("controlnet", "latents", 1200, 4, 5e-4, 3,
-                   dict(roi_labels=(23, 26), roi_weight=100.0, contrastive_weight=0.0, exclude_fold=None), None),
+    "diffusion": ("diffusion", "latents", 4000, 16, 5e-4, 2, dict(modality_dropout=0.1), None),
+    "controlnet": ("controlnet", "latents", 3000, 8, 5e-4, 3,
+                   dict(roi_labels=(23, 26), roi_weight=10.0, contrastive_weight=0.0, exclude_fold=None), None),
     "mask-vae": ("mask-vae", "phantoms", 3000, 4, 1e-3, 4, dict(_PATCH, kl_weight=1e-6, spacing=demo.DEMO_SPACING),
                  None),
     "mask-vae-volume": ("mask-vae", "phantoms", 600, 1, 2e-4, 7,
