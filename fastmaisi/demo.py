@@ -74,16 +74,13 @@ def demo_definitions() -> dict:
 class DemoVariant(Variant):
     """A `Variant` whose networks are the narrow demo definitions; the mask DM works on the image grid."""
 
-    mask_steps: int = DEMO_MASK_STEPS
-    mask_latent_shape: tuple = DEMO_MASK_LATENT_SHAPE
-    mask_spacing: tuple = DEMO_MASK_SPACING
-
     def definitions(self) -> dict:
         return {role: d for role, d in demo_definitions().items() if role in self.files}
 
 
 DEMO_VARIANT = DemoVariant("demo", "ct", False, RFLOW_SCHEDULER_DEF, DEMO_STEPS, DEMO_SIZE, DEMO_SPACING, 1, 0.0,
-                           dict(DEMO_FILES))
+                           dict(DEMO_FILES), mask_steps=DEMO_MASK_STEPS, mask_latent_shape=DEMO_MASK_LATENT_SHAPE,
+                           mask_spacing=DEMO_MASK_SPACING, default_organ_sizes=dict(DEMO_ORGAN_SIZES))
 
 
 def demo_models_kwargs() -> dict:
@@ -119,11 +116,13 @@ def paired_volume(models, seed: int, organ_sizes: dict | None = None, steps: int
     """
     from fastmaisi.labels import anatomy_size_vector
     from fastmaisi.pipelines import common, from_mask, paired
+    from fastmaisi.pipelines.mask_postprocess import postprocess_mask
 
     anatomy = anatomy_size_vector(DEMO_ORGAN_SIZES if organ_sizes is None else organ_sizes)
     z = paired.sample_mask_latent(models, anatomy, seed=seed, latent_shape=DEMO_MASK_LATENT_SHAPE, steps=mask_steps,
                                   progress=False)
-    label = common.resample_label(paired.decode_mask(models, z), DEMO_MASK_SPACING, DEMO_SIZE, DEMO_SPACING)
+    raw = postprocess_mask(paired.decode_mask(models, z), anatomy)
+    label = common.resample_label(raw, DEMO_MASK_SPACING, DEMO_SIZE, DEMO_SPACING)
     image = volume_from_mask(models, label, seed, steps)
     return from_mask.crop_to_body(image, label, -1000).astype(np.float32), label.astype(np.uint8)
 

@@ -82,6 +82,10 @@ class Variant:
     modality_code: int
     guidance_scale: float
     files: dict = field(default_factory=dict)  # role -> official file stem (".pt" or converted ".safetensors")
+    mask_steps: int = 1000  # mask DM steps of the paired workflow (the reference: DDPM, 1000)
+    mask_latent_shape: tuple = MASK_LATENT_SHAPE
+    mask_spacing: tuple = (1.5, 1.5, 1.5)  # mm per voxel of the decoded mask (reference: 256^3 at 1.5 mm)
+    default_organ_sizes: dict | None = None  # set: with no --mask / --organ-size, run the paired workflow with these
 
     @property
     def has_controlnet(self) -> bool:
@@ -121,8 +125,13 @@ MR_FOV_MM = ((100.0, 400.0), (100.0, 400.0), (60.0, 400.0))
 
 
 def get_variant(name: str) -> Variant:
+    """A MAISI variant by name, or "demo": the built-in demo networks (`fastmaisi.demo`)."""
+    if name == "demo":
+        from fastmaisi.demo import DEMO_VARIANT
+
+        return DEMO_VARIANT
     if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}, demo")
     return VARIANTS[name]
 
 

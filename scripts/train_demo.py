@@ -54,7 +54,7 @@ PLAN = {
     "mask-vae-volume": ("mask-vae", "phantoms", 600, 1, 2e-4, 7,
                         dict(_PATCH, patch_size=demo.DEMO_SIZE, kl_weight=1e-6, spacing=demo.DEMO_SPACING),
                         "mask-vae"),
-    "mask-diffusion": ("mask-diffusion", "phantoms", 2000, 4, 5e-4, 5,
+    "mask-diffusion": ("mask-diffusion", "phantoms", 6000, 8, 5e-4, 5,
                        dict(spacing=demo.DEMO_SPACING, size=demo.DEMO_SIZE, loss="l1", latent="mean"), None),
 }
 # stage -> (official checkpoint file it writes, demo role): the shipped networks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ class GenerateRequest:
     """Everything a run depends on; stored in every output's JSON record, so a record reproduces its volume."""
 
     output_dir: str
-    variant: str = "rflow-ct"
+    variant: str | None = None  # None: rflow-ct with --weights, the built-in demo without
     weights: str | None = None
     network_config: str | None = None
     size: tuple[int, int, int] | None = None
@@ -32,7 +33,7 @@ class GenerateRequest:
     strict_mask: bool = False
     organ_sizes: dict = field(default_factory=dict)
     steps: int | None = None
-    mask_steps: int = 1000
+    mask_steps: int | None = None  # None: the variant's (1000; the demo's 100)
     guidance_scale: float | None = None
     seed: int = 0
     num_samples: int = 1
@@ -45,7 +46,11 @@ class GenerateRequest:
     cuda_graphs: bool = True  # CUDA: replay each denoiser step from a CUDA graph (same kernels, same result)
 
     workflow_name: str | None = None  # "image", "from-mask" or "paired"; None: from-mask with --mask, paired with
-    # --organ-size, else image
+    # --organ-size (or with the demo), else image
+
+    @property
+    def variant_name(self) -> str:
+        return self.variant or ("rflow-ct" if self.weights else "demo")
 
     @property
     def workflow(self) -> str:
@@ -53,14 +58,16 @@ class GenerateRequest:
             return self.workflow_name
         if self.mask or self.mask_db:
             return "from-mask"
-        return "paired" if self.organ_sizes else "image"
+        if self.organ_sizes or get_variant(self.variant_name).default_organ_sizes:
+            return "paired"
+        return "image"
 
 
 def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     """Fill variant defaults and check every input; raise ValueError (one clear line) before any compute."""
     from fastmaisi.labels import anatomy_size_vector, modality_code
 
-    variant = get_variant(request.variant)
+    variant = get_variant(request.variant_name)
     size = tuple(request.size or variant.size)
     spacing = tuple(request.spacing or variant.spacing)
     if len(size) != 3 or any(int(s) != s or s <= 0 or s % 32 for s in size):
@@ -82,7 +89,11 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
         raise ValueError(f"--sampler {request.sampler!r}: choose euler or ab2")
     if request.sampler == "ab2" and not variant.scheduler["_target_"].endswith("RFlowScheduler"):
         raise ValueError(f"--sampler ab2 is for rectified-flow variants; {variant.name} uses DDPM")
-    anatomy = anatomy_size_vector(request.organ_sizes) if request.organ_sizes else None
+    organ_sizes = request.organ_sizes or (variant.default_organ_sizes if request.workflow == "paired" else None)
+    if request.workflow == "paired" and not organ_sizes:
+        raise ValueError(f"the paired workflow needs organ sizes: --organ-size NAME=FRACTION (variant {variant.name} "
+                         "has no defaults)")
+    anatomy = anatomy_size_vector(organ_sizes) if organ_sizes else None
     steps = request.steps or variant.steps
     if steps < 1 or (variant.scheduler["_target_"].endswith("DDPMScheduler") and 1000 % steps):
         raise ValueError(f"--steps {steps}: must be >= 1 (and divide 1000 for DDPM)")
@@ -91,10 +102,11 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     guidance = variant.guidance_scale if request.guidance_scale is None else request.guidance_scale
     for w in fov_warnings(variant, size, spacing):
         warnings.warn(w, stacklevel=2)
-    if request.mask_steps < 1 or 1000 % request.mask_steps:
-        raise ValueError(f"--mask-steps {request.mask_steps}: must divide 1000 (DDPM)")
+    mask_steps = request.mask_steps or variant.mask_steps
+    if mask_steps < 1 or 1000 % mask_steps:
+        raise ValueError(f"--mask-steps {mask_steps}: must divide 1000 (DDPM)")
     return variant, dict(size=size, spacing=spacing, modality_code=code, steps=steps, guidance_scale=guidance,
-                         anatomy=anatomy, mask_steps=request.mask_steps, sampler=request.sampler)
+                         anatomy=anatomy, mask_steps=mask_steps, sampler=request.sampler)
 
 
 def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = False) -> list[dict]:
@@ -113,10 +125,17 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         roles.append("controlnet")
     if workflow == "paired":
         roles += ["mask_autoencoder", "mask_diffusion"]
-    if not request.weights:
+    if not request.weights and variant.name != "demo":
         raise ValueError(f"no --weights given: pass --weights DIR, a folder with the {variant.name} weight files "
-                         "(official .pt or converted .safetensors); built-in demo networks are not installed")
-    weights_dir = Path(request.weights)
+                         "(official .pt or converted .safetensors), or leave out --variant to run the built-in demo")
+    if not request.weights:
+        from fastmaisi.demo import DEMO_WEIGHTS_DIR
+
+        weights_dir = DEMO_WEIGHTS_DIR
+        print(f"no --weights: the built-in demo networks ({'x'.join(map(str, opts['size']))} phantom-trained "
+              "toys, not real CT; fastmaisi/data/demo)", file=sys.stderr)
+    else:
+        weights_dir = Path(request.weights)
     if not weights_dir.is_dir():
         raise ValueError(f"--weights {request.weights}: not a folder with the {variant.name} weight files")
     missing = model_io.missing_weight_files(variant, weights_dir, roles)
@@ -173,6 +192,7 @@ def _one_volume(models, workflow, opts, seed, user_label, budget, progress):
     """Stages 2-5 for one seed: mask (paired), condition, sample, decode. Returns (image_hu, label or None, timings)."""
     from fastmaisi.io import hu_from_unit
     from fastmaisi.pipelines import common, from_mask, image, paired
+    from fastmaisi.pipelines.mask_postprocess import postprocess_mask
 
     timings = {}
     t = time.perf_counter()
@@ -181,7 +201,7 @@ def _one_volume(models, workflow, opts, seed, user_label, budget, progress):
         # 2. mask: organ sizes -> mask DM -> mask VAE -> 132-label map on the mask grid -> requested grid
         z = paired.sample_mask_latent(models, opts["anatomy"], seed=seed, latent_shape=models.mask_latent_shape,
                                       steps=opts["mask_steps"], progress=progress)
-        raw = paired.decode_mask(models, z, budget)
+        raw = postprocess_mask(paired.decode_mask(models, z, budget), opts["anatomy"])
         label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"])
         timings["mask_s"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()

@@ -33,9 +33,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastmaisi generate", description=(
         "Generate CT/MR volumes: image only (default), from a label map (--mask), or paired mask+image "
-        "(--organ-size). Writes int16 NIfTI + label + JSON record + preview PNG per sample."))
+        "(--organ-size). Writes int16 NIfTI + label + JSON record + preview PNG per sample. Without --weights: the "
+        "built-in demo networks, paired workflow."))
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--variant", choices=list(VARIANTS), default="rflow-ct")
+    p.add_argument("--variant", choices=[*VARIANTS, "demo"],
+                   help="default: rflow-ct with --weights; without --weights the built-in demo (64^3, CPU-sized)")
     p.add_argument("--weights", help="folder with the official MAISI .pt files or converted .safetensors")
     p.add_argument("--network-config", help="official config_network_*.json (default: built-in definitions)")
     p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"))
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paired workflow: organ size in [0,1] or -1 (repeatable)")
     p.add_argument("--workflow", choices=["image", "from-mask", "paired"], help="default: from the options given")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: the variant's)")
-    p.add_argument("--mask-steps", type=_positive_int, default=1000, help="mask DM DDPM steps (default 1000)")
+    p.add_argument("--mask-steps", type=_positive_int,
+                   help="mask DM steps: 1000 = the reference's DDPM, fewer = DDIM at eta 1 (default 1000; demo 100)")
     p.add_argument("--sampler", choices=["euler", "ab2"], default="euler",
                    help="euler: the reference's; ab2: 2nd-order, more accurate per step (rflow only, not bit-compatible)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",

@@ -82,7 +82,8 @@ def load_models(variant: Variant, weights_dir: str | Path, roles, device: torch.
         files[role] = {"path": str(path), "sha256": sha256_file(path)}
         if meta.get("scale_factor") is not None:
             scales[role] = float(meta["scale_factor"])
-    scheduler_def, extra = variant.scheduler, {}
+    scheduler_def = variant.scheduler
+    extra = {"mask_latent_shape": variant.mask_latent_shape, "mask_spacing": variant.mask_spacing}
     if network_config is not None:
         config = json.loads(Path(network_config).read_text())
         scheduler_def = config.get("noise_scheduler", scheduler_def)

@@ -16,15 +16,17 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,C,*S), 
 @torch.no_grad()
 def sample(denoise: Denoiser, scheduler, x: torch.Tensor, num_steps: int, generator: torch.Generator | None = None,
            callback: Callable[[dict], None] | None = None, disable: bool = False, desc: str = "sampling",
-           method: str = "euler", cuda_graph: bool = False) -> torch.Tensor:
+           method: str = "euler", cuda_graph: bool = False, eta: float = 0.0) -> torch.Tensor:
     """Run `scheduler` from noise `x` (B, C, *S) to a clean latent in `num_steps` steps.
 
     Timesteps follow the reference: RFlow gets the latent's spatial numel for its resolution shift and steps to the
     next timestep (0 after the last); DDPM/DDIM step on their own grid. The loop reads them from a host copy, so no
     step waits for the GPU. method="ab2": `sample_rflow_ab2` instead of Euler (rectified flow only).
     cuda_graph: on CUDA, replay the denoiser from a CUDA graph after its first call (`nets.graphs`; same kernels,
-    same result, without the per-step launch cost).
+    same result, without the per-step launch cost). eta: DDIM's η (0: deterministic; 1: ancestral sampling on the
+    respaced grid); other schedulers take none.
     """
+    step_kw = {"eta": eta} if eta else {}
     scheduler.set_timesteps(num_steps, device="cpu", input_img_size_numel=int(torch.tensor(x.shape[2:]).prod()))
     timesteps = scheduler.timesteps
     if cuda_graph:
@@ -39,7 +41,7 @@ def sample(denoise: Denoiser, scheduler, x: torch.Tensor, num_steps: int, genera
         t_batch = torch.full((x.shape[0],), float(t), device=x.device)
         out = denoise(x, t_batch)
         next_t = timesteps[i + 1] if i + 1 < len(timesteps) else 0  # MAISI: next_t = 0 after the last step
-        x = scheduler.step(out, t, x, next_timestep=next_t, generator=generator)[0]
+        x = scheduler.step(out, t, x, next_timestep=next_t, generator=generator, **step_kw)[0]
         if callback is not None:
             callback({"i": i, "t": t, "x": x})
     return x
