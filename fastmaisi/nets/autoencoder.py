@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fastmaisi.nets.blocks import upsample_trilinear_x2
+from fastmaisi.nets.blocks import Conv3d, upsample_trilinear_x2
 from fastmaisi.nets.ops import group_norm
 
 
@@ -48,7 +48,7 @@ class Conv(nn.Module):
                 in_channels, out_channels, kernel_size, stride=stride, padding=padding, output_padding=stride - 1
             )
         else:
-            self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+            self.conv = Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
