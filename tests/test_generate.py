@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastmaisi.nets import build
+from fastmaisi.pipelines.generate import GenerateRequest, resolve
 from fastmaisi.pipelines.generate_cli import generate_main
 
 AE = dict(_target_="monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi", spatial_dims=3,
@@ -229,9 +230,40 @@ def test_device_under_torchrun_is_the_local_gpu_and_current(monkeypatch):
 
 
 def test_no_weights_says_what_to_pass(tmp_path, capsys):
-    """Without --weights (and no built-in demo networks): exit 2, one line naming --weights, nothing written."""
+    """A MAISI variant without --weights: exit 2, one line naming --weights (and the demo), nothing written."""
     out = tmp_path / "out"
-    assert generate_main(["-o", str(out), "-q"]) == 2
+    assert generate_main(["-o", str(out), "-q", "--variant", "rflow-ct"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no --weights given" in err[0] and "--weights DIR" in err[0], err
+    assert "built-in demo" in err[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_no_weights_without_demo_files_fails_cleanly(tmp_path, capsys, monkeypatch):
+    """No --weights and the demo weights missing (a trimmed install): exit 2, one line naming the files."""
+    import fastmaisi.demo
+
+    monkeypatch.setattr(fastmaisi.demo, "DEMO_WEIGHTS_DIR", tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert generate_main(["-o", str(out), "-q"]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("no --weights:")]
+    assert len(err) == 1 and "demo weights are not installed" in err[0] and "demo_autoencoder.pt" in err[0], err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_demo_is_the_default_without_weights():
+    """No --weights: the demo variant, paired at its organ sizes and 100 mask steps; with --weights: rflow-ct."""
+    from fastmaisi.demo import DEMO_MASK_STEPS, DEMO_ORGAN_SIZES, DEMO_SIZE
+    from fastmaisi.labels import anatomy_size_vector
+
+    request = GenerateRequest(output_dir="x")
+    variant, opts = resolve(request)
+    assert variant.name == "demo" and request.workflow == "paired"
+    assert opts["size"] == DEMO_SIZE and opts["mask_steps"] == DEMO_MASK_STEPS
+    assert opts["anatomy"] == anatomy_size_vector(DEMO_ORGAN_SIZES)
+    request = GenerateRequest(output_dir="x", weights="w")
+    variant, opts = resolve(request)
+    assert variant.name == "rflow-ct" and request.workflow == "image" and opts["mask_steps"] == 1000
+    with pytest.raises(ValueError, match="needs organ sizes"):
+        resolve(GenerateRequest(output_dir="x", weights="w", workflow_name="paired"))

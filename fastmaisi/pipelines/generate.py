@@ -136,9 +136,13 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
               "toys, not real CT; fastmaisi/data/demo)", file=sys.stderr)
     else:
         weights_dir = Path(request.weights)
-    if not weights_dir.is_dir():
+    missing = model_io.missing_weight_files(variant, weights_dir, roles) if weights_dir.is_dir() else None
+    if not request.weights and missing != []:
+        raise ValueError(f"the built-in demo weights are not installed ({weights_dir}: missing "
+                         f"{', '.join(missing or ['the folder'])}); reinstall fastmaisi, run scripts/train_demo.py, "
+                         "or pass --weights DIR")
+    if missing is None:
         raise ValueError(f"--weights {request.weights}: not a folder with the {variant.name} weight files")
-    missing = model_io.missing_weight_files(variant, weights_dir, roles)
     if missing:
         raise ValueError(f"--weights {weights_dir}: missing {', '.join(missing)}")
     user_label, user_mask_info, candidates = None, None, []
