@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes[target.name] = target.stat().st_size
     record.update({
         "description": "fastmaisi demo networks: narrow MAISI architectures trained by scripts/train_demo.py on "
-                       "procedural phantoms (fastmaisi.phantom), CPU, fp32",
+                       "procedural phantoms (fastmaisi.phantom), fp32, on `device`",
         "command": "python scripts/train_demo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "data": {"generator": "fastmaisi.phantom.write_dataset", "num_phantoms": NUM_PHANTOMS,
                  "seeds": [DATA_SEED, DATA_SEED + NUM_PHANTOMS - 1], "tumour": "mixed (none / liver / lung in turn)",
