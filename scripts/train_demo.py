@@ -1,7 +1,7 @@
-"""Retrain the built-in demo networks (fastmaisi/data/demo/) from scratch on CPU, reproducibly.
+"""Retrain the built-in demo networks (fastmaisi/data/demo/) from scratch, reproducibly.
 
-    python scripts/train_demo.py --device cuda        # a few minutes on one GPU (how the shipped weights were made)
-    python scripts/train_demo.py                      # CPU only: over an hour on 2 cores
+    python scripts/train_demo.py --device cuda        # ~8 minutes on one H200 (how the shipped weights were made)
+    python scripts/train_demo.py                      # CPU only: many hours on 2 cores
     python scripts/train_demo.py --scale 0.02 --out /tmp/demo_smoke   # a quick smoke run
 
 Steps: phantoms at the demo grid -> image VAE (L1 + KL, no GAN / perceptual; 32^3 patches, then whole volumes) ->
