@@ -267,3 +267,17 @@ def test_demo_is_the_default_without_weights():
     assert variant.name == "rflow-ct" and request.workflow == "image" and opts["mask_steps"] == 1000
     with pytest.raises(ValueError, match="needs organ sizes"):
         resolve(GenerateRequest(output_dir="x", weights="w", workflow_name="paired"))
+
+
+def test_dry_run_plans_the_variants_own_autoencoder():
+    """--dry-run plans the decode of the variant's autoencoder: the narrow demo VAE needs less than MAISI's."""
+    import re
+
+    from fastmaisi.pipelines.generate import _plan_text
+    from fastmaisi.variants import get_variant
+
+    opts = {"size": (64, 64, 64), "steps": 30}
+    gib = [float(re.search(r"peak device memory ([0-9.]+) GiB", _plan_text(opts, torch.device("cpu"), None,
+                                                                           variant=get_variant(name))).group(1))
+           for name in ("demo", "rflow-ct")]
+    assert gib[0] < gib[1] / 2, gib

@@ -157,7 +157,7 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     stems = {i: f"sample_{request.seed + i:06d}" for i in indices}  # seed-named: no two ranks write the same file
     device = _device(request.device, local_rank if world > 1 else None)
     budget = int(request.memory_budget_gb * 2**30) if request.memory_budget_gb else None
-    plan = _plan_text(opts, device, budget)
+    plan = _plan_text(opts, device, budget, variant=variant)
     if dry_run:
         print(plan)
         return []
@@ -282,11 +282,18 @@ def _device(name: str, local_rank: int | None = None):
     return device
 
 
-def _plan_text(opts, device, budget, vae=None) -> str:
-    """The memory/time plan of the decode (for MAISI's autoencoder unless `vae` is given), as printed by --dry-run."""
+def _plan_text(opts, device, budget, vae=None, variant=None) -> str:
+    """The memory/time plan of the decode (of `vae`, else of the variant's autoencoder built without weights), as
+    printed by --dry-run."""
     import torch
 
     from fastmaisi.decode import plan_decode
+
+    if vae is None and variant is not None:
+        from fastmaisi.nets import build
+
+        with torch.device("meta"):
+            vae = build(variant.definitions()["autoencoder"])
 
     latent = (1, 4, *[s // 4 for s in opts["size"]])
     dtype = torch.float16 if device.type == "cuda" else torch.float32
