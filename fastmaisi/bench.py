@@ -27,7 +27,7 @@ SEED_ROWS = [((256, 256, 128), (96, 96, 96), 0.25, 2), ((256, 256, 256), (48, 48
              ((512, 512, 768), (80, 80, 96), 0.4, 4)]
 # DM training rows (latent sizes of the seed's training table), batch 1; ours under each activation-checkpointing mode
 TRAIN_LATENTS = [(64, 64, 32), (64, 64, 64), (128, 128, 32), (128, 128, 64), (128, 128, 128)]
-CHECKPOINTING = {"full": True, "selective": "selective", "none": False}
+CHECKPOINTING = {"full": True, "selective": "selective", "outer": "outer", "none": False}
 # VAE training rows: patch sizes of the reference's two training phases (64^3 on 16 GB, 128^3 on 32 GB GPUs)
 VAE_PATCHES = [(64, 64, 64), (128, 128, 128)]
 # a tiny configuration for tests on a CPU: same code paths, small networks and sizes

@@ -345,7 +345,7 @@ def test_gpu_mask_unet_autocast():
     assert rel(out, truth) < 2e-2
 
 
-@pytest.mark.parametrize("mode", [True, "selective"])
+@pytest.mark.parametrize("mode", [True, "selective", "outer"])
 def test_gradient_checkpointing_same_gradients(mode):
     """use_checkpointing recomputes blocks in backward: same loss and gradients, no new state_dict keys."""
     torch.manual_seed(0)
@@ -366,7 +366,8 @@ def test_gradient_checkpointing_same_gradients(mode):
 
 def test_selective_checkpointing_saves_less_than_plain():
     """Activation bytes still alive between forward and backward: full recompute < selective (conv / attention
-    outputs kept) < plain autograd. Tracked by weak references to every storage an op made during the forward."""
+    outputs kept) < plain autograd, and full < outer (full-resolution blocks recomputed) < plain. Tracked by weak
+    references to every storage an op made during the forward."""
     from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
@@ -387,7 +388,7 @@ def test_selective_checkpointing_saves_less_than_plain():
     inp = inputs()
     keys = ("x", "timesteps", "class_labels", "spacing_tensor")
     kept, grads = {}, {}
-    for mode in (False, "selective", True):
+    for mode in (False, "selective", True, "outer"):
         net.use_checkpointing = mode
         net.zero_grad()
         with Made() as made:
@@ -397,5 +398,7 @@ def test_selective_checkpointing_saves_less_than_plain():
         grads[mode] = [p.grad.clone() for p in net.parameters()]
     print("bytes kept for backward", kept)
     assert kept[True] < kept["selective"] < 0.8 * kept[False], kept
-    for g_plain, g_sel in zip(grads[False], grads["selective"]):
-        torch.testing.assert_close(g_sel, g_plain, rtol=1e-5, atol=1e-7)
+    assert kept[True] < kept["outer"] < 0.8 * kept[False], kept
+    for mode in ("selective", "outer"):
+        for g_plain, g_mode in zip(grads[False], grads[mode]):
+            torch.testing.assert_close(g_mode, g_plain, rtol=1e-5, atol=1e-7)

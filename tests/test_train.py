@@ -484,18 +484,21 @@ def test_official_network_config_resolves():
 
 
 def test_gradient_checkpointing_modes_reach_the_networks():
-    """--gradient-checkpointing full / selective: the UNets take the mode; the autoencoder and ControlNet, which know
-    only whole-block recomputation, get True for either."""
+    """--gradient-checkpointing full / selective / outer: the UNets take the mode; the autoencoder and ControlNet,
+    which know only whole-block recomputation, get True for any."""
     from fastmaisi.train.cli import build_parser, checkpointing_mode
     from fastmaisi.train.trainers import build_net
 
     flag = {}
     for argv, want in ((["--gradient-checkpointing"], "full"), (["--gradient-checkpointing", "selective"],
-                                                                  "selective"), ([], None)):
+                                                                  "selective"),
+                      (["--gradient-checkpointing", "outer"], "outer"), ([], None)):
         args = build_parser().parse_args(["diffusion", "-i", "x", "-o", "y", *argv])
         assert args.gradient_checkpointing == want
         flag[want] = checkpointing_mode(args.gradient_checkpointing)
     assert build_net(TINY["diffusion_unet_def"], flag["selective"]).use_checkpointing == "selective"
+    assert build_net(TINY["diffusion_unet_def"], flag["outer"]).use_checkpointing == "outer"
+    assert build_net(TINY["controlnet_def"], flag["outer"]).use_checkpointing is True
     assert build_net(TINY["mask_generation_diffusion_def"], flag["full"]).use_checkpointing is True
     assert build_net(TINY["autoencoder_def"], flag["selective"]).use_checkpointing is True
     assert build_net(TINY["controlnet_def"], flag["selective"]).use_checkpointing is True

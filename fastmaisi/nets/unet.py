@@ -95,14 +95,17 @@ class _UNetBase(nn.Module):
     # Training only (not a parameter: no state_dict key). False: keep every activation; True: recompute each block in
     # backward; "selective": keep what convolutions, attention and linear layers return, recompute the cheap
     # norms / activations / adds between them (H200, latent 128^3: 17.2 GiB vs 21.8 plain and 12.8 full, but as slow
-    # as full recomputation, 0.62 vs 0.44 s per step).
+    # as full recomputation, 0.62 vs 0.44 s per step); "outer": recompute only the full-resolution level's down and up
+    # blocks, which hold most of the activations and a smaller share of the work.
     use_checkpointing: bool | str = False
     supports_selective = True
 
-    def _run(self, fn, *args):
-        """fn(*args), under activation checkpointing when training with gradients and `use_checkpointing` is set."""
-        if self.use_checkpointing and self.training and torch.is_grad_enabled():
-            context = _selective_context if self.use_checkpointing == "selective" else None
+    def _run(self, fn, *args, outer: bool = False):
+        """fn(*args), under activation checkpointing when training with gradients and `use_checkpointing` is set
+        (with "outer": only for the blocks at full resolution, `outer=True`)."""
+        mode = self.use_checkpointing
+        if mode and (mode != "outer" or outer) and self.training and torch.is_grad_enabled():
+            context = _selective_context if mode == "selective" else None
             kwargs = {"context_fn": context} if context is not None else {}
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
         return fn(*args)
@@ -176,8 +179,8 @@ class _UNetBase(nn.Module):
 
         h = self.conv_in(x)
         skips = [h]
-        for block in self.down_blocks:
-            h, out = self._run(lambda h_, b=block: b(h_, temb, context), h)
+        for i, block in enumerate(self.down_blocks):
+            h, out = self._run(lambda h_, b=block: b(h_, temb, context), h, outer=i == 0)
             skips.extend(out)
 
         if down_res is not None:
@@ -202,7 +205,8 @@ class _UNetBase(nn.Module):
         for block in self.up_blocks:
             n = len(block.resnets)  # each resnet pops one skip: hand the block exactly its own (recompute-safe)
             mine, skips = skips[-n:], skips[:-n]
-            h = self._run(lambda h_, *s, b=block: b(h_, list(s), temb, context), h, *mine)
+            h = self._run(lambda h_, *s, b=block: b(h_, list(s), temb, context), h, *mine,
+                          outer=block is self.up_blocks[-1])
         h = group_norm(h, self.out[0], silu=True)
         return self.out[2](h)
 

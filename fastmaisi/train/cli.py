@@ -68,10 +68,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "fp64"], default="fp32",
                    help="bf16/fp16: autocast (fp16 with a GradScaler); fp64: all in double, for numerics checks")
     p.add_argument("--ema-decay", type=_fraction, default=0.0, help="EMA of the weights; 0 = off (default)")
-    p.add_argument("--gradient-checkpointing", nargs="?", const="full", choices=["full", "selective"],
-                   help="recompute activations in backward: full (each block; least memory) or selective (the "
-                        "diffusion UNets: keep conv/attention outputs, recompute norms and activations); "
-                        "no value = full")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="full", choices=["full", "selective", "outer"],
+                   help="recompute activations in backward: full (each block; least memory), selective (the "
+                        "diffusion UNets: keep conv/attention outputs, recompute norms and activations) or outer "
+                        "(the diffusion UNets: only the full-resolution blocks); no value = full")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps; 0 = only at the end (default)")
     p.add_argument("--log-every", type=_positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -88,7 +88,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def checkpointing_mode(flag: str | None) -> bool | str:
-    """--gradient-checkpointing's value as `Recipe.gradient_checkpointing`: off, True (full) or "selective"."""
+    """--gradient-checkpointing's value as `Recipe.gradient_checkpointing`: off, True (full), "selective" or "outer"."""
     return {None: False, "full": True}.get(flag, flag)
 
 
