@@ -401,10 +401,11 @@ def _window(image: np.ndarray, modality: str | int, window: str | tuple[float, f
 
 def preview_image(image: Any, label: Any = None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
                   modality: str | int = "ct", window: str | tuple[float, float] | None = None,
-                  max_panel: int = 512) -> Any:
+                  max_panel: int = 512, min_panel: int = 256) -> Any:
     """PIL RGB image: axial | coronal | sagittal mid-slices (radiological view), labels alpha-blended in colour.
 
-    Display pixels are isotropic, d = max(min(spacing), largest extent / max_panel) mm, so the aspect is right.
+    Display pixels are isotropic, d = max(min(spacing), largest extent / max_panel) mm, so the aspect is right; a
+    small volume is enlarged until its largest extent spans `min_panel` pixels (the demo's 64^3 would be thumbnails).
     Axial: anterior up, patient right on the left; coronal: superior up, right on the left; sagittal: superior up,
     anterior on the left. Panels are top-aligned on black, 4 px apart. Body (200) is not tinted.
     """
@@ -414,7 +415,8 @@ def preview_image(image: Any, label: Any = None, spacing: Sequence[float] = (1.0
         raise ValueError(f"label map shape {lab.shape} differs from image shape {img.shape}")
     sp = _spacing(spacing)
     lo, hi = _window(img, modality, window)
-    d = max(min(sp), max(n * s for n, s in zip(img.shape, sp)) / max_panel)
+    extent = max(n * s for n, s in zip(img.shape, sp))
+    d = min(max(min(sp), extent / max_panel), extent / min_panel)
     X, Y, Z = (n // 2 for n in img.shape)
     # (slice selector: view of (rows, cols) = (vertical, horizontal), row pixel mm, col pixel mm)
     views = [(lambda v: v[::-1, ::-1, Z].T, sp[1], sp[0]),   # axial

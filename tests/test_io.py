@@ -301,9 +301,10 @@ def test_preview_png(tmp_path):
     image, label = _volumes()
     path = io.preview_png(tmp_path / "p.png", image, label, SPACING)
     pic = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    # isotropic display pixels of min(spacing) = 0.8 mm: axial 30*1.2/0.8 rows, coronal and sagittal 20*2.5/0.8 rows
-    assert pic.shape == (round(20 * 2.5 / 0.8), 40 + 4 + 40 + 4 + round(30 * 1.2 / 0.8), 3)
-    axial = pic[: round(30 * 1.2 / 0.8), :40]
+    # isotropic display pixels; the largest extent (z: 20 * 2.5 mm) spans 256 pixels (small volumes are enlarged)
+    d = 20 * 2.5 / 256
+    assert pic.shape == (256, round(40 * 0.8 / d) + 4 + round(40 * 0.8 / d) + 4 + round(30 * 1.2 / d), 3)
+    axial = pic[: round(30 * 1.2 / d), : round(40 * 0.8 / d)]
     assert axial.std() > 10  # not blank
     colored = np.abs(axial - axial[..., :1]).max(axis=2) > 10
     assert colored.any()
