@@ -22,7 +22,8 @@ def test_tiny_bench_structure(tmp_path):
     assert all(r["dm_speedup"] > 0 and r["decode_speedup"] > 0 for r in ours)
     assert {m["impl"] for m in out["mask_stage"]} == {"ours", "reference"}
     assert all(m["step_s"] > 0 for m in out["mask_stage"])
-    assert {r["impl"] for r in out["training"]} == {"ours-full", "ours-selective", "ours-none", "reference"}
+    assert {r["impl"] for r in out["training"]} == {"ours-full", "ours-selective", "ours-outer", "ours-none",
+                                                    "reference"}
     assert all(r["step_s"] > 0 for r in out["training"])
     assert {r["impl"] for r in out["vae_training"]} == {"ours", "reference"}
     assert all(r["step_s"] > 0 and r["patch"] == [16, 16, 16] for r in out["vae_training"])
