@@ -67,36 +67,8 @@ os.environ.update(REQUIRED_ENV)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-# ------------------------------------------------------------------------------------------------ tiny configuration
-# Small networks in the official config_network_*.json layout (the same shapes as the CPU tests use), for --tiny.
-_AE = "monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi"
-TINY_AE = dict(_target_=_AE, spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4,
-               num_channels=[8, 8, 16], num_res_blocks=[1, 1, 1], norm_num_groups=4, norm_eps=1e-6,
-               attention_levels=[False, False, False], with_encoder_nonlocal_attn=False,
-               with_decoder_nonlocal_attn=False, use_checkpointing=False, use_convtranspose=False, norm_float16=True,
-               num_splits=4, dim_split=1)
-TINY_TRUNK = dict(spatial_dims=3, in_channels=4, num_channels=[8, 16, 16, 32],
-                  attention_levels=[False, False, True, True], num_head_channels=[0, 0, 8, 8], num_res_blocks=1,
-                  norm_num_groups=8, use_flash_attention=True, num_class_embeds=128, resblock_updown=True,
-                  include_fc=True)
-TINY_CONFIG = {
-    "spatial_dims": 3, "latent_channels": 4, "mask_generation_latent_shape": [4, 8, 8, 8],
-    "autoencoder_def": TINY_AE,
-    "diffusion_unet_def": dict(_target_="monai.apps.generation.maisi.networks.diffusion_model_unet_maisi."
-                               "DiffusionModelUNetMaisi", out_channels=4, include_spacing_input=True, **TINY_TRUNK),
-    "controlnet_def": dict(_target_="monai.apps.generation.maisi.networks.controlnet_maisi.ControlNetMaisi",
-                           conditioning_embedding_in_channels=8, conditioning_embedding_num_channels=[8, 8, 8],
-                           **TINY_TRUNK),
-    "mask_generation_autoencoder_def": TINY_AE | dict(in_channels=8, out_channels=125, use_convtranspose=True),
-    "mask_generation_diffusion_def": dict(
-        _target_="monai.networks.nets.diffusion_model_unet.DiffusionModelUNet", spatial_dims="@spatial_dims",
-        in_channels="@latent_channels", out_channels="@latent_channels", channels=[8, 8, 16, 16],
-        attention_levels=[False, False, True, True], num_head_channels=[0, 0, 8, 8], num_res_blocks=1,
-        norm_num_groups=8, with_conditioning=True, upcast_attention=True, cross_attention_dim=10),
-    "noise_scheduler": {"_target_": "monai.networks.schedulers.rectified_flow.RFlowScheduler",
-                        "num_train_timesteps": 1000, "use_discrete_timesteps": False, "use_timestep_transform": True,
-                        "sample_method": "uniform", "scale": 1.4},
-}
+from fastmaisi.tiny import TINY_NETWORK_CONFIG  # noqa: E402
+
 # defaults: (full size on GPUs, --tiny)
 DEFAULTS = {
     "latent_size": (64, 16), "gen_size": ((256, 256, 128), (32, 32, 64)),
@@ -188,8 +160,8 @@ def definitions(tiny: bool) -> dict:
     if tiny:
         from fastmaisi.config import resolve_network_definition
 
-        return {"autoencoder": resolve_network_definition(TINY_CONFIG, "autoencoder_def"),
-                "diffusion_unet": resolve_network_definition(TINY_CONFIG, "diffusion_unet_def")}
+        return {"autoencoder": resolve_network_definition(TINY_NETWORK_CONFIG, "autoencoder_def"),
+                "diffusion_unet": resolve_network_definition(TINY_NETWORK_CONFIG, "diffusion_unet_def")}
     from fastmaisi.variants import get_variant
 
     return get_variant("rflow-ct").definitions()
@@ -224,7 +196,7 @@ def write_weights(work: Path, tiny: bool, seed: int) -> dict:
     paths = {"init": work / "init.pt", "weights": weights}
     if tiny:
         paths["config"] = work / "config_network_tiny.json"
-        paths["config"].write_text(json.dumps(TINY_CONFIG))
+        paths["config"].write_text(json.dumps(TINY_NETWORK_CONFIG))
     return paths
 
 
