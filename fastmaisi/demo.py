@@ -83,19 +83,11 @@ DEMO_VARIANT = DemoVariant("demo", "ct", False, RFLOW_SCHEDULER_DEF, DEMO_STEPS,
                            mask_spacing=DEMO_MASK_SPACING, default_organ_sizes=dict(DEMO_ORGAN_SIZES))
 
 
-def demo_models_kwargs() -> dict:
-    """What `generate` needs to run the demo: variant, weights folder, mask grid and step counts."""
-    return {"variant": DEMO_VARIANT, "weights_dir": DEMO_WEIGHTS_DIR, "mask_latent_shape": DEMO_MASK_LATENT_SHAPE,
-            "mask_spacing": DEMO_MASK_SPACING, "mask_steps": DEMO_MASK_STEPS, "organ_sizes": dict(DEMO_ORGAN_SIZES)}
-
-
 def load_demo_models(roles=tuple(DEMO_FILES), device="cpu"):
-    """The demo networks (`pipelines.models.Models`, fp32) with the demo's mask grid set."""
+    """The demo networks (`pipelines.models.Models`, fp32; the mask grid comes from DEMO_VARIANT)."""
     from fastmaisi.pipelines.models import load_models
 
-    models = load_models(DEMO_VARIANT, DEMO_WEIGHTS_DIR, list(roles), device=device)
-    models.mask_latent_shape, models.mask_spacing = DEMO_MASK_LATENT_SHAPE, DEMO_MASK_SPACING
-    return models
+    return load_models(DEMO_VARIANT, DEMO_WEIGHTS_DIR, list(roles), device=device)
 
 
 def volume_from_mask(models, label: np.ndarray, seed: int, steps: int = DEMO_STEPS) -> np.ndarray:
@@ -110,21 +102,17 @@ def volume_from_mask(models, label: np.ndarray, seed: int, steps: int = DEMO_STE
 
 def paired_volume(models, seed: int, organ_sizes: dict | None = None, steps: int = DEMO_STEPS,
                   mask_steps: int = DEMO_MASK_STEPS) -> tuple[np.ndarray, np.ndarray]:
-    """The paired workflow on the demo grid: organ sizes -> mask DM -> mask VAE -> label map -> image.
+    """One attempt of the paired workflow on the demo grid, exactly as `fastmaisi generate` runs it (no retries).
 
-    Returns (image_hu float32 (X, Y, Z), cropped to the body as `generate` does, label uint8 (X, Y, Z)).
+    Returns (image_hu float32 (X, Y, Z), cropped to the body, label uint8 (X, Y, Z)).
     """
-    from fastmaisi.labels import anatomy_size_vector
-    from fastmaisi.pipelines import common, from_mask, paired
-    from fastmaisi.pipelines.mask_postprocess import postprocess_mask
+    from fastmaisi.pipelines.generate import GenerateRequest, one_volume, resolve
 
-    anatomy = anatomy_size_vector(DEMO_ORGAN_SIZES if organ_sizes is None else organ_sizes)
-    z = paired.sample_mask_latent(models, anatomy, seed=seed, latent_shape=DEMO_MASK_LATENT_SHAPE, steps=mask_steps,
-                                  progress=False)
-    raw = postprocess_mask(paired.decode_mask(models, z), anatomy)
-    label = common.resample_label(raw, DEMO_MASK_SPACING, DEMO_SIZE, DEMO_SPACING)
-    image = volume_from_mask(models, label, seed, steps)
-    return from_mask.crop_to_body(image, label, -1000).astype(np.float32), label.astype(np.uint8)
+    request = GenerateRequest(output_dir="", variant="demo", organ_sizes=dict(organ_sizes or DEMO_ORGAN_SIZES),
+                              steps=steps, mask_steps=mask_steps)
+    _, opts = resolve(request)
+    image, label, _ = one_volume(models, request.workflow, opts, seed, None, None, False)
+    return image.astype(np.float32), label.astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------ checks (tests, record)

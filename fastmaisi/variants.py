@@ -59,7 +59,8 @@ RFLOW_SCHEDULER_DEF = dict(_target_=_RFLOW, num_train_timesteps=1000, use_discre
                            use_timestep_transform=True, sample_method="uniform", scale=1.4)
 DDPM_SCHEDULER_DEF = dict(_target_=_DDPM, num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
                           schedule="scaled_linear_beta", clip_sample=False)
-# the mask DM with fewer than 1000 steps: DDIM (η = 0) on the same noise schedule (MONAI's DDPM step is t -> t-1)
+# the mask DM with fewer than 1000 steps: DDIM (sampled at η = 1, see paired.sample_mask_latent) on the same noise
+# schedule (MONAI's DDPM step is t -> t-1)
 DDIM_SCHEDULER_DEF = dict(DDPM_SCHEDULER_DEF, _target_="monai.networks.schedulers.ddim.DDIMScheduler")
 MASK_LATENT_SHAPE = (4, 64, 64, 64)
 # network role -> its `*_def` key in the official config_network_*.json

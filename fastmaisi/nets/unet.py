@@ -96,7 +96,7 @@ class _UNetBase(nn.Module):
     # backward; "selective": keep what convolutions, attention and linear layers return, recompute the cheap
     # norms / activations / adds between them (H200, latent 128^3: 17.2 GiB vs 21.8 plain and 12.8 full, but as slow
     # as full recomputation, 0.62 vs 0.44 s per step); "outer": recompute only the full-resolution level's down and up
-    # blocks, which hold most of the activations and a smaller share of the work.
+    # blocks (full-size rflow UNet, latent 32^3, CPU: 57 % of the plain activation bytes kept; not yet timed on a GPU).
     use_checkpointing: bool | str = False
     supports_selective = True
 

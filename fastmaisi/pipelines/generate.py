@@ -176,7 +176,7 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
             t0 = time.perf_counter()
             if candidates:  # mask database: sample i starts at the i-th best mask; each retry takes the next one
                 user_label, user_mask_info = _load_user_mask(request, opts, candidates[(i + k) % len(candidates)])
-            image_hu, label, timings = _one_volume(models, workflow, opts, seed, user_label, budget, progress)
+            image_hu, label, timings = one_volume(models, workflow, opts, seed, user_label, budget, progress)
             # 6. check: per-organ median HU (CT only); a failed check retries with a new seed
             qc = _quality(variant, image_hu, label)
             attempts.append({"seed": seed, "quality_check": qc, "seconds": round(time.perf_counter() - t0, 2),
@@ -192,7 +192,7 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     return results
 
 
-def _one_volume(models, workflow, opts, seed, user_label, budget, progress):
+def one_volume(models, workflow, opts, seed, user_label, budget, progress):
     """Stages 2-5 for one seed: mask (paired), condition, sample, decode. Returns (image_hu, label or None, timings)."""
     from fastmaisi.io import hu_from_unit
     from fastmaisi.pipelines import common, from_mask, image, paired

@@ -98,9 +98,8 @@ def postprocess_mask(label: np.ndarray, anatomy_sizes) -> np.ndarray:
     if target is not None and (out == target).any():
         tumour_mask = ndimage.binary_closing(ndimage.binary_closing(out == target, _CUBE), _CUBE) & body
         if target in TUMOURS_ONE_PIECE:
-            stray = (out == target) & ~_largest(tumour_mask)
-            out[stray] = BODY
             tumour_mask = _largest(tumour_mask)
+            out[(out == target) & ~tumour_mask] = BODY
     # 4. organs, vertebrae and bowel in one piece, then closed
     one_piece = ORGANS + (VERTEBRAE if target != 128 else ())
     _keep_largest_piece(out, one_piece, BODY)

@@ -66,7 +66,7 @@ class Recipe:
     cache: bool = False
     max_bad_fraction: float = 0.1
     init: Path | None = None  # start from these weights (fine-tuning), loaded strictly
-    gradient_checkpointing: bool | str = False  # True: recompute each block; "selective": see nets.unet
+    gradient_checkpointing: bool | str = False  # True: recompute each block; "selective" / "outer": see nets.unet
     # vae / mask-vae
     kl_weight: float = 1e-7
     perceptual_weights: Path | None = None
@@ -93,8 +93,8 @@ class Recipe:
 
 # ------------------------------------------------------------------------------------------------------ helpers
 def build_net(definition: dict, checkpointing: bool | str = False) -> nn.Module:
-    """The network of `definition`; `checkpointing` True / "selective" sets its activation checkpointing (the
-    autoencoders and the ControlNet know only whole-block recomputation, which "selective" then means)."""
+    """The network of `definition`; `checkpointing` True / "selective" / "outer" sets its activation checkpointing
+    (the autoencoders and the ControlNet know only whole-block recomputation, which the other modes then mean)."""
     from fastmaisi.nets import build
 
     net = build(definition)
