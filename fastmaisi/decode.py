@@ -59,10 +59,7 @@ from fastmaisi.nets.blocks import group_moments, scale_shift, upsample_trilinear
 _MiB = 1 << 20
 _GiB = 1 << 30
 # Rough sustained throughputs for the time estimate (FLOP/s of 3-D convs; host<->device bytes/s).
-_FLOPS = {("cuda", 2): 300e12, ("cuda", 4): 40e12, ("cpu", 2): 2e10, ("cpu", 4): 5e10}  # fp16: 512^3 on an H200
-_HOST_BW = 40e9  # page-locked host <-> H100 copies measured ~50 GB/s each way
 _CUDA_WORKSPACE = 256 * _MiB  # allowance for cuDNN workspaces and allocator rounding per op
-_MAX_SLAB_BYTES = 8 * _GiB  # larger slabs buy no speed; a tiled op keeps its per-slab temporaries under this
 _MIN_ROWS = 8  # the planner moves activations to the host before it cuts slabs thinner than this
 
 
@@ -174,8 +171,9 @@ class DecodePlan:
     """What an exact decode/encode will do: memory, tiling, placement and an expected time.
 
     `num_slabs` is the largest number of slabs any op uses (the full-resolution ops), `slab_rows` their rows per slab
-    along D. `levels` lists, per resolution, where its activations live (GPU, host memory, or recomputed from their
-    input when read instead of stored) and the most slabs any of its ops uses.
+    along D. `levels` lists, per resolution, where its activations live (GPU; host memory, whose first rows may stay
+    on the device; or recomputed from their inputs when read instead of stored) and the most slabs any of its ops
+    uses.
     """
 
     task: str
@@ -195,6 +193,7 @@ class DecodePlan:
     levels: list[tuple[tuple[int, int, int], str, int]] = field(default_factory=list)
     _rows: list[int] = field(default_factory=list, repr=False)
     _place: list[str] = field(default_factory=list, repr=False)
+    _gpu_rows: list[int] = field(default_factory=list, repr=False)  # per slot: rows [0, g) of a host slot on device
 
     def describe(self) -> str:
         gib = lambda n: f"{n / _GiB:.2f} GiB"  # noqa: E731
@@ -226,25 +225,37 @@ def _max_in_rows(op: _Op, slots: list[_Slot], rows: int) -> int:
     return max(hi - lo for lo, hi in (_in_rows(op, a, min(a + rows, n_out), n_in) for a in starts))
 
 
-def _ws_bytes(op: _Op, slots: list[_Slot], rows: int, B: int, esz: int, src_dev: bool, res_dev: bool) -> int:
-    """Per-slab device temporaries of `op` for `rows` output rows (an over-estimate: all temporaries summed)."""
+def _plane(slot: _Slot) -> int:
+    return slot.spatial[1] * slot.spatial[2]
+
+
+def _fusable(ops: list[_Op], op: _Op) -> bool:
+    """Whether op's residual shortcut can be folded into the residual's producer (one conv instead of two): the
+    producer is linear after its prologue (no residual of its own) and the shortcut is a 1x1 conv."""
+    return op.res is not None and op.shortcut is not None and op.res > 0 and ops[op.res - 1].res is None
+
+
+def _ws_bytes(op: _Op, slots: list[_Slot], rows: int, B: int, esz: int, src_dev: bool, res_dev: bool, cuda: bool,
+              dst_host: bool = False) -> int:
+    """Per-slab device temporaries of `op` for `rows` output rows (all temporaries summed: an upper bound)."""
     s, d = slots[op.src], slots[op.dst]
-    hw_in, hw_out = s.spatial[1] * s.spatial[2], d.spatial[1] * d.spatial[2]
-    x_el = B * s.channels * _max_in_rows(op, slots, rows) * hw_in
-    y_el = B * d.channels * rows * hw_out
-    total = 0 if src_dev else x_el * esz  # the slab read from the host or recomputed
+    x_el = B * s.channels * _max_in_rows(op, slots, rows) * _plane(s)
+    y_el = B * d.channels * rows * _plane(d)
+    total = 0 if src_dev else x_el * esz * (2 if cuda else 1)  # the slab read (+ the next one in flight)
     if op.norm is not None:
-        total += x_el * (4 + esz)  # fp32 normalised slab (eager path) and its compute-dtype copy
+        total += x_el * (esz if cuda else 4 + esz)  # normalised slab (CUDA: one kernel; CPU: fp32 then a copy)
     if op.kind == "up":
-        total += 2 * (2 * x_el * 4) * esz  # interpolated rows (x2 in D, x4 in-plane) and their padded copy
+        total += 2 * B * s.channels * (rows + 2) * _plane(d) * esz  # interpolated rows and their padded copy
     elif op.kind == "down":
-        total += B * s.channels * (x_el // max(B * s.channels * hw_in, 1) + 1) * (s.spatial[1] + 1) * (
+        total += B * s.channels * (x_el // max(B * s.channels * _plane(s), 1) + 1) * (s.spatial[1] + 1) * (
             s.spatial[2] + 1) * esz
     else:
         total += x_el * esz  # padded copy at the volume's ends
-    total += y_el * (esz + (8 if d.groups is not None else 0))  # conv output (+ fp32 copies for the statistics)
+    total += y_el * (esz + (0 if cuda or d.groups is None else 8))  # conv output (+ CPU fp32 copies for statistics)
     if op.res is not None:
-        total += B * slots[op.res].channels * rows * hw_out * esz * (1 if res_dev else 2) + y_el * esz
+        total += B * slots[op.res].channels * rows * _plane(d) * esz * (0 if res_dev else 1) + y_el * esz
+    if dst_host and cuda:
+        total += y_el * esz  # the previous slab, still being copied to the host
     return int(total)
 
 
@@ -271,18 +282,33 @@ def _readers(ops: list[_Op], s: int) -> list[int]:
 
 
 def _recomputable(ops: list[_Op], slots: list[_Slot], place: list[str], s: int) -> bool:
-    """Whether slot s may be recomputed instead of stored: made by an op without residual (ResBlock hidden,
-    up/downsample output, conv_in), not the output, and no recompute chains (its producer's inputs and its readers'
-    outputs are not recomputed themselves), so each read costs one extra conv at most."""
-    if not 0 < s < len(slots) - 1 or ops[s - 1].res is not None:
-        return False
-    producer_inputs = {ops[s - 1].src, ops[s - 1].res} - {None}
-    reader_outputs = {ops[k].dst for k in _readers(ops, s)}
-    return all(place[t] != RECOMPUTE for t in producer_inputs | reader_outputs)
+    """Whether slot s may be recomputed from its producer's inputs when read instead of stored: any activation but
+    the input and the output. Chains are allowed (a recomputed slot read by another one's producer); within one slab
+    each recomputed activation is computed once (`_Run.memo`), and the planner prices every recomputation."""
+    return 0 < s < len(slots) - 1
+
+
+# Sustained rates on an H200 (bench/bench_primitives.py, fp16 channels_last_3d): cuDNN 3-D convs by their smaller
+# channel count (FLOP/s), page-locked host<->device copies (bytes/s each way, both ways at once), elementwise passes.
+_CONV_RATE = ((128, 620e12), (32, 470e12), (8, 200e12), (0, 7e12))
+_CPU_RATE = {2: 2e10, 4: 5e10}
+_HOST_BW = 48e9
+_ELEMENTWISE_BW = 2.5e12
+_SLAB_VOXELS = 8 << 20  # output voxels per slab beyond which bigger slabs buy no conv speed
+_PAD_OUT = 8  # CUDA: convs with fewer output channels run with zero-padded weights (cuDNN is slow at 1 channel)
+
+
+def _conv_seconds(conv, vox: int, cuda: bool, esz: int) -> float:
+    cin, cout = conv.in_channels, conv.out_channels
+    if cuda and esz <= 2:
+        cout_run = max(cout, _PAD_OUT)
+        rate = next(r for c, r in _CONV_RATE if min(cin, cout_run) >= c)
+        return 2 * cin * cout_run * math.prod(conv.kernel_size) * vox / rate
+    return 2 * cin * cout * math.prod(conv.kernel_size) * vox / (40e12 if cuda else _CPU_RATE[min(esz, 4)])
 
 
 class _Planner:
-    """Chooses placement (GPU / host / recompute) and slab rows per op under a budget, and estimates cost."""
+    """Chooses placement (GPU / host / recompute), rows per slab and device rows of host slots under a budget."""
 
     def __init__(self, ops, slots, B, chunk, esz, device_type):
         self.ops, self.slots, self.B, self.chunk, self.esz, self.cuda = ops, slots, B, chunk, esz, device_type == "cuda"
@@ -291,73 +317,142 @@ class _Planner:
         b = self.B if full_batch or s == len(self.slots) - 1 else self.chunk
         return b * self.slots[s].channels * math.prod(self.slots[s].spatial) * self.esz
 
+    def row_bytes(self, s: int) -> int:
+        return self.size(s) // max(self.slots[s].spatial[0], 1)
+
     def ws(self, k: int, rows: int, place: list[str]) -> int:
         """Temporaries of one slab of op k, plus those of recomputing its recomputed inputs."""
         op = self.ops[k]
         total = _ws_bytes(op, self.slots, rows, self.chunk, self.esz, place[op.src] == GPU,
-                          op.res is None or place[op.res] == GPU)
+                          op.res is None or place[op.res] == GPU, self.cuda, place[op.dst] == HOST)
         if place[op.src] == RECOMPUTE:
             total += self.ws(op.src - 1, _max_in_rows(op, self.slots, rows), place)
-        if op.res is not None and place[op.res] == RECOMPUTE:
+        if op.res is not None and place[op.res] == RECOMPUTE and op.res != op.src:
             total += self.ws(op.res - 1, rows, place)
         return total
 
+    def passes(self, place: list[str]) -> list[int]:
+        """Ops that make a pass over the volume: those whose output is stored, and the statistics passes of
+        recomputed activations that a GroupNorm reads."""
+        return [k for k, op in enumerate(self.ops) if place[op.dst] != RECOMPUTE or self.slots[op.dst].groups]
+
     def tile(self, place: list[str], budget: int, cap: bool = True):
-        """(rows per op, device peak, host peak) for a placement, or None if some op cannot fit one row."""
-        workspace = _CUDA_WORKSPACE + budget // 20 if self.cuda else 0  # cuDNN workspaces, allocator rounding
+        """(rows per op, device peak per op, host peak) for a placement, or None if some op cannot fit one row.
+        With `cap`, slabs stop growing at `_SLAB_VOXELS` output voxels (the rest of the budget can hold host rows)."""
+        workspace = _CUDA_WORKSPACE + budget // 32 if self.cuda else 0  # cuDNN workspaces, allocator rounding
         last = _lifetimes(self.ops, self.slots, place)
-        rows, peak, host_peak = [], 0, 0
+        passes = set(self.passes(place))
+        rows, peaks, host_peak = [], [], 0
         for k, op in enumerate(self.ops):
             live = _live(self.ops, last, k)
             stores = sum(self.size(s) for s in live if place[s] == GPU) if self.cuda else 0
             host_peak = max(host_peak, sum(self.size(s) for s in live if place[s] == HOST))
             n_out = self.slots[op.dst].spatial[0]
-            if place[op.dst] == RECOMPUTE and self.slots[op.dst].groups is None:
+            if k not in passes:
                 rows.append(n_out)  # no pass of its own: computed only inside its readers' slabs
+                peaks.append(stores + workspace)
                 continue
-
-            def fits(r: int) -> bool:
-                ws = self.ws(k, r, place)
-                return stores + workspace + ws <= budget and (not cap or ws <= _MAX_SLAB_BYTES or r == 1)
-
+            top = min(n_out, -(-_SLAB_VOXELS // max(_plane(self.slots[op.dst]), 1))) if cap else n_out
+            fits = lambda r: stores + workspace + self.ws(k, r, place) <= budget  # noqa: E731
             if not fits(1):
                 return None
-            lo, hi = 1, n_out  # the largest r that fits (the estimate grows with r)
+            lo, hi = 1, top  # the largest r that fits (the estimate grows with r)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
             rows.append(lo)
-            peak = max(peak, stores + workspace + self.ws(k, lo, place))
-        # readers' slabs bound the recomputed ops' peaks too (counted in their ws)
-        return rows, peak, host_peak
+            peaks.append(stores + workspace + self.ws(k, lo, place))
+        return rows, peaks, host_peak
 
-    def cap_rows(self, k: int, place: list[str]) -> int:
-        r, n = 1, self.slots[self.ops[k].dst].spatial[0]
-        while r < n and self.ws(k, r + 1, place) <= _MAX_SLAB_BYTES:
-            r += 1
-        return r
+    def _slab_cost(self, k: int, r: int, place, gpu, acc: dict, seen: set, op: _Op | None = None) -> None:
+        """Add one slab of r output rows of op k (and what it recomputes) to acc: conv seconds, host bytes read per
+        slot, elementwise bytes. `seen`: activations already recomputed in this slab (memoised by the executor)."""
+        op = op or self.ops[k]
+        s, d = self.slots[op.src], self.slots[op.dst]
+        vox = r * _plane(d) * self.chunk if op.kind != "upT" else -(-r // 2) * _plane(s) * self.chunk
+        acc["conv"] += _conv_seconds(op.conv, vox, self.cuda, self.esz)
+        rin = _max_in_rows(op, self.slots, r)
+        acc["ew"] += self.chunk * s.channels * rin * _plane(s) * self.esz * (2 if op.norm is not None else 0)
+        if op.kind == "up":
+            acc["ew"] += 2 * self.chunk * s.channels * (r + 2) * _plane(d) * self.esz
+        if d.groups is not None:
+            acc["ew"] += self.chunk * d.channels * r * _plane(d) * self.esz
+        self._read_cost(op.src, rin, place, gpu, acc, seen)
+        if op.res is not None:
+            if place[op.res] == RECOMPUTE and op.res not in seen and _fusable(self.ops, op):
+                p = self.ops[op.res - 1]
+                fused = _Op(p.kind, p.src, p.dst, _FusedConv(p.conv, op.shortcut, None), p.norm, p.silu)
+                self._slab_cost(op.res - 1, r, place, gpu, acc, seen, fused)
+            else:
+                self._read_cost(op.res, r, place, gpu, acc, seen)
+                if op.shortcut is not None:
+                    acc["conv"] += _conv_seconds(op.shortcut, r * _plane(d) * self.chunk, self.cuda, self.esz)
+        if place[op.dst] == HOST:
+            n = d.spatial[0]
+            acc["d2h"] += r * self.row_bytes(op.dst) * (n - gpu[op.dst]) / n
 
-    def runs(self, place: list[str]) -> list[int]:
-        """How many times each op runs: once if stored; if recomputed, once per read (+1 for its statistics)."""
-        runs = [1] * len(self.ops)
-        for k in reversed(range(len(self.ops))):
-            d = self.ops[k].dst
-            if place[d] == RECOMPUTE:
-                runs[k] = int(self.slots[d].groups is not None) + sum(runs[c] for c in _readers(self.ops, d))
-        return runs
+    def _read_cost(self, s: int, rows: int, place, gpu, acc: dict, seen: set) -> None:
+        if place[s] == HOST:
+            n = self.slots[s].spatial[0]
+            # one fetch per slot and slab covers every read of it (input, residual, inside recomputations)
+            acc["h2d"][s] = max(acc["h2d"].get(s, 0), rows * self.row_bytes(s) * (n - gpu[s]) / n)
+        elif place[s] == RECOMPUTE and s not in seen:
+            seen.add(s)
+            self._slab_cost(s - 1, rows, place, gpu, acc, seen)
 
-    def seconds(self, place: list[str], device: torch.device) -> float:
-        runs = self.runs(place)
-        flops = 0.0
-        for k, op in enumerate(self.ops):
-            vox = math.prod(self.slots[op.src if op.kind == "upT" else op.dst].spatial)
-            flops += runs[k] * 2 * op.conv.in_channels * op.conv.out_channels * math.prod(op.conv.kernel_size) * vox
-        t = flops * self.B / _FLOPS.get((device.type, min(self.esz, 4)), 1e10)
-        if self.cuda:
-            moved = sum(self.size(s) * (1 + sum(runs[c] for c in _readers(self.ops, s)))
-                        for s in range(1, len(self.slots)) if place[s] == HOST)
-            t += moved * (self.B // self.chunk) / _HOST_BW
-        return t
+    def costs(self, place: list[str], rows: list[int], gpu: list[int]) -> tuple[float, dict]:
+        """(expected seconds, host bytes read per slot over the whole run). Per pass: the slower of the convs and
+        each copy direction (copies overlap compute), plus the elementwise passes."""
+        total, reads = 0.0, {}
+        for k in self.passes(place):
+            acc = {"conv": 0.0, "ew": 0.0, "d2h": 0.0, "h2d": {}}
+            r = rows[k]
+            n_slabs = -(-self.slots[self.ops[k].dst].spatial[0] // r)
+            self._slab_cost(k, r, place, gpu, acc, set())
+            h2d = sum(acc["h2d"].values())
+            bw = _HOST_BW if self.cuda else float("inf")
+            total += n_slabs * (max(acc["conv"], h2d / bw, acc["d2h"] / bw) + acc["ew"] / _ELEMENTWISE_BW)
+            for s, b in acc["h2d"].items():
+                reads[s] = reads.get(s, 0) + n_slabs * b
+        return total * (self.B // self.chunk), reads
+
+    def fill(self, place: list[str], rows: list[int], peaks: list[int], budget: int) -> list[int]:
+        """Device rows for host slots: the budget left over at every op of a slot's lifetime holds its first rows,
+        the slots read most from the host first."""
+        n = len(self.slots)
+        gpu = [self.slots[s].spatial[0] if place[s] == GPU else 0 for s in range(n)]
+        if not self.cuda:
+            return gpu
+        _, reads = self.costs(place, rows, gpu)
+        last = _lifetimes(self.ops, self.slots, place)
+        slack = [budget - p for p in peaks]
+        for s in sorted((s for s in range(1, n) if place[s] == HOST), key=lambda s: -reads.get(s, 0)):
+            span = range(s - 1, max(last[s], s - 1) + 1)
+            free = min(slack[k] for k in span)
+            g = min(self.slots[s].spatial[0], max(free, 0) // max(self.row_bytes(s), 1))
+            gpu[s] = g
+            for k in span:
+                slack[k] -= g * self.row_bytes(s)
+        return gpu
+
+
+class _FusedConv:
+    """shortcut(conv(x)) as one conv: the 1x1 shortcut's weights folded into the producer's (both linear)."""
+
+    def __init__(self, conv, shortcut, dtype):
+        self.kernel_size, self.padding, self.stride = conv.kernel_size, conv.padding, conv.stride
+        self.in_channels, self.out_channels = conv.in_channels, shortcut.out_channels
+        if dtype is None:  # planning only
+            self.weight = self.bias = None
+            return
+        s = shortcut.weight.detach().double().flatten(1)  # (out, mid)
+        w, b = conv.weight.detach().double(), conv.bias
+        eq = "om,imdhw->iodhw" if isinstance(conv, torch.nn.ConvTranspose3d) else "om,midhw->oidhw"
+        self.weight = torch.einsum(eq, s, w).to(dtype)
+        bias = shortcut.bias.detach().double() if shortcut.bias is not None else torch.zeros(s.shape[0], dtype=s.dtype)
+        if b is not None:
+            bias = bias + s @ b.detach().double()
+        self.bias = bias.to(dtype)
 
 
 def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device=None) -> DecodePlan:
@@ -369,71 +464,86 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     cuda = device.type == "cuda"
     out_host = out_device is not None and torch.device(out_device).type == "cpu" and cuda
 
-    def finish(pl: _Planner, place, rows, peak, host_peak, tiled):
+    def finish(pl: _Planner, place, rows, peak, host_peak, tiled, gpu=None):
+        gpu = gpu or [slots[s].spatial[0] if place[s] == GPU else 0 for s in range(n)]
         by_level: dict[tuple, list] = {}
         for k, op in enumerate(ops):
             sp = slots[op.dst].spatial
             lv = by_level.setdefault(sp, [set(), 1])
-            lv[0].add(place[op.dst] if cuda else "in RAM")
+            where = place[op.dst] if cuda else "in RAM"
+            if where == HOST and gpu[op.dst]:
+                where = f"host ({gpu[op.dst]}/{sp[0]} rows on {device.type})"
+            lv[0].add(where)
             if place[op.dst] != RECOMPUTE or slots[op.dst].groups is not None:
                 lv[1] = max(lv[1], -(-sp[0] // rows[k]))
         levels = [(sp, "+".join(sorted(w)), ns) for sp, (w, ns) in by_level.items()]
         num_slabs, slab_rows = max((-(-slots[op.dst].spatial[0] // rows[k]), rows[k]) for k, op in enumerate(ops))
         where_out = str(out_device) if out_device is not None else (str(device) if place[n - 1] == GPU else "cpu")
-        return DecodePlan(task, tuple(in_shape), out_shape, str(device), dtype, budget, int(peak), int(host_peak),
-                          num_slabs, slab_rows, pl.chunk, where_out, pl.seconds(place, device), tiled, levels, rows,
-                          place)
+        host_total = sum(pl.size(s) * (slots[s].spatial[0] - gpu[s]) // max(slots[s].spatial[0], 1)
+                         for s in range(1, n) if place[s] == HOST)
+        return DecodePlan(task, tuple(in_shape), out_shape, str(device), dtype, budget, int(peak),
+                          int(min(host_peak, host_total)) if cuda else 0, num_slabs, slab_rows, pl.chunk, where_out,
+                          pl.costs(place, rows, gpu)[0], tiled, levels, rows, place, gpu)
 
     # Everything on the device, one slab per op: the whole volume in one pass per layer.
     pl = _Planner(ops, slots, B, B, esz, device.type)
     place = [GPU] * n
     whole = pl.tile(place, budget if budget is not None else 1 << 62, cap=False)
     if whole is not None and all(r == slots[op.dst].spatial[0] for r, op in zip(whole[0], ops)) and not out_host:
-        return finish(pl, place, *whole, tiled=False)
+        return finish(pl, place, whole[0], max(whole[1]), whole[2], tiled=False)
     if budget is None:  # CPU without a budget: never tile
-        return finish(pl, place, [slots[op.dst].spatial[0] for op in ops], whole[1] if whole else 0, 0, tiled=False)
+        return finish(pl, place, [slots[op.dst].spatial[0] for op in ops], max(whole[1]) if whole else 0, 0,
+                      tiled=False)
 
-    # Tiled, one sample at a time. Start with every activation on the device; while some op cannot keep
-    # `_MIN_ROWS` rows per slab, take the largest activation off the device: recompute it from its input when it is
-    # read if it has no residual (cheap: one conv), else keep it in page-locked host memory.
+    # Tiled, one sample at a time. On CUDA, search placements of the large activations (device, host, recomputed
+    # when read): start from a few simple placements, then change one activation at a time while the estimated time
+    # falls; slabs should keep `_MIN_ROWS` rows where the budget allows. On CPU everything stays in RAM.
     pl = _Planner(ops, slots, B, 1, esz, device.type)
-    order = sorted(range(1, n), key=pl.size, reverse=True)
+    fixed = [GPU] * n
+    if out_host:
+        fixed[n - 1] = HOST
+    movable = [s for s in range(1, n - 1) if cuda and pl.size(s) * 64 >= budget]
 
-    def greedy(allow_recompute: bool):
-        place = [GPU] * n
-        if out_host:
-            place[n - 1] = HOST
-        found, found_score = None, -1.0
-        while True:
-            res = pl.tile(place, budget)
-            if res is not None:
-                target = [min(_MIN_ROWS, pl.cap_rows(k, place)) for k in range(len(ops))]
-                score = min(r / t for r, t, op in zip(res[0], target, ops)
-                            if place[op.dst] != RECOMPUTE or slots[op.dst].groups is not None)
-                if score > found_score:
-                    found, found_score = (list(place), res), score
-                if score >= 1:
-                    break
-            movable = [s for s in order if place[s] == GPU] if cuda else []
-            if not movable:
-                break
-            s = movable[0]
-            place[s] = RECOMPUTE if allow_recompute and _recomputable(ops, slots, place, s) else HOST
-        return found, found_score
+    def evaluate(place):
+        res = pl.tile(place, budget)
+        if res is None:
+            return None
+        rows, peaks, host_peak = res
+        short = any(rows[k] < min(_MIN_ROWS, slots[ops[k].dst].spatial[0]) for k in pl.passes(place))
+        gpu = pl.fill(place, rows, peaks, budget)
+        secs = pl.costs(place, rows, gpu)[0]
+        return (short, secs), list(place), rows, peaks, host_peak, gpu
 
-    options = [o for o in (greedy(True), greedy(False)) if o[0] is not None]
-    best = None
-    if options:  # meet the slab target if possible, then the faster one
-        best = min(options, key=lambda o: (o[1] < 1, -min(o[1], 1), pl.seconds(o[0][0], device)))[0]
-    if best is None:
+    starts = [list(fixed)]
+    for mode in (RECOMPUTE, HOST):  # the largest activations off the device first (one, two, ... of them)
+        place = list(fixed)
+        for s in sorted(movable, key=pl.size, reverse=True):
+            place[s] = mode if mode == HOST or _recomputable(ops, slots, place, s) else HOST
+            starts.append(list(place))
+    found = [e for e in map(evaluate, starts) if e is not None]
+    if not found:
         need = max(pl.ws(k, 1, [HOST if cuda else GPU] * n) for k in range(len(ops)))
-        need = -(-(need + _CUDA_WORKSPACE) * 20 // 19) if cuda else need
+        need = -(-(need + _CUDA_WORKSPACE) * 32 // 31) if cuda else need
         raise ValueError(
             f"memory_budget_bytes={budget} is too small to hold even one slab: {task} of {tuple(in_shape)} needs at "
             f"least {need} bytes ({need / _MiB:.1f} MiB)"
         )
-    place, (rows, peak, host_peak) = best
-    return finish(pl, place, rows, peak, host_peak, tiled=True)
+    best = min(found, key=lambda e: e[0])
+    for _ in range(6):
+        improved = False
+        for s in movable:
+            for where in (GPU, HOST, RECOMPUTE):
+                if where == best[1][s] or (where == RECOMPUTE and not _recomputable(ops, slots, best[1], s)):
+                    continue
+                cand = evaluate(best[1][:s] + [where] + best[1][s + 1:])
+                if cand is not None and cand[0] < best[0]:
+                    best, improved = cand, True
+        if not improved:
+            break
+    _, place, rows, peaks, host_peak, gpu = best
+    peak = max(p + sum(gpu[s] * pl.row_bytes(s) for s in _live(ops, _lifetimes(ops, slots, place), k)
+                       if place[s] == HOST) for k, p in enumerate(peaks))
+    return finish(pl, place, rows, peak, host_peak, tiled=True, gpu=gpu)
 
 
 def _vae_for_plan(vae: AutoencoderKlMaisi | None) -> AutoencoderKlMaisi:
@@ -529,37 +639,115 @@ def free_host_memory() -> int:
     return freed
 
 
+class _Copier:
+    """Host<->device copies on two side streams, so that they overlap the convolutions: rows a later slab will read
+    are fetched while the current slab computes; rows written to the host go while the next slab computes.
+    Fetched slabs are allocated on the copy stream and handed to the compute stream with an event."""
+
+    def __init__(self, device: torch.device):
+        self.h2d, self.d2h = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        self.fetched: dict[int, list] = {}  # id(store) -> [(lo, hi, tensor, event)]
+
+    def new_pass(self) -> None:
+        """Order this pass's reads after earlier passes' host writes, and host writes after earlier reads (buffers
+        are reused)."""
+        self.h2d.wait_stream(self.d2h)
+        self.d2h.wait_stream(self.h2d)
+
+    def fetch(self, store: "_Store", lo: int, hi: int) -> None:
+        entries = self.fetched.setdefault(id(store), [])
+        if any(a <= lo and hi <= b for a, b, _, _ in entries):
+            return
+        with torch.cuda.stream(self.h2d):
+            t = store.host_rows(lo, hi).to(store.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.h2d)
+        entries.append((lo, hi, t, ev))
+        del entries[:-3]
+
+    def take(self, store: "_Store", lo: int, hi: int) -> torch.Tensor | None:
+        for a, b, t, ev in self.fetched.get(id(store), []):
+            if a <= lo and hi <= b:
+                cur = torch.cuda.current_stream(store.device)
+                cur.wait_event(ev)
+                t.record_stream(cur)
+                return t[:, :, lo - a : hi - a]
+        return None
+
+    def put(self, dst: torch.Tensor, y: torch.Tensor) -> None:
+        self.d2h.wait_stream(torch.cuda.current_stream(y.device))
+        with torch.cuda.stream(self.d2h):
+            dst.copy_(y, non_blocking=True)
+        y.record_stream(self.d2h)
+
+    def finish(self, device: torch.device) -> None:
+        cur = torch.cuda.current_stream(device)
+        cur.wait_stream(self.d2h)
+        cur.wait_stream(self.h2d)
+        self.fetched.clear()
+
+
 class _Store:
-    """One stored activation (B, C, D, H, W) on the device or in page-locked host memory, with GN statistics.
+    """One stored activation (B, C, D, H, W): rows [0, g) on the device, rows [g, D) in page-locked host memory
+    (g = D: all on the device), with its GroupNorm statistics.
 
     On CUDA stores are channels_last_3d: cuDNN's fast 3-D conv layout, and for one sample a slab of D rows is one
-    contiguous block, so host<->device slab copies are single memcpys. On CPU stores are NCDHW.
+    contiguous block, so host<->device slab copies are single memcpys. On CPU both parts are plain NCDHW tensors.
     """
 
-    def __init__(self, t: torch.Tensor, device: torch.device, buf: torch.Tensor | None = None):
-        self.t, self.device, self.buf, self.stats = t, device, buf, None
-        self.on_device = t.device == device
+    def __init__(self, dev: torch.Tensor | None, host: torch.Tensor | None, g: int, device: torch.device,
+                 buf: torch.Tensor | None = None, copier: _Copier | None = None):
+        self.dev, self.host, self.g, self.device, self.buf, self.copier = dev, host, g, device, buf, copier
+        self.stats = None
 
     @classmethod
-    def new(cls, shape, dtype, device, on_device: bool, fmt) -> "_Store":
-        if on_device or device.type != "cuda":
-            return cls(torch.empty(shape, dtype=dtype, device=device, memory_format=fmt), device)
+    def wrap(cls, t: torch.Tensor, device: torch.device) -> "_Store":
+        if t.device == device:
+            return cls(t, None, t.shape[2], device)
+        return cls(None, t, 0, device)
+
+    @classmethod
+    def new(cls, shape, dtype, device, gpu_rows: int, fmt, copier) -> "_Store":
         B, C, D, H, W = shape
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        g = min(gpu_rows, D)
+        dev = torch.empty((B, C, g, H, W), dtype=dtype, device=device, memory_format=fmt) if g else None
+        if g == D:
+            return cls(dev, None, g, device)
+        if device.type != "cuda":
+            return cls(dev, torch.empty((B, C, D - g, H, W), dtype=dtype), g, device)
+        nbytes = B * C * (D - g) * H * W * torch.empty((), dtype=dtype).element_size()
         buf = _host_buffer(nbytes)
-        return cls(buf[:nbytes].view(dtype).view(B, D, H, W, C).permute(0, 4, 1, 2, 3), device, buf)
+        host = buf[:nbytes].view(dtype).view(B, D - g, H, W, C).permute(0, 4, 1, 2, 3)
+        return cls(dev, host, g, device, buf, copier)
+
+    def host_rows(self, lo: int, hi: int) -> torch.Tensor:
+        return self.host[:, :, lo - self.g : hi - self.g]
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
-        x = self.t[:, :, lo:hi]
-        return x if self.on_device else x.to(self.device, non_blocking=True)
+        parts = []
+        if lo < self.g:
+            parts.append(self.dev[:, :, lo : min(hi, self.g)])
+        if hi > self.g:
+            a = max(lo, self.g)
+            t = self.copier.take(self, a, hi) if self.copier is not None else None
+            parts.append(t if t is not None else self.host_rows(a, hi).to(self.device, non_blocking=True))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
     def write(self, a: int, b: int, y: torch.Tensor) -> None:
-        self.t[:, :, a:b].copy_(y, non_blocking=not self.on_device)
+        if a < self.g:
+            self.dev[:, :, a : min(b, self.g)].copy_(y[:, :, : min(b, self.g) - a])
+        if b > self.g:
+            lo = max(a, self.g)
+            src, dst = y[:, :, lo - a :], self.host_rows(lo, b)
+            if self.copier is not None:
+                self.copier.put(dst, src)
+            else:
+                dst.copy_(src)
 
     def release(self) -> None:
         if self.buf is not None:
             _host_release(self.buf)
-        self.t = self.buf = None
+        self.dev = self.host = self.buf = None
 
     def accumulate(self, y: torch.Tensor, groups: int) -> None:
         """Merge the (count, mean, M2) of slab y per (sample, group) into the running whole-volume statistics."""
@@ -574,13 +762,19 @@ class _Store:
 
 
 class _Recomputed(_Store):
-    """An activation that is not stored: reading rows recomputes them from the producer's (stored) inputs."""
+    """An activation that is not stored: reading rows recomputes them from the producer's inputs (once per slab of
+    the running pass: `_Run.memo`)."""
 
     def __init__(self, run: "_Run", k: int):
         self.run, self.k, self.stats, self.buf = run, k, None, None
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
-        return self.run.slab(self.k, lo, hi)
+        hit = self.run.memoised(self.k + 1, lo, hi)
+        if hit is not None:
+            return hit
+        y = self.run.slab(self.k, lo, hi)
+        self.run.memo[self.k + 1] = (lo, hi, y)
+        return y
 
     def release(self) -> None:
         self.run = None
@@ -604,23 +798,46 @@ class _Run:
         self.ops, self.slots, self.plan, self.device, self.dtype, self.fmt = ops, slots, plan, device, dtype, fmt
         self.stores: list = [None] * len(slots)
         self.last = _lifetimes(ops, slots, plan._place)
-        self.params: dict[int, tuple] = {}
+        self.params: dict = {}
+        self.memo: dict[int, tuple[int, int, torch.Tensor]] = {}  # slot -> rows recomputed in the current slab
+        self.fused: dict[int, _Op] = {}
+        self.copier = _Copier(device) if device.type == "cuda" else None
 
-    def _params(self, k: int) -> tuple:
-        """Weights in the compute dtype and the GroupNorm scale/shift of op k (once its input's stats exist)."""
+    def memoised(self, s: int, lo: int, hi: int) -> torch.Tensor | None:
+        hit = self.memo.get(s)
+        if hit is not None and hit[0] <= lo and hi <= hit[1]:
+            return hit[2][:, :, lo - hit[0] : hi - hit[0]]
+        return None
+
+    def _params(self, k, op: _Op) -> tuple:
+        """Weights in the compute dtype and the GroupNorm scale/shift of op (once its input's stats exist)."""
         if k not in self.params:
-            op, dt = self.ops[k], self.dtype
+            dt = self.dtype
             w = op.conv.weight.detach().to(dt)
             b = op.conv.bias.detach().to(dt) if op.conv.bias is not None else None
+            cout = w.shape[1] if op.kind == "upT" else w.shape[0]
+            if self.device.type == "cuda" and op.kind != "upT" and cout < _PAD_OUT:  # cuDNN: 1 channel is slow
+                w = F.pad(w, (0, 0, 0, 0, 0, 0, 0, 0, 0, _PAD_OUT - cout))
+                b = F.pad(b, (0, _PAD_OUT - cout)) if b is not None else None
+            if self.fmt is torch.channels_last_3d:
+                w = w.contiguous(memory_format=self.fmt)
             sc = (op.shortcut.weight.detach().to(dt), op.shortcut.bias.detach().to(dt)) if op.shortcut else None
             aff = _norm_affine(self.stores[op.src], op.norm, self.slots[op.src].eps) if op.norm is not None else None
-            self.params[k] = (w, b, sc, aff)
+            self.params[k] = (w, b, sc, aff, cout)
         return self.params[k]
 
-    def slab(self, k: int, a: int, b: int) -> torch.Tensor:
+    def _fused_op(self, k: int) -> _Op:
+        """Op k's residual shortcut folded into the residual's producer (see `_fusable`)."""
+        if k not in self.fused:
+            op = self.ops[k]
+            p = self.ops[op.res - 1]
+            self.fused[k] = _Op(p.kind, p.src, p.dst, _FusedConv(p.conv, op.shortcut, torch.float32), p.norm, p.silu)
+        return self.fused[k]
+
+    def slab(self, k: int, a: int, b: int, op: _Op | None = None, key=None) -> torch.Tensor:
         """Rows [a, b) of op k's output, computed from the input rows they need (exact at every cut)."""
-        op = self.ops[k]
-        w, bias, sc, aff = self._params(k)
+        op = op or self.ops[k]
+        w, bias, sc, aff, cout = self._params(k if key is None else key, op)
         n_in = self.slots[op.src].spatial[0]
         lo, hi = _in_rows(op, a, b, n_in)
         x = self.stores[op.src].read(lo, hi)
@@ -647,12 +864,40 @@ class _Run:
             if front or back:
                 u = F.pad(u, (0, 0, 0, 0, front, back))
             y = F.conv3d(u, w, bias, padding=(0, 1, 1))
+        if y.shape[1] != cout:
+            y = y[:, :cout]
         if op.res is not None:
-            r = self.stores[op.res].read(a, b)
-            if sc is not None:
-                r = F.conv3d(r, sc[0], sc[1])
+            if (sc is not None and self.plan._place[op.res] == RECOMPUTE and _fusable(self.ops, op)
+                    and self.memoised(op.res, a, b) is None):
+                r = self.slab(k, a, b, self._fused_op(k), key=("fused", k))  # shortcut(producer(x)) in one conv
+            else:
+                r = self.stores[op.res].read(a, b)
+                if sc is not None:
+                    r = F.conv3d(r, sc[0], sc[1])
             y = y.add_(r) if y.is_contiguous(memory_format=self.fmt) else y + r
         return y
+
+    def _prefetch(self, k: int, a: int, b: int) -> None:
+        """Start copying to the device the host rows that rows [a, b) of op k will read (through recomputed
+        activations too)."""
+        need: dict[int, tuple[int, int]] = {}
+
+        def walk(op: _Op, a: int, b: int) -> None:
+            lo, hi = _in_rows(op, a, b, self.slots[op.src].spatial[0])
+            for s, (s_lo, s_hi) in ((op.src, (lo, hi)), (op.res, (a, b))):
+                if s is None:
+                    continue
+                if self.plan._place[s] == RECOMPUTE:
+                    walk(self.ops[s - 1], s_lo, s_hi)
+                elif isinstance(self.stores[s], _Store) and self.stores[s].host is not None:
+                    old = need.get(s, (s_lo, s_hi))
+                    need[s] = (min(old[0], s_lo), max(old[1], s_hi))
+
+        walk(self.ops[k], a, b)
+        for s, (lo, hi) in need.items():
+            st = self.stores[s]
+            if hi > st.g:
+                self.copier.fetch(st, max(lo, st.g), hi)
 
     def op(self, k: int, final: torch.Tensor | None) -> None:
         op, slot = self.ops[k], self.slots[self.ops[k].dst]
@@ -660,17 +905,32 @@ class _Run:
         if where == RECOMPUTE:
             out = _Recomputed(self, k)
         elif final is not None:
-            out = _Store(final, self.device)
+            out = _Store.wrap(final, self.device)
+            if out.host is not None:
+                out.copier = self.copier
         else:
-            out = _Store.new((self.B, slot.channels, *slot.spatial), self.dtype, self.device, where == GPU, self.fmt)
+            g = self.plan._gpu_rows[op.dst] if self.plan._gpu_rows else (n_out if where == GPU else 0)
+            out = _Store.new((self.B, slot.channels, *slot.spatial), self.dtype, self.device, g, self.fmt,
+                             self.copier)
         self.stores[op.dst] = out
         if where != RECOMPUTE or slot.groups is not None:
-            for a in range(0, n_out, rows):
-                y = self.slab(k, a, min(a + rows, n_out))
+            if self.copier is not None:
+                self.copier.new_pass()
+            starts = list(range(0, n_out, rows))
+            for i, a in enumerate(starts):
+                b = min(a + rows, n_out)
+                if self.copier is not None:
+                    if i == 0:
+                        self._prefetch(k, a, b)
+                    if i + 1 < len(starts):
+                        self._prefetch(k, starts[i + 1], min(starts[i + 1] + rows, n_out))
+                self.memo.clear()
+                y = self.slab(k, a, b)
+                self.memo.clear()
                 if slot.groups is not None:
                     out.accumulate(y, slot.groups)
                 if where != RECOMPUTE:
-                    out.write(a, min(a + rows, n_out), y)
+                    out.write(a, b, y)
         for s in {op.src, op.res} - {None}:
             if self.last[s] <= k and s != 0:
                 self.stores[s].release()
@@ -683,16 +943,19 @@ def _execute(ops, slots, plan: DecodePlan, x: torch.Tensor, device, dtype) -> to
     B, last = x.shape[0], len(slots) - 1
     out_shape = (B, slots[last].channels, *slots[last].spatial)
     on_dev = plan._place[last] == GPU
-    final = torch.empty(out_shape, dtype=dtype, device=device if on_dev else "cpu", memory_format=fmt)
+    final = torch.empty(out_shape, dtype=dtype, device=device if on_dev else "cpu", memory_format=fmt,
+                        pin_memory=not on_dev and device.type == "cuda")
     for s0 in range(0, B, plan.batch_chunk):
         run = _Run(ops, slots, plan, device, dtype, fmt)
         xb = x[s0 : s0 + plan.batch_chunk].to(device=device, dtype=dtype, memory_format=fmt)
         run.B = xb.shape[0]
-        run.stores[0] = _Store(xb, device)
+        run.stores[0] = _Store.wrap(xb, device)
         if slots[0].groups is not None:  # the input itself is normalised by the first op (not in MAISI's nets)
             run.stores[0].accumulate(xb, slots[0].groups)
         for k, op in enumerate(ops):
             run.op(k, final[s0 : s0 + plan.batch_chunk] if op.dst == last else None)
+        if run.copier is not None:
+            run.copier.finish(device)
         for st in run.stores:
             if st is not None and st is not run.stores[0]:
                 st.release()

@@ -12,26 +12,84 @@ import torch
 import torch.nn.functional as F
 
 
+def _group_norm(x: torch.Tensor, weight, bias, groups: int, eps: float, silu: bool) -> torch.Tensor:
+    """GroupNorm (+SiLU) with fp32 statistics, output in x's dtype (outside autocast)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if x.dtype == torch.float32 or x.device.type == "cuda":
+            # CUDA's group_norm accumulates in fp32 for half inputs.
+            w = weight.to(x.dtype) if weight is not None else None
+            b = bias.to(x.dtype) if bias is not None else None
+            y = F.group_norm(x, groups, w, b, eps)
+        else:
+            # CPU half/bfloat16: compute in fp32, store in the input dtype.
+            w = weight.float() if weight is not None else None
+            b = bias.float() if bias is not None else None
+            y = F.group_norm(x.float(), groups, w, b, eps).to(x.dtype)
+        if silu:
+            y = F.silu(y, inplace=not torch.is_grad_enabled())
+    return y
+
+
+class _GroupNormKeepInput(torch.autograd.Function):
+    """GroupNorm(+SiLU) for training that keeps only its input and the (N, G) statistics for backward, and rebuilds
+    the normalised tensor there with one elementwise pass (x * scale + shift): autograd would keep the input, the
+    normalised tensor and the SiLU input, so each norm site stores one activation fewer. Backward is ATen's own
+    group-norm backward; gradients equal plain autograd's within rounding of the rebuilt SiLU input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, silu):
+        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+            half_cpu = x.dtype != torch.float32 and x.device.type != "cuda"
+            xc = x.float() if half_cpu else x  # CPU half/bfloat16: compute in fp32 (as `_group_norm`)
+            w = weight.to(xc.dtype) if weight is not None else None
+            b = bias.to(xc.dtype) if bias is not None else None
+            N, C = x.shape[:2]
+            y, mean, rstd = torch.ops.aten.native_group_norm(xc, w, b, N, C, x[0, 0].numel(), groups, eps)
+            y = y.to(x.dtype)
+            if silu:
+                y = F.silu(y, inplace=True)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.groups, ctx.silu = groups, silu
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        N, C = x.shape[:2]
+        G = ctx.groups
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            half_cpu = x.dtype != torch.float32 and x.device.type != "cuda"
+            xc = x.float() if half_cpu else x
+            gc = grad.to(xc.dtype)
+            w = weight.to(xc.dtype) if weight is not None else None
+            if ctx.silu:
+                from fastmaisi.nets.blocks import scale_shift
+
+                rstd_c = rstd.float().repeat_interleave(C // G, dim=1)  # (N, C)
+                scale = rstd_c * (weight.float() if weight is not None else 1.0)
+                shift = -mean.float().repeat_interleave(C // G, dim=1) * scale
+                if bias is not None:
+                    shift = shift + bias.float()
+                h = scale_shift(xc, scale.expand(N, C), shift.expand(N, C))  # GroupNorm output, xc's dtype
+                gc = torch.ops.aten.silu_backward(gc, h)
+            mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                    bias is not None and ctx.needs_input_grad[2]]
+            gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+                gc, xc, mean, rstd, w, N, C, x[0, 0].numel(), G, mask)
+        return (gx.to(x.dtype) if gx is not None else None, gw.to(weight.dtype) if gw is not None else None,
+                gb.to(bias.dtype) if gb is not None else None, None, None, None)
+
+
 def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = False) -> torch.Tensor:
     """GroupNorm with fp32 statistics, returned in x's dtype (not fp32 as under autocast), optionally + SiLU.
 
     One vectorised kernel instead of MONAI's per-group Python loop; outside autocast so half inputs stay half
-    (halves the memory traffic of the next conv's input). x: (B, C, *spatial).
+    (halves the memory traffic of the next conv's input). x: (B, C, *spatial). With gradients, only x is kept for
+    backward (`_GroupNormKeepInput`).
     """
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        w = norm.weight.to(x.dtype) if norm.weight is not None else None
-        b = norm.bias.to(x.dtype) if norm.bias is not None else None
-        if x.dtype == torch.float32 or x.device.type == "cuda":
-            # CUDA's group_norm accumulates in fp32 for half inputs.
-            y = F.group_norm(x, norm.num_groups, w, b, norm.eps)
-        else:
-            # CPU half/bfloat16: compute in fp32, store in the input dtype.
-            w32 = norm.weight.float() if norm.weight is not None else None
-            b32 = norm.bias.float() if norm.bias is not None else None
-            y = F.group_norm(x.float(), norm.num_groups, w32, b32, norm.eps).to(x.dtype)
-        if silu:
-            y = F.silu(y, inplace=True)
-    return y
+    args = (norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, norm.weight, norm.bias))
+    return _GroupNormKeepInput.apply(x, *args) if grads else _group_norm(x, *args)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
