@@ -109,11 +109,12 @@ def whole512(vae16):
 def budget(vae16):
     z = torch.randn(1, 4, 128, 128, 128, device=dev, dtype=torch.float16)
     outs = {}
-    for b in (12 * GiB, 16 * GiB):
+    budgets = (12 * GiB, 16 * GiB, 20 * GiB, 24 * GiB)
+    for b in budgets:
         outs[b] = ours_decode(vae16, z, b, "fp16 decode_latent 512^3 under a budget").cpu()
         torch.cuda.empty_cache()
     outs[None] = decode_latent(vae16, z).cpu()
-    for b in (12 * GiB, 16 * GiB):
+    for b in budgets:
         emit({"what": "512^3 budget vs no budget", "budget_GiB": b / GiB, "max_rel_diff": rel(outs[b], outs[None])})
     del outs
     free_host_memory()

@@ -426,7 +426,7 @@ class _Planner:
         _, reads = self.costs(place, rows, gpu)
         last = _lifetimes(self.ops, self.slots, place)
         slack = [budget - p for p in peaks]
-        for s in sorted((s for s in range(1, n) if place[s] == HOST), key=lambda s: -reads.get(s, 0)):
+        for s in sorted((s for s in range(1, n - 1) if place[s] == HOST), key=lambda s: -reads.get(s, 0)):
             span = range(s - 1, max(last[s], s - 1) + 1)
             free = min(slack[k] for k in span)
             g = min(self.slots[s].spatial[0], max(free, 0) // max(self.row_bytes(s), 1))
@@ -663,7 +663,7 @@ class _Copier:
             ev = torch.cuda.Event()
             ev.record(self.h2d)
         entries.append((lo, hi, t, ev))
-        del entries[:-3]
+        del entries[:-2]  # the slab being computed and the next one
 
     def take(self, store: "_Store", lo: int, hi: int) -> torch.Tensor | None:
         for a, b, t, ev in self.fetched.get(id(store), []):
@@ -730,7 +730,11 @@ class _Store:
         if hi > self.g:
             a = max(lo, self.g)
             t = self.copier.take(self, a, hi) if self.copier is not None else None
-            parts.append(t if t is not None else self.host_rows(a, hi).to(self.device, non_blocking=True))
+            if t is None:  # not fetched ahead: copy on the compute stream, after this store's pending host writes
+                if self.copier is not None:
+                    torch.cuda.current_stream(self.device).wait_stream(self.copier.d2h)
+                t = self.host_rows(a, hi).to(self.device, non_blocking=True)
+            parts.append(t)
         return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
     def write(self, a: int, b: int, y: torch.Tensor) -> None:
@@ -745,6 +749,8 @@ class _Store:
                 dst.copy_(src)
 
     def release(self) -> None:
+        if self.copier is not None:
+            self.copier.fetched.pop(id(self), None)
         if self.buf is not None:
             _host_release(self.buf)
         self.dev = self.host = self.buf = None
