@@ -44,7 +44,37 @@ def conv_rate(cin, cout, k, rows, hw, bench):
           "ms": round(s * 1e3, 3), "TFLOPs": round(flops / s / 1e12, 1)})
 
 
+def pinning(gib: int = 8):
+    """Seconds to get `gib` GiB of page-locked host memory: register fresh pageable memory (what decode.py does),
+    touch it first with all threads then register, or allocate pinned memory directly."""
+    n = gib << 30
+    t = time.perf_counter()
+    a = torch.empty(n, dtype=torch.uint8)
+    torch.cuda.cudart().cudaHostRegister(a.data_ptr(), n, 0)
+    register = time.perf_counter() - t
+    t = time.perf_counter()
+    b = torch.empty(n, dtype=torch.uint8)
+    b.zero_()
+    touched = time.perf_counter() - t
+    torch.cuda.cudart().cudaHostRegister(b.data_ptr(), n, 0)
+    touch_register = time.perf_counter() - t
+    t = time.perf_counter()
+    c = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    pinned = time.perf_counter() - t
+    emit({"what": "pinning", "GiB": gib, "register_s": round(register, 2), "touch_s": round(touched, 2),
+          "touch_then_register_s": round(touch_register, 2), "pin_memory_alloc_s": round(pinned, 2),
+          "threads": torch.get_num_threads()})
+    for x in (a, b):
+        torch.cuda.cudart().cudaHostUnregister(x.data_ptr())
+    del a, b, c
+
+
 def main():
+    import sys
+
+    if "--pinning" in sys.argv:
+        pinning()
+        return
     for bench in (False, True):
         for cin, cout, k, hw, rows_list in [(128, 128, 3, 512, (4, 8, 16, 32)), (128, 64, 3, 512, (8, 16, 32)),
                                             (64, 64, 3, 512, (8, 16, 32, 64)), (64, 1, 3, 512, (16, 64)),

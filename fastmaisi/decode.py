@@ -194,6 +194,7 @@ class DecodePlan:
     _rows: list[int] = field(default_factory=list, repr=False)
     _place: list[str] = field(default_factory=list, repr=False)
     _gpu_rows: list[int] = field(default_factory=list, repr=False)  # per slot: rows [0, g) of a host slot on device
+    setup_seconds: float = 0.0  # part of est_seconds: page-locking host memory not yet set up by earlier runs
 
     def describe(self) -> str:
         gib = lambda n: f"{n / _GiB:.2f} GiB"  # noqa: E731
@@ -206,13 +207,14 @@ class DecodePlan:
                    f"{self.slab_rows} rows along D at full resolution ({lv})")
         if self.batch_chunk < self.input_shape[0]:
             how += ", one sample at a time"
-        host = (f" and {gib(self.host_bytes)} of page-locked host memory (about {self.host_bytes / _GiB * 0.5:.0f} s "
-                "to set up on first use, then kept for reuse)" if self.host_bytes else "")
+        host = (f" and {gib(self.host_bytes)} of page-locked host memory (kept for reuse by later runs)"
+                if self.host_bytes else "")
+        setup = f", of which {self.setup_seconds:.1f} s to set up host memory" if self.setup_seconds >= 0.05 else ""
         return (
             f"{self.task.capitalize()} {tuple(self.input_shape)} -> {tuple(self.output_shape)} "
             f"({str(self.dtype).replace('torch.', '')}) on {self.device} with {budget}: {how}. "
             f"Estimated peak device memory {gib(self.peak_bytes)}{host}; output on {self.output_device}; "
-            f"expected time about {self.est_seconds:.1f} s once warm."
+            f"expected time about {self.est_seconds:.1f} s{setup}."
         )
 
     __str__ = describe
@@ -255,7 +257,7 @@ def _ws_bytes(op: _Op, slots: list[_Slot], rows: int, B: int, esz: int, src_dev:
     if op.res is not None:
         total += B * slots[op.res].channels * rows * _plane(d) * esz * (0 if res_dev else 1) + y_el * esz
     if dst_host and cuda:
-        total += y_el * esz  # the previous slab, still being copied to the host
+        total += 2 * y_el * esz  # earlier slabs, still being copied to the host (`_RUN_AHEAD`)
     return int(total)
 
 
@@ -290,19 +292,21 @@ def _recomputable(ops: list[_Op], slots: list[_Slot], place: list[str], s: int) 
 
 # Sustained rates on an H200 (bench/bench_primitives.py, fp16 channels_last_3d): cuDNN 3-D convs by their smaller
 # channel count (FLOP/s), page-locked host<->device copies (bytes/s each way, both ways at once), elementwise passes.
-_CONV_RATE = ((128, 620e12), (32, 470e12), (8, 200e12), (0, 7e12))
+_CONV_RATE = ((128, 690e12), (32, 550e12), (8, 200e12), (0, 7e12))  # at 16M output voxels per conv; thinner slabs
+# run slower (64->64 at 512^2: 348 / 438 / 465 / 552 TFLOP/s at 8 / 16 / 32 / 64 rows): `_conv_seconds`
 _CPU_RATE = {2: 2e10, 4: 5e10}
 _HOST_BW = 48e9
 _ELEMENTWISE_BW = 2.5e12
-_SLAB_VOXELS = 8 << 20  # output voxels per slab beyond which bigger slabs buy no conv speed
+_SLAB_VOXELS = 16 << 20  # output voxels per slab beyond which bigger slabs buy no conv speed
 _PAD_OUT = 8  # CUDA: convs with fewer output channels run with zero-padded weights (cuDNN is slow at 1 channel)
+_PIN_SECONDS_PER_BYTE = 0.4 / _GiB  # page-locking new host memory (first use; then pooled): 48 GiB took ~19 s
 
 
 def _conv_seconds(conv, vox: int, cuda: bool, esz: int) -> float:
     cin, cout = conv.in_channels, conv.out_channels
     if cuda and esz <= 2:
         cout_run = max(cout, _PAD_OUT)
-        rate = next(r for c, r in _CONV_RATE if min(cin, cout_run) >= c)
+        rate = next(r for c, r in _CONV_RATE if min(cin, cout_run) >= c) * min(1.0, 0.55 + 0.45 * vox / _SLAB_VOXELS)
         return 2 * cin * cout_run * math.prod(conv.kernel_size) * vox / rate
     return 2 * cin * cout * math.prod(conv.kernel_size) * vox / (40e12 if cuda else _CPU_RATE[min(esz, 4)])
 
@@ -503,13 +507,14 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     if out_host:
         fixed[n - 1] = HOST
     movable = [s for s in range(1, n - 1) if cuda and pl.size(s) * 64 >= budget]
+    pooled = sum(b.numel() for b in _HOST_POOL)  # page-locked host memory already set up by earlier runs
 
     def evaluate(place):
         res = pl.tile(place, budget)
         if res is None:
             return None
         rows, peaks, host_peak = res
-        short = any(rows[k] < min(_MIN_ROWS, slots[ops[k].dst].spatial[0]) for k in pl.passes(place))
+        short = any(rows[k] < min(2, slots[ops[k].dst].spatial[0]) for k in pl.passes(place))
         gpu = pl.fill(place, rows, peaks, budget)
         secs = pl.costs(place, rows, gpu)[0]
         return (short, secs), list(place), rows, peaks, host_peak, gpu
@@ -540,10 +545,13 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
                     best, improved = cand, True
         if not improved:
             break
-    _, place, rows, peaks, host_peak, gpu = best
+    (_, secs), place, rows, peaks, host_peak, gpu = best
     peak = max(p + sum(gpu[s] * pl.row_bytes(s) for s in _live(ops, _lifetimes(ops, slots, place), k)
                        if place[s] == HOST) for k, p in enumerate(peaks))
-    return finish(pl, place, rows, peak, host_peak, tiled=True, gpu=gpu)
+    plan = finish(pl, place, rows, peak, host_peak, tiled=True, gpu=gpu)
+    plan.setup_seconds = max(host_peak - pooled, 0) * _PIN_SECONDS_PER_BYTE  # first use only (then pooled)
+    plan.est_seconds = secs + plan.setup_seconds
+    return plan
 
 
 def _vae_for_plan(vae: AutoencoderKlMaisi | None) -> AutoencoderKlMaisi:
@@ -610,6 +618,7 @@ def plan_encode(
 # ----------------------------------------------------------------------------------------------------------------
 
 _HOST_POOL: list[torch.Tensor] = []
+_RUN_AHEAD = 2  # slabs the host may enqueue ahead of the device in a pass with host copies
 
 
 def _host_buffer(nbytes: int) -> torch.Tensor:
@@ -679,6 +688,13 @@ class _Copier:
         with torch.cuda.stream(self.d2h):
             dst.copy_(y, non_blocking=True)
         y.record_stream(self.d2h)
+
+    def mark(self) -> tuple:
+        """Events at the current ends of the compute and host-write streams."""
+        evs = (torch.cuda.Event(), torch.cuda.Event())
+        evs[0].record(torch.cuda.current_stream(self.d2h.device))
+        evs[1].record(self.d2h)
+        return evs
 
     def finish(self, device: torch.device) -> None:
         cur = torch.cuda.current_stream(device)
@@ -923,6 +939,7 @@ class _Run:
             if self.copier is not None:
                 self.copier.new_pass()
             starts = list(range(0, n_out, rows))
+            pending: list[tuple] = []
             for i, a in enumerate(starts):
                 b = min(a + rows, n_out)
                 if self.copier is not None:
@@ -937,6 +954,12 @@ class _Run:
                     out.accumulate(y, slot.groups)
                 if where != RECOMPUTE:
                     out.write(a, b, y)
+                if self.copier is not None:  # keep the host at most _RUN_AHEAD slabs ahead of the device, so that
+                    # slabs in flight (fetched, or being written to the host) stay within the plan's memory
+                    pending.append(self.copier.mark())
+                    if len(pending) > _RUN_AHEAD:
+                        for ev in pending.pop(0):
+                            ev.synchronize()
         for s in {op.src, op.res} - {None}:
             if self.last[s] <= k and s != 0:
                 self.stores[s].release()

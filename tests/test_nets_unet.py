@@ -402,3 +402,33 @@ def test_selective_checkpointing_saves_less_than_plain():
     for mode in ("selective", "outer"):
         for g_plain, g_mode in zip(grads[False], grads[mode]):
             torch.testing.assert_close(g_mode, g_plain, rtol=1e-5, atol=1e-7)
+
+
+def test_training_group_norm_keeps_only_its_input():
+    """The training GroupNorm(+SiLU) stores its input (and the (N, G) statistics) for backward instead of autograd's
+    input + normalised tensor + SiLU input, and gives plain autograd's gradients (fp32: bit for bit)."""
+    from fastmaisi.nets import ops
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 8, 6, 5, 4, requires_grad=True)
+    g = torch.randn(2, 8, 6, 5, 4)
+    big = []
+
+    def pack(t):
+        if t.numel() == x.numel():
+            big.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = ops.group_norm(x, norm, silu=True)
+    assert len(big) == 1 and big[0] is x  # autograd's own path keeps three such tensors
+    grads = torch.autograd.grad(y, (x, norm.weight, norm.bias), g)
+    y_ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, norm.eps))
+    ref = torch.autograd.grad(y_ref, (x, norm.weight, norm.bias), g)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
