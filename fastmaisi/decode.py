@@ -243,7 +243,10 @@ def _ws_bytes(op: _Op, slots: list[_Slot], rows: int, B: int, esz: int, src_dev:
     s, d = slots[op.src], slots[op.dst]
     x_el = B * s.channels * _max_in_rows(op, slots, rows) * _plane(s)
     y_el = B * d.channels * rows * _plane(d)
-    total = 0 if src_dev else x_el * esz * (2 if cuda else 1)  # the slab read (+ the next one in flight)
+    # the slab read (CUDA: + the next one in flight, + the joined copy of a read across a split host store)
+    total = 0 if src_dev else x_el * esz * (3 if cuda else 1)
+    if cuda and op.kind != "upT":
+        total += x_el * esz  # cuDNN workspace (measured up to about one input slab for k3 convs on large slabs)
     if op.norm is not None:
         total += x_el * (esz if cuda else 4 + esz)  # normalised slab (CUDA: one kernel; CPU: fp32 then a copy)
     if op.kind == "up":
@@ -299,7 +302,7 @@ _HOST_BW = 48e9
 _ELEMENTWISE_BW = 2.5e12
 _SLAB_VOXELS = 16 << 20  # output voxels per slab beyond which bigger slabs buy no conv speed
 _PAD_OUT = 8  # CUDA: convs with fewer output channels run with zero-padded weights (cuDNN is slow at 1 channel)
-_PIN_SECONDS_PER_BYTE = 0.4 / _GiB  # page-locking new host memory (first use; then pooled): 48 GiB took ~19 s
+_PIN_SECONDS_PER_BYTE = 0.125 / _GiB  # page-locking new host memory (first use; then pooled): 8 GiB in 1.0 s
 
 
 def _conv_seconds(conv, vox: int, cuda: bool, esz: int) -> float:
@@ -628,6 +631,7 @@ def _host_buffer(nbytes: int) -> torch.Tensor:
     if fits:
         return _HOST_POOL.pop(min(fits, key=lambda i: _HOST_POOL[i].numel()))
     buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf.zero_()  # fault the pages in on all threads first: 8 GiB register in 1.0 s instead of 3.7 s (H200 host)
     torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)  # on failure the buffer stays pageable
     return buf
 
@@ -658,8 +662,9 @@ class _Copier:
         self.fetched: dict[int, list] = {}  # id(store) -> [(lo, hi, tensor, event)]
 
     def new_pass(self) -> None:
-        """Order this pass's reads after earlier passes' host writes, and host writes after earlier reads (buffers
-        are reused)."""
+        """Drop the slabs fetched for the previous pass (each pass reads its own rows); order this pass's reads after
+        earlier passes' host writes, and host writes after earlier reads (buffers are reused)."""
+        self.fetched.clear()
         self.h2d.wait_stream(self.d2h)
         self.d2h.wait_stream(self.h2d)
 
@@ -966,6 +971,9 @@ class _Run:
                 self.stores[s] = None
 
 
+TRACE: list | None = None  # set to [] to record (op, kind, placement, rows, peak bytes) per op (benchmarks)
+
+
 def _execute(ops, slots, plan: DecodePlan, x: torch.Tensor, device, dtype) -> torch.Tensor:
     """Run the program on x (B, C, *spatial), `plan.batch_chunk` samples at a time, into one preallocated output."""
     fmt = torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
@@ -982,7 +990,13 @@ def _execute(ops, slots, plan: DecodePlan, x: torch.Tensor, device, dtype) -> to
         if slots[0].groups is not None:  # the input itself is normalised by the first op (not in MAISI's nets)
             run.stores[0].accumulate(xb, slots[0].groups)
         for k, op in enumerate(ops):
+            if TRACE is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
             run.op(k, final[s0 : s0 + plan.batch_chunk] if op.dst == last else None)
+            if TRACE is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)
+                TRACE.append((k, op.kind, plan._place[op.dst], plan._rows[k], torch.cuda.max_memory_allocated(device)))
         if run.copier is not None:
             run.copier.finish(device)
         for st in run.stores:
