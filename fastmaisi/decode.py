@@ -39,6 +39,7 @@ set; with no budget the CPU path runs `vae.decode` / `vae.encode` themselves.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -1025,6 +1026,24 @@ def _check(vae: AutoencoderKlMaisi, t: torch.Tensor, channels: int, what: str, b
         raise ValueError(f"memory_budget_bytes must be positive, got {budget}")
 
 
+@contextlib.contextmanager
+def _allocator_cap(device: torch.device, plan: DecodePlan):
+    """During a tiled CUDA run, cap the caching allocator at what is allocated now + the budget + a margin: cuDNN
+    otherwise takes convolution workspaces from all the free device memory (the H200 trace showed ops 4-7 GiB over
+    the plan); under the cap it falls back to algorithms with smaller workspaces."""
+    if device.type != "cuda" or not plan.tiled or plan.memory_budget_bytes is None:
+        yield
+        return
+    torch.cuda.empty_cache()  # the cap counts reserved memory: start from what is allocated
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = torch.cuda.memory_allocated(device) + plan.memory_budget_bytes + 2 * _CUDA_WORKSPACE
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
 def _compute(vae, x, budget, plan_fn, whole_fn, program_fn, out_device):
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
@@ -1037,7 +1056,8 @@ def _compute(vae, x, budget, plan_fn, whole_fn, program_fn, out_device):
                 else:
                     ops, slots = program_fn()
                     _shapes(ops, slots, x.shape[2:])
-                    y = _execute(ops, slots, plan, x, device, dtype)
+                    with _allocator_cap(device, plan):
+                        y = _execute(ops, slots, plan, x, device, dtype)
             if out_device is not None:
                 y = y.to(out_device)
             return y, plan
