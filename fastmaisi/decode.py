@@ -39,7 +39,6 @@ set; with no budget the CPU path runs `vae.decode` / `vae.encode` themselves.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -303,6 +302,7 @@ _HOST_BW = 48e9
 _ELEMENTWISE_BW = 2.5e12
 _SLAB_VOXELS = 16 << 20  # output voxels per slab beyond which bigger slabs buy no conv speed
 _PAD_OUT = 8  # CUDA: convs with fewer output channels run with zero-padded weights (cuDNN is slow at 1 channel)
+_PLAN_FRACTION = 0.75  # of a CUDA budget that the planner fills (see `_make_plan`)
 _PIN_SECONDS_PER_BYTE = 0.125 / _GiB  # page-locking new host memory (first use; then pooled): 8 GiB in 1.0 s
 
 
@@ -503,8 +503,13 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
         return finish(pl, place, [slots[op.dst].spatial[0] for op in ops], max(whole[1]) if whole else 0, 0,
                       tiled=False)
 
-    # Tiled, one sample at a time. On CUDA, search placements of the large activations (device, host, recomputed
-    # when read): start from a few simple placements, then change one activation at a time while the estimated time
+    # Tiled, one sample at a time. On CUDA plan for `_PLAN_FRACTION` of the budget: cuDNN takes convolution
+    # workspaces from whatever device memory is free, beyond the planner's control (the H200 trace of a 512^3
+    # decode showed single ops up to a third over their estimate at 16-24 GiB).
+    user_budget = budget
+    if cuda:
+        budget = int(budget * _PLAN_FRACTION)
+    # On CUDA, search placements of the large activations (device, host, recomputed when read): start from a few simple placements, then change one activation at a time while the estimated time
     # falls; slabs should keep `_MIN_ROWS` rows where the budget allows. On CPU everything stays in RAM.
     pl = _Planner(ops, slots, B, 1, esz, device.type)
     fixed = [GPU] * n
@@ -553,6 +558,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     peak = max(p + sum(gpu[s] * pl.row_bytes(s) for s in _live(ops, _lifetimes(ops, slots, place), k)
                        if place[s] == HOST) for k, p in enumerate(peaks))
     plan = finish(pl, place, rows, peak, host_peak, tiled=True, gpu=gpu)
+    plan.memory_budget_bytes = user_budget
     plan.setup_seconds = max(host_peak - pooled, 0) * _PIN_SECONDS_PER_BYTE  # first use only (then pooled)
     plan.est_seconds = secs + plan.setup_seconds
     return plan
@@ -1026,24 +1032,6 @@ def _check(vae: AutoencoderKlMaisi, t: torch.Tensor, channels: int, what: str, b
         raise ValueError(f"memory_budget_bytes must be positive, got {budget}")
 
 
-@contextlib.contextmanager
-def _allocator_cap(device: torch.device, plan: DecodePlan):
-    """During a tiled CUDA run, cap the caching allocator at what is allocated now + the budget + a margin: cuDNN
-    otherwise takes convolution workspaces from all the free device memory (the H200 trace showed ops 4-7 GiB over
-    the plan); under the cap it falls back to algorithms with smaller workspaces."""
-    if device.type != "cuda" or not plan.tiled or plan.memory_budget_bytes is None:
-        yield
-        return
-    torch.cuda.empty_cache()  # the cap counts reserved memory: start from what is allocated
-    total = torch.cuda.get_device_properties(device).total_memory
-    cap = torch.cuda.memory_allocated(device) + plan.memory_budget_bytes + 2 * _CUDA_WORKSPACE
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
-    try:
-        yield
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
-
-
 def _compute(vae, x, budget, plan_fn, whole_fn, program_fn, out_device):
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
@@ -1056,8 +1044,7 @@ def _compute(vae, x, budget, plan_fn, whole_fn, program_fn, out_device):
                 else:
                     ops, slots = program_fn()
                     _shapes(ops, slots, x.shape[2:])
-                    with _allocator_cap(device, plan):
-                        y = _execute(ops, slots, plan, x, device, dtype)
+                    y = _execute(ops, slots, plan, x, device, dtype)
             if out_device is not None:
                 y = y.to(out_device)
             return y, plan
