@@ -21,16 +21,24 @@ How the exact path works (the design, and why):
   uses, in fp32. On CUDA the statistics, the normalisation (+SiLU) and the trilinear x2 (only the rows a slab's conv
   reads) are one Triton pass each (`nets.blocks`); on CPU they are plain torch.
 - Each activation lives in one preallocated tensor (outputs are written slab by slab into it: no list of tiles, no
-  `torch.cat`), in one of three places chosen by the planner: on the device; in page-locked host memory (pageable
-  memory registered with CUDA, kept in a pool for reuse); or nowhere: an activation made by an op without residual
-  (a ResBlock's hidden state, an upsample's output) can instead be recomputed, slab by slab, whenever it is read,
-  at the cost of one extra conv per read and no memory. On CUDA tensors are channels_last_3d, cuDNN's fast layout,
-  in which a one-sample slab of D rows is one contiguous block, so host copies are plain memcpys on the compute
-  stream (ordered, no syncs).
-- The planner starts with everything on the device and, while some op cannot keep 8 rows per slab inside the
-  budget, takes the largest activation off the device (recompute if allowed, else host); it also tries host-only
-  and keeps the faster plan by its estimate. Low-resolution levels thus stay whole on the device. When tiling is
-  needed and B > 1, samples run one at a time (GroupNorm is per sample, so this is exact).
+  `torch.cat`), placed by the planner: on the device; in page-locked host memory (pageable memory faulted in on all
+  threads, then registered with CUDA, kept in a pool for reuse), with its first rows on the device when the budget
+  has room; or nowhere: recomputed, slab by slab, from its producer's inputs whenever it is read. Recomputations
+  chain (an activation recomputed from another recomputed one) and are memoised within a slab, so an activation
+  read as input and as residual is computed once. A residual's 1x1 shortcut applied to a recomputed, linear
+  producer (MAISI's upsample output) is folded into that producer's conv: one conv with fewer output channels
+  instead of two. On CUDA tensors are channels_last_3d, cuDNN's fast layout, in which a one-sample slab of D rows is
+  one contiguous block; host copies run on two side streams (`_Copier`): the next slab's host rows are fetched
+  while the current one computes, written rows go back while the next computes, and the host stays at most two
+  slabs ahead of the device.
+- The planner prices a placement with rates measured on an H200 (`bench/bench_primitives.py`: conv FLOP/s by
+  channel count and slab size, ~48 GB/s each way for page-locked copies, elementwise bandwidth), each pass costing
+  the slower of its convs and its copies. It starts from a few simple placements (everything on the device; the
+  largest activations moved off one by one, recomputed or to the host) and changes one activation at a time while
+  the estimate falls; host slots then get device rows from the budget left over. Low-resolution levels thus stay
+  whole on the device. When tiling is needed and B > 1, samples run one at a time (GroupNorm is per sample, so
+  this is exact). On CUDA it fills 75 % of the budget: cuDNN takes convolution workspaces from the free device
+  memory, outside the plan (measured ops up to a third over their estimate).
 
 The budget counts the device memory for activations and per-slab temporaries; the network's weights (already
 resident) are not counted. On CPU, activations live in RAM either way and the budget bounds the per-slab working
