@@ -37,8 +37,8 @@ How the exact path works (the design, and why):
   largest activations moved off one by one, recomputed or to the host) and changes one activation at a time while
   the estimate falls; host slots then get device rows from the budget left over. Low-resolution levels thus stay
   whole on the device. When tiling is needed and B > 1, samples run one at a time (GroupNorm is per sample, so
-  this is exact). On CUDA it fills 75 % of the budget: cuDNN takes convolution workspaces from the free device
-  memory, outside the plan (measured ops up to a third over their estimate).
+  this is exact). On CUDA it fills 95 % of the budget (`bench/trace_decode.py` compares each op's measured peak
+  with its estimate; cuDNN took no workspace for these convs on an H200).
 
 The budget counts the device memory for activations and per-slab temporaries; the network's weights (already
 resident) are not counted. On CPU, activations live in RAM either way and the budget bounds the per-slab working
@@ -310,7 +310,7 @@ _HOST_BW = 48e9
 _ELEMENTWISE_BW = 2.5e12
 _SLAB_VOXELS = 16 << 20  # output voxels per slab beyond which bigger slabs buy no conv speed
 _PAD_OUT = 8  # CUDA: convs with fewer output channels run with zero-padded weights (cuDNN is slow at 1 channel)
-_PLAN_FRACTION = 0.75  # of a CUDA budget that the planner fills (see `_make_plan`)
+_PLAN_FRACTION = 0.95  # of a CUDA budget that the planner fills (see `_make_plan`)
 _PIN_SECONDS_PER_BYTE = 0.125 / _GiB  # page-locking new host memory (first use; then pooled): 8 GiB in 1.0 s
 
 
@@ -511,9 +511,8 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
         return finish(pl, place, [slots[op.dst].spatial[0] for op in ops], max(whole[1]) if whole else 0, 0,
                       tiled=False)
 
-    # Tiled, one sample at a time. On CUDA plan for `_PLAN_FRACTION` of the budget: cuDNN takes convolution
-    # workspaces from whatever device memory is free, beyond the planner's control (the H200 trace of a 512^3
-    # decode showed single ops up to a third over their estimate at 16-24 GiB).
+    # Tiled, one sample at a time. On CUDA plan for `_PLAN_FRACTION` of the budget (allocator rounding, cuDNN
+    # handles and kernels' small buffers are outside the estimate).
     user_budget = budget
     if cuda:
         budget = int(budget * _PLAN_FRACTION)
@@ -974,14 +973,17 @@ class _Run:
                     out.accumulate(y, slot.groups)
                 if where != RECOMPUTE:
                     out.write(a, b, y)
+                if TRACE is not None and self.device.type == "cuda":
+                    TRACE.append(("slab", k, a, torch.cuda.memory_allocated(self.device)))
                 if self.copier is not None:  # keep the host at most _RUN_AHEAD slabs ahead of the device, so that
                     # slabs in flight (fetched, or being written to the host) stay within the plan's memory
                     pending.append(self.copier.mark())
                     if len(pending) > _RUN_AHEAD:
                         for ev in pending.pop(0):
                             ev.synchronize()
-        for s in {op.src, op.res} - {None}:
-            if self.last[s] <= k and s != 0:
+        for s in range(1, len(self.stores)):  # every activation whose last reader (directly, or through a
+            # recomputed activation that reads it) has run: not only this op's own inputs
+            if self.stores[s] is not None and self.last[s] <= k and s != len(self.stores) - 1:
                 self.stores[s].release()
                 self.stores[s] = None
 
