@@ -59,8 +59,13 @@ class _GroupNormKeepInput(torch.autograd.Function):
         G = ctx.groups
         with torch.autocast(device_type=x.device.type, enabled=False):
             half_cpu = x.dtype != torch.float32 and x.device.type != "cuda"
-            xc = x.float() if half_cpu else x
-            gc = grad.to(xc.dtype)
+            # ATen's group-norm backward wants dense tensors in one layout (autograd's own formula makes them so):
+            # channels-last stays on CPU, CUDA takes NCDHW; the grad may arrive permuted (attention blocks)
+            fmt = torch.contiguous_format
+            if x.device.type == "cpu" and x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+                fmt = torch.channels_last_3d
+            xc = (x.float() if half_cpu else x).contiguous(memory_format=fmt)
+            gc = grad.to(xc.dtype).contiguous(memory_format=fmt)
             w = weight.to(xc.dtype) if weight is not None else None
             if ctx.silu:
                 from fastmaisi.nets.blocks import scale_shift
