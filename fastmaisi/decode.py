@@ -68,7 +68,6 @@ _MiB = 1 << 20
 _GiB = 1 << 30
 # Rough sustained throughputs for the time estimate (FLOP/s of 3-D convs; host<->device bytes/s).
 _CUDA_WORKSPACE = 256 * _MiB  # allowance for cuDNN workspaces and allocator rounding per op
-_MIN_ROWS = 8  # the planner moves activations to the host before it cuts slabs thinner than this
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,11 +286,6 @@ def _live(ops: list[_Op], last: list[int], k: int) -> list[int]:
     """Slots allocated while op k runs (the caller's input, slot 0, excluded; the output stays allocated)."""
     n = len(last)
     return [s for s in range(1, n) if s <= ops[k].dst and (last[s] >= k or s == ops[k].dst or s == n - 1)]
-
-
-def _readers(ops: list[_Op], s: int) -> list[int]:
-    """Op indices that read slot s, once per read (an op reading s as input and residual appears twice)."""
-    return [k for k, op in enumerate(ops) for t in (op.src, op.res) if t == s]
 
 
 def _recomputable(ops: list[_Op], slots: list[_Slot], place: list[str], s: int) -> bool:
@@ -516,8 +510,9 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     user_budget = budget
     if cuda:
         budget = int(budget * _PLAN_FRACTION)
-    # On CUDA, search placements of the large activations (device, host, recomputed when read): start from a few simple placements, then change one activation at a time while the estimated time
-    # falls; slabs should keep `_MIN_ROWS` rows where the budget allows. On CPU everything stays in RAM.
+    # On CUDA, search placements of the large activations (device, host, recomputed when read): start from a few
+    # simple placements, then change one activation at a time while the estimated time falls (thin slabs are priced
+    # by `_conv_seconds`; one-row slabs only if nothing else fits). On CPU everything stays in RAM.
     pl = _Planner(ops, slots, B, 1, esz, device.type)
     fixed = [GPU] * n
     if out_host:
