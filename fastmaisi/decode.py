@@ -37,7 +37,8 @@ How the exact path works (the design, and why):
   largest activations moved off one by one, recomputed or to the host) and changes one activation at a time while
   the estimate falls; host slots then get device rows from the budget left over. Low-resolution levels thus stay
   whole on the device. When tiling is needed and B > 1, samples run one at a time (GroupNorm is per sample, so
-  this is exact). On CUDA it fills 95 % of the budget (`bench/trace_decode.py` compares each op's measured peak
+  this is exact). Plans are remembered per network, shape and budget (the search takes ~0.3 s at 512^3). On
+  CUDA it fills 95 % of the budget (`bench/trace_decode.py` compares each op's measured peak
   with its estimate; cuDNN took no workspace for these convs on an H200).
 
 The budget counts the device memory for activations and per-slab temporaries; the network's weights (already
@@ -47,6 +48,7 @@ set; with no budget the CPU path runs `vae.decode` / `vae.encode` themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -561,9 +563,28 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
                        if place[s] == HOST) for k, p in enumerate(peaks))
     plan = finish(pl, place, rows, peak, host_peak, tiled=True, gpu=gpu)
     plan.memory_budget_bytes = user_budget
-    plan.setup_seconds = max(host_peak - pooled, 0) * _PIN_SECONDS_PER_BYTE  # first use only (then pooled)
+    plan.setup_seconds = max(plan.host_bytes - pooled, 0) * _PIN_SECONDS_PER_BYTE  # first use only (then pooled)
     plan.est_seconds = secs + plan.setup_seconds
     return plan
+
+
+_PLANS: dict[tuple, DecodePlan] = {}  # the search takes ~0.3 s at 512^3: plans are kept per network, shape, budget
+
+
+def _cached_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device=None) -> DecodePlan:
+    """`_make_plan`, remembered; each call gets its own copy, its host set-up time priced against the pool now."""
+    program = tuple((op.kind, op.src, op.res, op.conv.in_channels, op.conv.out_channels, tuple(op.conv.kernel_size),
+                     op.norm.num_groups if op.norm is not None else 0, op.silu, op.shortcut is not None) for op in ops)
+    key = (task, program, tuple(in_shape), out_channels, str(device), budget, dtype, str(out_device))
+    if key not in _PLANS:
+        if len(_PLANS) >= 64:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device)
+    plan = _PLANS[key]
+    setup = max(plan.host_bytes - sum(b.numel() for b in _HOST_POOL), 0) * _PIN_SECONDS_PER_BYTE if plan.tiled else 0.0
+    return dataclasses.replace(plan, levels=list(plan.levels), _rows=list(plan._rows), _place=list(plan._place),
+                               _gpu_rows=list(plan._gpu_rows), setup_seconds=setup,
+                               est_seconds=plan.est_seconds - plan.setup_seconds + setup)
 
 
 def _vae_for_plan(vae: AutoencoderKlMaisi | None) -> AutoencoderKlMaisi:
@@ -604,8 +625,8 @@ def plan_decode(
     if memory_budget_bytes is None:
         memory_budget_bytes = _default_budget(device)
     ops, slots = _compile(vae.decoder.blocks, vae.latent_channels, vae.post_quant_conv)
-    return _make_plan("decode", ops, slots, tuple(latent_shape), vae.out_channels, device, memory_budget_bytes, dtype,
-                      out_device)
+    return _cached_plan("decode", ops, slots, tuple(latent_shape), vae.out_channels, device, memory_budget_bytes,
+                        dtype, out_device)
 
 
 def plan_encode(
@@ -621,8 +642,8 @@ def plan_encode(
     if memory_budget_bytes is None:
         memory_budget_bytes = _default_budget(device)
     ops, slots = _compile(vae.encoder.blocks, vae.in_channels, None)
-    return _make_plan("encode", ops, slots, tuple(image_shape), vae.latent_channels, device, memory_budget_bytes,
-                      dtype)
+    return _cached_plan("encode", ops, slots, tuple(image_shape), vae.latent_channels, device, memory_budget_bytes,
+                        dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
