@@ -12,22 +12,30 @@ import torch
 import torch.nn.functional as F
 
 
-def _group_norm(x: torch.Tensor, weight, bias, groups: int, eps: float, silu: bool) -> torch.Tensor:
-    """GroupNorm (+SiLU) with fp32 statistics, output in x's dtype (outside autocast)."""
+def _compute_input(x: torch.Tensor, keep_channels_last: bool = True) -> torch.Tensor:
+    """What ATen's group-norm kernels read, as `torch.group_norm` and autograd's formula prepare it: CPU
+    half/bfloat16 in fp32 (CUDA accumulates half in fp32), dense, channels-last 3-D kept if asked (else NCDHW)."""
+    xc = x.float() if x.dtype != torch.float32 and x.device.type != "cuda" else x
+    cl = keep_channels_last and x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    return xc.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+
+
+def _native_group_norm(x: torch.Tensor, weight, bias, groups: int, eps: float):
+    """(GroupNorm(x) in x's dtype, mean, rstd): ATen's kernel on `_compute_input(x)`, outside autocast."""
+    xc = _compute_input(x)
+    w = weight.to(xc.dtype) if weight is not None else None
+    b = bias.to(xc.dtype) if bias is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
-        if x.dtype == torch.float32 or x.device.type == "cuda":
-            # CUDA's group_norm accumulates in fp32 for half inputs.
-            w = weight.to(x.dtype) if weight is not None else None
-            b = bias.to(x.dtype) if bias is not None else None
-            y = F.group_norm(x, groups, w, b, eps)
-        else:
-            # CPU half/bfloat16: compute in fp32, store in the input dtype.
-            w = weight.float() if weight is not None else None
-            b = bias.float() if bias is not None else None
-            y = F.group_norm(x.float(), groups, w, b, eps).to(x.dtype)
-        if silu:
-            y = F.silu(y, inplace=not torch.is_grad_enabled())
-    return y
+        y, mean, rstd = torch.ops.aten.native_group_norm(xc, w, b, x.shape[0], x.shape[1], x[0, 0].numel(), groups,
+                                                         eps)
+    return y.to(x.dtype), mean, rstd
+
+
+def _group_norm(x: torch.Tensor, weight, bias, groups: int, eps: float, silu: bool) -> torch.Tensor:
+    """GroupNorm (+SiLU) with fp32 statistics, output in x's dtype, without autograd (`group_norm` routes here only
+    when nothing needs a gradient)."""
+    y = _native_group_norm(x, weight, bias, groups, eps)[0]
+    return F.silu(y, inplace=True) if silu else y
 
 
 class _GroupNormKeepInput(torch.autograd.Function):
@@ -38,14 +46,8 @@ class _GroupNormKeepInput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, silu):
-        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            half_cpu = x.dtype != torch.float32 and x.device.type != "cuda"
-            xc = x.float() if half_cpu else x  # CPU half/bfloat16: compute in fp32 (as `_group_norm`)
-            w = weight.to(xc.dtype) if weight is not None else None
-            b = bias.to(xc.dtype) if bias is not None else None
-            N, C = x.shape[:2]
-            y, mean, rstd = torch.ops.aten.native_group_norm(xc, w, b, N, C, x[0, 0].numel(), groups, eps)
-            y = y.to(x.dtype)
+        with torch.no_grad():
+            y, mean, rstd = _native_group_norm(x, weight, bias, groups, eps)
             if silu:
                 y = F.silu(y, inplace=True)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
@@ -58,14 +60,11 @@ class _GroupNormKeepInput(torch.autograd.Function):
         N, C = x.shape[:2]
         G = ctx.groups
         with torch.autocast(device_type=x.device.type, enabled=False):
-            half_cpu = x.dtype != torch.float32 and x.device.type != "cuda"
-            # ATen's group-norm backward wants dense tensors in one layout (autograd's own formula makes them so):
-            # channels-last stays on CPU, CUDA takes NCDHW; the grad may arrive permuted (attention blocks)
-            fmt = torch.contiguous_format
-            if x.device.type == "cpu" and x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-                fmt = torch.channels_last_3d
-            xc = (x.float() if half_cpu else x).contiguous(memory_format=fmt)
-            gc = grad.to(xc.dtype).contiguous(memory_format=fmt)
+            # ATen's group-norm backward wants the grad in x's layout (it may arrive permuted from attention blocks);
+            # as autograd's own formula, channels-last stays on CPU and CUDA takes NCDHW
+            xc = _compute_input(x, keep_channels_last=x.device.type == "cpu")
+            layout = torch.contiguous_format if xc.is_contiguous() else torch.channels_last_3d  # xc is dense
+            gc = grad.to(xc.dtype).contiguous(memory_format=layout)
             w = weight.to(xc.dtype) if weight is not None else None
             if ctx.silu:
                 from fastmaisi.nets.blocks import scale_shift
