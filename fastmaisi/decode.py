@@ -290,13 +290,6 @@ def _live(ops: list[_Op], last: list[int], k: int) -> list[int]:
     return [s for s in range(1, n) if s <= ops[k].dst and (last[s] >= k or s == ops[k].dst or s == n - 1)]
 
 
-def _recomputable(ops: list[_Op], slots: list[_Slot], place: list[str], s: int) -> bool:
-    """Whether slot s may be recomputed from its producer's inputs when read instead of stored: any activation but
-    the input and the output. Chains are allowed (a recomputed slot read by another one's producer); within one slab
-    each recomputed activation is computed once (`_Run.memo`), and the planner prices every recomputation."""
-    return 0 < s < len(slots) - 1
-
-
 # Sustained rates on an H200 (bench/bench_primitives.py, fp16 channels_last_3d): cuDNN 3-D convs by their smaller
 # channel count (FLOP/s), page-locked host<->device copies (bytes/s each way, both ways at once), elementwise passes.
 _CONV_RATE = ((128, 690e12), (32, 550e12), (8, 200e12), (0, 7e12))  # at 16M output voxels per conv; thinner slabs
@@ -476,7 +469,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     cuda = device.type == "cuda"
     out_host = out_device is not None and torch.device(out_device).type == "cpu" and cuda
 
-    def finish(pl: _Planner, place, rows, peak, host_peak, tiled, gpu=None):
+    def finish(pl: _Planner, place, rows, peak, host_peak, tiled, gpu=None, secs=None):
         gpu = gpu or [slots[s].spatial[0] if place[s] == GPU else 0 for s in range(n)]
         by_level: dict[tuple, list] = {}
         for k, op in enumerate(ops):
@@ -495,7 +488,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
                          for s in range(1, n) if place[s] == HOST)
         return DecodePlan(task, tuple(in_shape), out_shape, str(device), dtype, budget, int(peak),
                           int(min(host_peak, host_total)) if cuda else 0, num_slabs, slab_rows, pl.chunk, where_out,
-                          pl.costs(place, rows, gpu)[0], tiled, levels, rows, place, gpu)
+                          pl.costs(place, rows, gpu)[0] if secs is None else secs, tiled, levels, rows, place, gpu)
 
     # Everything on the device, one slab per op: the whole volume in one pass per layer.
     pl = _Planner(ops, slots, B, B, esz, device.type)
@@ -509,9 +502,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
 
     # Tiled, one sample at a time. On CUDA plan for `_PLAN_FRACTION` of the budget (allocator rounding, cuDNN
     # handles and kernels' small buffers are outside the estimate).
-    user_budget = budget
-    if cuda:
-        budget = int(budget * _PLAN_FRACTION)
+    fill_to = int(budget * _PLAN_FRACTION) if cuda else budget
     # On CUDA, search placements of the large activations (device, host, recomputed when read): start from a few
     # simple placements, then change one activation at a time while the estimated time falls (thin slabs are priced
     # by `_conv_seconds`; one-row slabs only if nothing else fits). On CPU everything stays in RAM.
@@ -519,29 +510,28 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     fixed = [GPU] * n
     if out_host:
         fixed[n - 1] = HOST
-    movable = [s for s in range(1, n - 1) if cuda and pl.size(s) * 64 >= budget]
-    pooled = sum(b.numel() for b in _HOST_POOL)  # page-locked host memory already set up by earlier runs
+    movable = [s for s in range(1, n - 1) if cuda and pl.size(s) * 64 >= fill_to]
 
     def evaluate(place):
-        res = pl.tile(place, budget)
+        res = pl.tile(place, fill_to)
         if res is None:
             return None
         rows, peaks, host_peak = res
         short = any(rows[k] < min(2, slots[ops[k].dst].spatial[0]) for k in pl.passes(place))
-        gpu = pl.fill(place, rows, peaks, budget)
+        gpu = pl.fill(place, rows, peaks, fill_to)
         secs = pl.costs(place, rows, gpu)[0]
         return (short, secs), list(place), rows, peaks, host_peak, gpu
 
     starts = [list(fixed)]
     for mode in (RECOMPUTE, HOST):  # the largest activations off the device first (one, two, ... of them)
         place = list(fixed)
-        for s in sorted(movable, key=pl.size, reverse=True):
-            place[s] = mode if mode == HOST or _recomputable(ops, slots, place, s) else HOST
+        for s in sorted(movable, key=pl.size, reverse=True):  # any activation but the input and the output
+            place[s] = mode
             starts.append(list(place))
     found = [e for e in map(evaluate, starts) if e is not None]
     if not found:
         need = max(pl.ws(k, 1, [HOST if cuda else GPU] * n) for k in range(len(ops)))
-        need = -(-(need + _CUDA_WORKSPACE) * 32 // 31) if cuda else need
+        need = int(-(-(need + _CUDA_WORKSPACE) * 32 // 31) / _PLAN_FRACTION) + 1 if cuda else need
         raise ValueError(
             f"memory_budget_bytes={budget} is too small to hold even one slab: {task} of {tuple(in_shape)} needs at "
             f"least {need} bytes ({need / _MiB:.1f} MiB)"
@@ -551,7 +541,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
         improved = False
         for s in movable:
             for where in (GPU, HOST, RECOMPUTE):
-                if where == best[1][s] or (where == RECOMPUTE and not _recomputable(ops, slots, best[1], s)):
+                if where == best[1][s]:
                     continue
                 cand = evaluate(best[1][:s] + [where] + best[1][s + 1:])
                 if cand is not None and cand[0] < best[0]:
@@ -561,18 +551,15 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     (_, secs), place, rows, peaks, host_peak, gpu = best
     peak = max(p + sum(gpu[s] * pl.row_bytes(s) for s in _live(ops, _lifetimes(ops, slots, place), k)
                        if place[s] == HOST) for k, p in enumerate(peaks))
-    plan = finish(pl, place, rows, peak, host_peak, tiled=True, gpu=gpu)
-    plan.memory_budget_bytes = user_budget
-    plan.setup_seconds = max(plan.host_bytes - pooled, 0) * _PIN_SECONDS_PER_BYTE  # first use only (then pooled)
-    plan.est_seconds = secs + plan.setup_seconds
-    return plan
+    return finish(pl, place, rows, peak, host_peak, tiled=True, gpu=gpu, secs=secs)
 
 
 _PLANS: dict[tuple, DecodePlan] = {}  # the search takes ~0.3 s at 512^3: plans are kept per network, shape, budget
 
 
 def _cached_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device=None) -> DecodePlan:
-    """`_make_plan`, remembered; each call gets its own copy, its host set-up time priced against the pool now."""
+    """`_make_plan`, remembered; each call gets its own copy, with the time to page-lock the host memory that the
+    pool does not hold yet (first use only) added to its estimate."""
     program = tuple((op.kind, op.src, op.res, op.conv.in_channels, op.conv.out_channels, tuple(op.conv.kernel_size),
                      op.norm.num_groups if op.norm is not None else 0, op.silu, op.shortcut is not None) for op in ops)
     key = (task, program, tuple(in_shape), out_channels, str(device), budget, dtype, str(out_device))
@@ -581,10 +568,9 @@ def _cached_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype
             _PLANS.pop(next(iter(_PLANS)))
         _PLANS[key] = _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device)
     plan = _PLANS[key]
-    setup = max(plan.host_bytes - sum(b.numel() for b in _HOST_POOL), 0) * _PIN_SECONDS_PER_BYTE if plan.tiled else 0.0
+    setup = max(plan.host_bytes - sum(b.numel() for b in _HOST_POOL), 0) * _PIN_SECONDS_PER_BYTE
     return dataclasses.replace(plan, levels=list(plan.levels), _rows=list(plan._rows), _place=list(plan._place),
-                               _gpu_rows=list(plan._gpu_rows), setup_seconds=setup,
-                               est_seconds=plan.est_seconds - plan.setup_seconds + setup)
+                               _gpu_rows=list(plan._gpu_rows), setup_seconds=setup, est_seconds=plan.est_seconds + setup)
 
 
 def _vae_for_plan(vae: AutoencoderKlMaisi | None) -> AutoencoderKlMaisi:
