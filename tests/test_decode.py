@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import copy
 
 import pytest
 import torch
@@ -83,23 +83,31 @@ def test_tiled_encode_equals_whole_volume(vae, shape):
     assert _rel(mu, mu_ref) < 1e-5 and _rel(sigma, sigma_ref) < 1e-5
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("net", ["vae", "mask_vae"])
 @pytest.mark.parametrize("pattern", ["mixed", "all_recomputed"])
-def test_off_device_placements_are_exact(net, pattern, request):
-    """The CUDA planner's off-device placements, forced here on CPU so that CI runs the same executor code:
+def test_off_device_placements_are_exact(net, pattern, device, request):
+    """The CUDA planner's off-device placements, forced (on CPU too, so that CI runs the same executor code):
     activations recomputed from their inputs when read (chains of them, memoised per slab), host stores whose first
-    rows stay on the device, and a residual shortcut folded into its recomputed producer's conv."""
+    rows stay on the device, a residual shortcut folded into its recomputed producer's conv, and on CUDA the
+    side-stream host copies (fetched ahead, written behind) with the output in host memory."""
     from fastmaisi import decode as D
 
     vae = request.getfixturevalue(net)
     z = torch.randn(2, 4, 7, 5, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = vae.decode(z)
+    if device == "cuda":
+        vae, z = copy.deepcopy(vae).cuda(), z.cuda()
+        torch.backends.cudnn.allow_tf32 = False
     ops, slots = D._compile(vae.decoder.blocks, vae.latent_channels, vae.post_quant_conv)
     D._shapes(ops, slots, z.shape[2:])
     n = len(slots)
     if pattern == "all_recomputed":
         place = [D.GPU] + [D.RECOMPUTE] * (n - 2) + [D.GPU]
     else:
-        place = [D.GPU] + [(D.HOST, D.RECOMPUTE, D.GPU)[s % 3] for s in range(1, n - 1)] + [D.GPU]
+        place = [D.GPU] + [(D.HOST, D.RECOMPUTE, D.GPU)[s % 3] for s in range(1, n - 1)] + [D.HOST]
         fused = [op for op in ops if D._fusable(ops, op)]
         assert fused
         for op in fused:  # the shortcut's input recomputed, the block's hidden state stored: the fused conv runs
@@ -107,11 +115,15 @@ def test_off_device_placements_are_exact(net, pattern, request):
     gpu_rows = [slots[s].spatial[0] if place[s] == D.GPU else slots[s].spatial[0] // 2 if place[s] == D.HOST else 0
                 for s in range(n)]
     rows = [max(1, slots[op.dst].spatial[0] // 5) for op in ops]  # 5+ slabs per op, 6+ at full resolution
-    plan = D.plan_decode(z.shape, "cpu", None, torch.float32, vae)
+    plan = D.plan_decode(z.shape, device, None, torch.float32, vae)
     plan.batch_chunk, plan._place, plan._rows, plan._gpu_rows = 1, place, rows, gpu_rows
-    with torch.no_grad():
-        y = D._execute(ops, slots, plan, z, torch.device("cpu"), torch.float32)
-        assert _rel(y, vae.decode(z)) < 1e-5
+    try:
+        with torch.no_grad():
+            y = D._execute(ops, slots, plan, z, torch.device(device), torch.float32)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    assert y.device.type == ("cpu" if place[-1] == D.HOST else device)
+    assert _rel(y.cpu(), ref) < 1e-5
 
 
 def test_untiled_by_default_on_cpu(vae):
