@@ -54,7 +54,7 @@ def main():
         ops, slots = D._compile(vae.decoder.blocks, 4, vae.post_quant_conv)
         D._shapes(ops, slots, z.shape[2:])
         pl = D._Planner(ops, slots, 1, 1, 2, "cuda")
-        _, peaks, _ = pl.tile(plan._place, int(b * D._PLAN_FRACTION))
+        peaks = plan._peaks
         D.TRACE = []
         D.decode_latent(vae, z, b)
         print(f"budget {gib} GiB (fraction {D._PLAN_FRACTION}), depth {args.depth * 4}: plan peak "

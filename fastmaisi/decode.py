@@ -24,8 +24,9 @@ How the exact path works (the design, and why):
   `torch.cat`), placed by the planner: on the device; in page-locked host memory (pageable memory faulted in on all
   threads, then registered with CUDA, kept in a pool for reuse), with its first rows on the device when the budget
   has room; or nowhere: recomputed, slab by slab, from its producer's inputs whenever it is read. Recomputations
-  chain (an activation recomputed from another recomputed one) and are memoised within a slab, so an activation
-  read as input and as residual is computed once. A residual's 1x1 shortcut applied to a recomputed, linear
+  chain (an activation recomputed from another recomputed one) and are memoised through the pass, so an activation
+  read as input and as residual is computed once, and the next slab computes only the rows past the previous one's
+  (the convs' halo rows are kept, not recomputed). A residual's 1x1 shortcut applied to a recomputed, linear
   producer (MAISI's upsample output) is folded into that producer's conv: one conv with fewer output channels
   instead of two. On CUDA tensors are channels_last_3d, cuDNN's fast layout, in which a one-sample slab of D rows is
   one contiguous block; host copies run on two side streams (`_Copier`): the next slab's host rows are fetched
@@ -203,6 +204,7 @@ class DecodePlan:
     _rows: list[int] = field(default_factory=list, repr=False)
     _place: list[str] = field(default_factory=list, repr=False)
     _gpu_rows: list[int] = field(default_factory=list, repr=False)  # per slot: rows [0, g) of a host slot on device
+    _peaks: list[int] = field(default_factory=list, repr=False)  # per op: estimated device peak, host slots' rows aside
     setup_seconds: float = 0.0  # part of est_seconds: page-locking host memory not yet set up by earlier runs
 
     def describe(self) -> str:
@@ -227,6 +229,11 @@ class DecodePlan:
         )
 
     __str__ = describe
+
+
+def _new_rows(op: _Op, rows: int) -> int:
+    """Input rows a slab of `rows` output rows adds to those the previous slab read (its overlap is kept)."""
+    return max(1, round(rows / op.scale))
 
 
 def _max_in_rows(op: _Op, slots: list[_Slot], rows: int) -> int:
@@ -298,7 +305,9 @@ _CPU_RATE = {2: 2e10, 4: 5e10}
 _HOST_BW = 48e9
 _ELEMENTWISE_BW = 2.5e12
 _SLAB_VOXELS = 16 << 20  # output voxels per slab beyond which bigger slabs buy no conv speed
+_SLAB_CAPS = (2 << 20, 4 << 20, 8 << 20, _SLAB_VOXELS)  # slab sizes the CUDA planner tries
 _PAD_OUT = 8  # CUDA: convs with fewer output channels run with zero-padded weights (cuDNN is slow at 1 channel)
+_OP_OVERHEAD = 0.25e-3  # seconds per op and slab beyond the kernels' own time (launches, Python): thin slabs pay it
 _PLAN_FRACTION = 0.95  # of a CUDA budget that the planner fills (see `_make_plan`)
 _PIN_SECONDS_PER_BYTE = 0.125 / _GiB  # page-locking new host memory (first use; then pooled): 8 GiB in 1.0 s
 
@@ -326,24 +335,34 @@ class _Planner:
         return self.size(s) // max(self.slots[s].spatial[0], 1)
 
     def ws(self, k: int, rows: int, place: list[str]) -> int:
-        """Temporaries of one slab of op k, plus those of recomputing its recomputed inputs."""
+        """Device temporaries of one slab of op k: the recomputed activations it reads stay held (memoised, with their
+        overlap kept for the next slab), and the largest working set of any one of the ops involved on top."""
+        held, work = self._chain(k, rows, place)
+        return held + work
+
+    def _chain(self, k: int, rows: int, place: list[str]) -> tuple[int, int]:
         op = self.ops[k]
-        total = _ws_bytes(op, self.slots, rows, self.chunk, self.esz, place[op.src] == GPU,
-                          op.res is None or place[op.res] == GPU, self.cuda, place[op.dst] == HOST)
-        if place[op.src] == RECOMPUTE:
-            total += self.ws(op.src - 1, _max_in_rows(op, self.slots, rows), place)
-        if op.res is not None and place[op.res] == RECOMPUTE and op.res != op.src:
-            total += self.ws(op.res - 1, rows, place)
-        return total
+        work = _ws_bytes(op, self.slots, rows, self.chunk, self.esz, place[op.src] != HOST,
+                         op.res is None or place[op.res] != HOST, self.cuda, place[op.dst] == HOST)
+        held = 0
+        reads = [(op.src, _max_in_rows(op, self.slots, rows))]
+        if op.res is not None and op.res != op.src:
+            reads.append((op.res, rows))
+        for s, r in reads:
+            if place[s] == RECOMPUTE:
+                h, w = self._chain(s - 1, r, place)
+                held += h + r * self.row_bytes(s)  # its memoised rows (the input slab of op k)
+                work = max(work, w)
+        return held, work
 
     def passes(self, place: list[str]) -> list[int]:
         """Ops that make a pass over the volume: those whose output is stored, and the statistics passes of
         recomputed activations that a GroupNorm reads."""
         return [k for k, op in enumerate(self.ops) if place[op.dst] != RECOMPUTE or self.slots[op.dst].groups]
 
-    def tile(self, place: list[str], budget: int, cap: bool = True):
+    def tile(self, place: list[str], budget: int, cap: int | None = _SLAB_VOXELS):
         """(rows per op, device peak per op, host peak) for a placement, or None if some op cannot fit one row.
-        With `cap`, slabs stop growing at `_SLAB_VOXELS` output voxels (the rest of the budget can hold host rows)."""
+        Slabs stop growing at `cap` output voxels (the rest of the budget can hold host rows)."""
         workspace = _CUDA_WORKSPACE + budget // 32 if self.cuda else 0  # cuDNN workspaces, allocator rounding
         last = _lifetimes(self.ops, self.slots, place)
         passes = set(self.passes(place))
@@ -357,7 +376,7 @@ class _Planner:
                 rows.append(n_out)  # no pass of its own: computed only inside its readers' slabs
                 peaks.append(stores + workspace)
                 continue
-            top = min(n_out, -(-_SLAB_VOXELS // max(_plane(self.slots[op.dst]), 1))) if cap else n_out
+            top = min(n_out, -(-cap // max(_plane(self.slots[op.dst]), 1))) if cap else n_out
             fits = lambda r: stores + workspace + self.ws(k, r, place) <= budget  # noqa: E731
             if not fits(1):
                 return None
@@ -375,14 +394,14 @@ class _Planner:
         op = op or self.ops[k]
         s, d = self.slots[op.src], self.slots[op.dst]
         vox = r * _plane(d) * self.chunk if op.kind != "upT" else -(-r // 2) * _plane(s) * self.chunk
-        acc["conv"] += _conv_seconds(op.conv, vox, self.cuda, self.esz)
+        acc["conv"] += _conv_seconds(op.conv, vox, self.cuda, self.esz) + _OP_OVERHEAD * self.cuda
         rin = _max_in_rows(op, self.slots, r)
         acc["ew"] += self.chunk * s.channels * rin * _plane(s) * self.esz * (2 if op.norm is not None else 0)
         if op.kind == "up":
             acc["ew"] += 2 * self.chunk * s.channels * (r + 2) * _plane(d) * self.esz
         if d.groups is not None:
             acc["ew"] += self.chunk * d.channels * r * _plane(d) * self.esz
-        self._read_cost(op.src, rin, place, gpu, acc, seen)
+        self._read_cost(op.src, rin, place, gpu, acc, seen, _new_rows(op, r))
         if op.res is not None:
             if place[op.res] == RECOMPUTE and op.res not in seen and _fusable(self.ops, op):
                 p = self.ops[op.res - 1]
@@ -396,14 +415,16 @@ class _Planner:
             n = d.spatial[0]
             acc["d2h"] += r * self.row_bytes(op.dst) * (n - gpu[op.dst]) / n
 
-    def _read_cost(self, s: int, rows: int, place, gpu, acc: dict, seen: set) -> None:
+    def _read_cost(self, s: int, rows: int, place, gpu, acc: dict, seen: set, new_rows: int | None = None) -> None:
+        """Cost of reading `rows` rows of slot s in one slab; a recomputed slot computes only `new_rows` of them (the
+        rest were computed by the previous slab and are kept)."""
         if place[s] == HOST:
             n = self.slots[s].spatial[0]
             # one fetch per slot and slab covers every read of it (input, residual, inside recomputations)
             acc["h2d"][s] = max(acc["h2d"].get(s, 0), rows * self.row_bytes(s) * (n - gpu[s]) / n)
         elif place[s] == RECOMPUTE and s not in seen:
             seen.add(s)
-            self._slab_cost(s - 1, rows, place, gpu, acc, seen)
+            self._slab_cost(s - 1, rows if new_rows is None else new_rows, place, gpu, acc, seen)
 
     def costs(self, place: list[str], rows: list[int], gpu: list[int]) -> tuple[float, dict]:
         """(expected seconds, host bytes read per slot over the whole run). Per pass: the slower of the convs and
@@ -469,7 +490,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     cuda = device.type == "cuda"
     out_host = out_device is not None and torch.device(out_device).type == "cpu" and cuda
 
-    def finish(pl: _Planner, place, rows, peak, host_peak, tiled, gpu=None, secs=None):
+    def finish(pl: _Planner, place, rows, peak, host_peak, tiled, gpu=None, secs=None, peaks=()):
         gpu = gpu or [slots[s].spatial[0] if place[s] == GPU else 0 for s in range(n)]
         by_level: dict[tuple, list] = {}
         for k, op in enumerate(ops):
@@ -488,12 +509,13 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
                          for s in range(1, n) if place[s] == HOST)
         return DecodePlan(task, tuple(in_shape), out_shape, str(device), dtype, budget, int(peak),
                           int(min(host_peak, host_total)) if cuda else 0, num_slabs, slab_rows, pl.chunk, where_out,
-                          pl.costs(place, rows, gpu)[0] if secs is None else secs, tiled, levels, rows, place, gpu)
+                          pl.costs(place, rows, gpu)[0] if secs is None else secs, tiled, levels, rows, place, gpu,
+                          list(peaks))
 
     # Everything on the device, one slab per op: the whole volume in one pass per layer.
     pl = _Planner(ops, slots, B, B, esz, device.type)
     place = [GPU] * n
-    whole = pl.tile(place, budget if budget is not None else 1 << 62, cap=False)
+    whole = pl.tile(place, budget if budget is not None else 1 << 62, cap=None)
     if whole is not None and all(r == slots[op.dst].spatial[0] for r, op in zip(whole[0], ops)) and not out_host:
         return finish(pl, place, whole[0], max(whole[1]), whole[2], tiled=False)
     if budget is None:  # CPU without a budget: never tile
@@ -512,15 +534,15 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
         fixed[n - 1] = HOST
     movable = [s for s in range(1, n - 1) if cuda and pl.size(s) * 64 >= fill_to]
 
-    def evaluate(place):
-        res = pl.tile(place, fill_to)
+    def evaluate(place, cap):
+        res = pl.tile(place, fill_to, cap)
         if res is None:
             return None
         rows, peaks, host_peak = res
         short = any(rows[k] < min(2, slots[ops[k].dst].spatial[0]) for k in pl.passes(place))
         gpu = pl.fill(place, rows, peaks, fill_to)
         secs = pl.costs(place, rows, gpu)[0]
-        return (short, secs), list(place), rows, peaks, host_peak, gpu
+        return (short, secs), list(place), rows, peaks, host_peak, gpu, cap
 
     starts = [list(fixed)]
     for mode in (RECOMPUTE, HOST):  # the largest activations off the device first (one, two, ... of them)
@@ -528,7 +550,9 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
         for s in sorted(movable, key=pl.size, reverse=True):  # any activation but the input and the output
             place[s] = mode
             starts.append(list(place))
-    found = [e for e in map(evaluate, starts) if e is not None]
+    # Slab caps: thinner slabs run slower convs but leave more of the budget for host stores' device rows.
+    caps = _SLAB_CAPS if movable else (_SLAB_VOXELS,)
+    found = [e for e in (evaluate(p, _SLAB_VOXELS) for p in starts) if e is not None]  # other caps: below
     if not found:
         need = max(pl.ws(k, 1, [HOST if cuda else GPU] * n) for k in range(len(ops)))
         need = int(-(-(need + _CUDA_WORKSPACE) * 32 // 31) / _PLAN_FRACTION) + 1 if cuda else need
@@ -543,15 +567,19 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
             for where in (GPU, HOST, RECOMPUTE):
                 if where == best[1][s]:
                     continue
-                cand = evaluate(best[1][:s] + [where] + best[1][s + 1:])
+                cand = evaluate(best[1][:s] + [where] + best[1][s + 1:], best[6])
                 if cand is not None and cand[0] < best[0]:
                     best, improved = cand, True
+        for cap in caps:
+            cand = evaluate(best[1], cap) if cap != best[6] else None
+            if cand is not None and cand[0] < best[0]:
+                best, improved = cand, True
         if not improved:
             break
-    (_, secs), place, rows, peaks, host_peak, gpu = best
+    (_, secs), place, rows, peaks, host_peak, gpu, _ = best
     peak = max(p + sum(gpu[s] * pl.row_bytes(s) for s in _live(ops, _lifetimes(ops, slots, place), k)
                        if place[s] == HOST) for k, p in enumerate(peaks))
-    return finish(pl, place, rows, peak, host_peak, tiled=True, gpu=gpu, secs=secs)
+    return finish(pl, place, rows, peak, host_peak, tiled=True, gpu=gpu, secs=secs, peaks=peaks)
 
 
 _PLANS: dict[tuple, DecodePlan] = {}  # the search takes ~0.3 s at 512^3: plans are kept per network, shape, budget
@@ -570,7 +598,8 @@ def _cached_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype
     plan = _PLANS[key]
     setup = max(plan.host_bytes - sum(b.numel() for b in _HOST_POOL), 0) * _PIN_SECONDS_PER_BYTE
     return dataclasses.replace(plan, levels=list(plan.levels), _rows=list(plan._rows), _place=list(plan._place),
-                               _gpu_rows=list(plan._gpu_rows), setup_seconds=setup, est_seconds=plan.est_seconds + setup)
+                               _gpu_rows=list(plan._gpu_rows), _peaks=list(plan._peaks), setup_seconds=setup,
+                               est_seconds=plan.est_seconds + setup)
 
 
 def _vae_for_plan(vae: AutoencoderKlMaisi | None) -> AutoencoderKlMaisi:
@@ -804,19 +833,38 @@ class _Store:
         self.stats = (n, mean_a + delta * (n_b / n), m2_a + m2_b + delta.square() * (n_a * n_b / n))
 
 
+def _to_compute(held: tuple[int, int] | None, lo: int, hi: int) -> tuple[int, int] | None:
+    """Rows of [lo, hi) a recomputed activation must compute when rows `held` are memoised: none if they are all
+    held; the rows past the held ones when [lo, hi) starts inside them (the next slab of a pass along D); else all."""
+    if held is not None and held[0] <= lo and hi <= held[1]:
+        return None
+    if held is not None and held[0] <= lo < held[1]:
+        return held[1], hi
+    return lo, hi
+
+
 class _Recomputed(_Store):
-    """An activation that is not stored: reading rows recomputes them from the producer's inputs (once per slab of
-    the running pass: `_Run.memo`)."""
+    """An activation that is not stored: reading rows recomputes them from the producer's inputs. The rows last read
+    stay memoised for the rest of the pass (`_Run.memo`): a second reader in the same slab takes them as they are,
+    and the next slab, which overlaps them by the convs' halo, computes only the rows past them."""
 
     def __init__(self, run: "_Run", k: int):
         self.run, self.k, self.stats, self.buf = run, k, None, None
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
-        hit = self.run.memoised(self.k + 1, lo, hi)
-        if hit is not None:
-            return hit
-        y = self.run.slab(self.k, lo, hi)
-        self.run.memo[self.k + 1] = (lo, hi, y)
+        s, memo = self.k + 1, self.run.memo
+        held = memo.get(s)
+        todo = _to_compute(held and held[:2], lo, hi)
+        if todo is None:
+            return held[2][:, :, lo - held[0] : hi - held[0]]
+        if todo[0] == lo:
+            memo.pop(s, None)
+            y = self.run.slab(self.k, lo, hi)
+        else:  # keep a copy of the overlap only, so that the old slab is freed before the new rows are computed
+            keep = held[2][:, :, lo - held[0] :].clone()
+            del memo[s], held
+            y = torch.cat([keep, self.run.slab(self.k, *todo)], 2)
+        memo[s] = (lo, hi, y)
         return y
 
     def release(self) -> None:
@@ -842,15 +890,15 @@ class _Run:
         self.stores: list = [None] * len(slots)
         self.last = _lifetimes(ops, slots, plan._place)
         self.params: dict = {}
-        self.memo: dict[int, tuple[int, int, torch.Tensor]] = {}  # slot -> rows recomputed in the current slab
+        self.memo: dict[int, tuple[int, int, torch.Tensor]] = {}  # slot -> rows recomputed last in this pass
         self.fused: dict[int, _Op] = {}
         self.copier = _Copier(device) if device.type == "cuda" else None
+        self._walked: dict[int, tuple[int, int]] = {}  # `_prefetch`'s copy of the memoised rows
 
-    def memoised(self, s: int, lo: int, hi: int) -> torch.Tensor | None:
-        hit = self.memo.get(s)
-        if hit is not None and hit[0] <= lo and hi <= hit[1]:
-            return hit[2][:, :, lo - hit[0] : hi - hit[0]]
-        return None
+    def _fuses(self, op: _Op, a: int, b: int, held) -> bool:
+        """Whether op's residual rows [a, b) come from the fused shortcut conv (`_fusable`), not memoised rows."""
+        return (op.res is not None and self.plan._place[op.res] == RECOMPUTE and _fusable(self.ops, op)
+                and (held is None or not (held[0] <= a and b <= held[1])))
 
     def _params(self, k, op: _Op) -> tuple:
         """Weights in the compute dtype and the GroupNorm scale/shift of op (once its input's stats exist)."""
@@ -910,8 +958,7 @@ class _Run:
         if y.shape[1] != cout:
             y = y[:, :cout]
         if op.res is not None:
-            if (sc is not None and self.plan._place[op.res] == RECOMPUTE and _fusable(self.ops, op)
-                    and self.memoised(op.res, a, b) is None):
+            if self._fuses(op, a, b, self.memo.get(op.res)):
                 r = self.slab(k, a, b, self._fused_op(k), key=("fused", k))  # shortcut(producer(x)) in one conv
             else:
                 r = self.stores[op.res].read(a, b)
@@ -924,14 +971,20 @@ class _Run:
         """Start copying to the device the host rows that rows [a, b) of op k will read (through recomputed
         activations too)."""
         need: dict[int, tuple[int, int]] = {}
+        held = self._walked  # the rows `_Recomputed.read` will hold, slab after slab (it sees the same reads)
 
         def walk(op: _Op, a: int, b: int) -> None:
             lo, hi = _in_rows(op, a, b, self.slots[op.src].spatial[0])
             for s, (s_lo, s_hi) in ((op.src, (lo, hi)), (op.res, (a, b))):
                 if s is None:
                     continue
-                if self.plan._place[s] == RECOMPUTE:
-                    walk(self.ops[s - 1], s_lo, s_hi)
+                if s == op.res and self._fuses(op, s_lo, s_hi, held.get(s)):
+                    walk(self.ops[s - 1], s_lo, s_hi)  # the fused conv reads the producer's inputs; s is not held
+                elif self.plan._place[s] == RECOMPUTE:
+                    todo = _to_compute(held.get(s), s_lo, s_hi)
+                    if todo is not None:
+                        held[s] = (s_lo, s_hi)
+                        walk(self.ops[s - 1], *todo)
                 elif isinstance(self.stores[s], _Store) and self.stores[s].host is not None:
                     old = need.get(s, (s_lo, s_hi))
                     need[s] = (min(old[0], s_lo), max(old[1], s_hi))
@@ -960,6 +1013,8 @@ class _Run:
             if self.copier is not None:
                 self.copier.new_pass()
             starts = list(range(0, n_out, rows))
+            self.memo.clear()
+            self._walked = {}
             pending: list[tuple] = []
             for i, a in enumerate(starts):
                 b = min(a + rows, n_out)
@@ -968,9 +1023,7 @@ class _Run:
                         self._prefetch(k, a, b)
                     if i + 1 < len(starts):
                         self._prefetch(k, starts[i + 1], min(starts[i + 1] + rows, n_out))
-                self.memo.clear()
                 y = self.slab(k, a, b)
-                self.memo.clear()
                 if slot.groups is not None:
                     out.accumulate(y, slot.groups)
                 if where != RECOMPUTE:
@@ -983,6 +1036,7 @@ class _Run:
                     if len(pending) > _RUN_AHEAD:
                         for ev in pending.pop(0):
                             ev.synchronize()
+            self.memo.clear()
         for s in range(1, len(self.stores)):  # every activation whose last reader (directly, or through a
             # recomputed activation that reads it) has run: not only this op's own inputs
             if self.stores[s] is not None and self.last[s] <= k and s != len(self.stores) - 1:

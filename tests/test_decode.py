@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_tiled_encode_equals_whole_volume(vae, shape):
 @pytest.mark.parametrize("pattern", ["mixed", "all_recomputed"])
 def test_off_device_placements_are_exact(net, pattern, device, request):
     """The CUDA planner's off-device placements, forced (on CPU too, so that CI runs the same executor code):
-    activations recomputed from their inputs when read (chains of them, memoised per slab), host stores whose first
+    activations recomputed from their inputs when read (chains of them, each row computed once per pass), host stores whose first
     rows stay on the device, a residual shortcut folded into its recomputed producer's conv, and on CUDA the
     side-stream host copies (fetched ahead, written behind) with the output in host memory."""
     from fastmaisi import decode as D
@@ -117,13 +118,30 @@ def test_off_device_placements_are_exact(net, pattern, device, request):
     rows = [max(1, slots[op.dst].spatial[0] // 5) for op in ops]  # 5+ slabs per op, 6+ at full resolution
     plan = D.plan_decode(z.shape, device, None, torch.float32, vae)
     plan.batch_chunk, plan._place, plan._rows, plan._gpu_rows = 1, place, rows, gpu_rows
+    computed: list = []  # per pass: the rows each op computed (recomputed activations: at most once per pass)
+    slab, run_op = D._Run.slab, D._Run.op
+
+    def count_slab(self, k, a, b, op=None, key=None):
+        computed[-1].append((k if key is None else key, a, b))
+        return slab(self, k, a, b, op, key)
+
+    def count_op(self, k, final):
+        computed.append([])
+        return run_op(self, k, final)
+
     try:
-        with torch.no_grad():
+        with torch.no_grad(), mock.patch.object(D._Run, "slab", count_slab), mock.patch.object(D._Run, "op", count_op):
             y = D._execute(ops, slots, plan, z, torch.device(device), torch.float32)
     finally:
         torch.backends.cudnn.allow_tf32 = True
     assert y.device.type == ("cpu" if place[-1] == D.HOST else device)
     assert _rel(y.cpu(), ref) < 1e-5
+    # chains of recomputed activations ran (all_recomputed: the last pass recomputes every op before it)
+    assert max(len({k for k, _, _ in p}) for p in computed) >= (len(ops) if pattern == "all_recomputed" else 2)
+    for p in computed:  # the next slab reuses the rows its predecessor computed (the halo) instead of redoing them
+        for key in {k for k, _, _ in p}:
+            spans = sorted((a, b) for k, a, b in p if k == key)
+            assert all(b0 <= a1 for (_, b0), (a1, _) in zip(spans, spans[1:])), (key, spans)
 
 
 def test_untiled_by_default_on_cpu(vae):
