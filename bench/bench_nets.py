@@ -5,7 +5,7 @@ ours. Reference = MONAI under fp16 autocast, as NVIDIA's pipeline runs it. Ours 
 several execution modes. Also reports accuracy of each against an fp32 run of the reference at a smaller latent.
 Prints one JSON line per measurement and a table; writes $OUT/bench_nets.json.
 
-Run (device tool):  python3 bench/bench_nets.py [--latent 128 128 128] [--repeats 10]
+Run (device tool):  python3 bench/bench_nets.py [--latent 128 128 128] [--repeats 10] [--image-stage 12]
 """
 
 from __future__ import annotations
@@ -151,6 +151,44 @@ def loop30(unet, cnet, inp, fmt):
         (finals[True].float() - finals[False].float()).abs().max())})
 
 
+def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
+    """The rflow-ct image stage end to end in one process, as `generate` runs it: the 30-step loop (CUDA graphs), then
+    the exact decode under a budget. Peak = everything allocated during the stage (the three networks' weights, the
+    8-channel 512^3 condition and the loop's graphs until the loop ends, the decode); the first call also page-locks
+    the decode's host memory."""
+    from fastmaisi.decode import decode_latent
+    from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
+    from fastmaisi.pipelines.sampling import image_denoiser, sample
+    from fastmaisi.schedulers import build as build_scheduler
+    from fastmaisi.variants import RFLOW_SCHEDULER_DEF, image_autoencoder_def
+
+    vae = AutoencoderKlMaisi(**{k: v for k, v in image_autoencoder_def().items() if not k.startswith("_")})
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    vae = vae.to(dev).half().eval()
+    cond_host = inp.pop("cond").cpu()  # as in the pipeline, the condition lives only as long as the loop
+    for i in range(repeats):
+        cond = cond_host.to(dev)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        denoise = image_denoiser(unet, cnet, spacing=inp["spacing"], class_labels=inp["cls"], condition=cond)
+        z = sample(denoise, build_scheduler(RFLOW_SCHEDULER_DEF), inp["x"], 30, disable=True, cuda_graph=True)
+        del denoise, cond  # the loop's CUDA graphs and the condition: not needed by the decode
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        y = decode_latent(vae, z, budget_gib << 30)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        emit({"what": "rflow-ct image stage (30-step loop + exact decode)", "call": i, "latent": list(z.shape[2:]),
+              "decode_budget_GiB": budget_gib, "loop_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
+              "s": round(t2 - t0, 3), "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+              "output": list(y.shape)})
+        del z, y
+        torch.cuda.empty_cache()
+
+
 def mask_stage(repeats):
     """Mask DM (MONAI DiffusionModelUNet, 64^3 latent, one-token cross-attention): one step of the reference (fp16
     autocast) vs ours (fp16, eager / CUDA graph), and the 1000-step DDPM stage through `paired.sample_mask_latent`."""
@@ -222,6 +260,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="top CUDA kernels of one step of ours (fp16)")
     ap.add_argument("--mask", action="store_true", help="also the mask DM: one step eager / graph vs reference, and "
                                                         "the 1000-step mask stage through the pipeline function")
+    ap.add_argument("--image-stage", type=int, metavar="GIB",
+                    help="also the rflow-ct image stage end to end: the loop, then the decode under GIB GiB")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     ref_unet, ref_cnet = monai_nets()
@@ -283,6 +323,12 @@ def main():
                              our_cnet_h.to(memory_format=torch.contiguous_format), inp))
     for cl in (False, True):
         loop30(our_unet_h, our_cnet_h, inp, torch.channels_last_3d if cl else torch.contiguous_format)
+    if args.image_stage:
+        for m in (ref_unet, ref_cnet, our_unet, our_cnet):  # only the networks the stage runs stay on the device
+            m.cpu()
+        torch.cuda.empty_cache()
+        image_stage(our_unet_h.to(memory_format=torch.contiguous_format),
+                    our_cnet_h.to(memory_format=torch.contiguous_format), inp, args.image_stage)
     del ref_unet, ref_cnet, our_unet, our_cnet, our_unet_h, our_cnet_h, outs
     torch.cuda.empty_cache()
     if args.mask:

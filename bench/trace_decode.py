@@ -1,5 +1,5 @@
-"""Per-op device peaks of the tiled 512^3 (or 512x512x768) decode against the planner's estimates, how allocated
-memory moves across an op's slabs, and cuDNN's workspace for the decoder's slab shapes (diagnostic; device tool).
+"""Per-op device peaks and times of the tiled 512^3 (or 512x512x768) decode against the planner's estimates, how
+allocated memory moves across an op's slabs, and cuDNN's workspace for the decoder's slab shapes (diagnostic).
 
 Run:  python3 bench/trace_decode.py [GiB ...] [--depth 128|192] [--fraction F]
 """
@@ -67,12 +67,21 @@ def main():
         for e in D.TRACE:
             if e[0] == "slab":
                 continue
-            k, kind, where, rows, peak = e
+            k, kind, where, rows, peak, secs = e
+            acc = {"conv": 0.0, "ew": 0.0, "d2h": 0.0, "h2d": {}}
+            est = conv = 0.0
+            if k in pl.passes(plan._place):
+                pl._slab_cost(k, rows, plan._place, plan._gpu_rows, acc, set())
+                n = -(-slots[ops[k].dst].spatial[0] // rows)
+                h2d = sum(acc["h2d"].values())
+                est = n * (max(acc["conv"], h2d / D._HOST_BW, acc["d2h"] / D._HOST_BW) + acc["ew"] / D._ELEMENTWISE_BW)
+                conv = n * acc["conv"]
             extra = sum(plan._gpu_rows[s] * pl.row_bytes(s) for s in D._live(ops, last, k) if plan._place[s] == D.HOST)
             al = slabs.get(k, [0])
             print(f"  op{k:2d} {kind:4s} {where:9s} rows {rows:3d} measured {(peak - base) / 2**30:6.2f} estimated "
                   f"{(peaks[k] + extra) / 2**30:6.2f} GiB; allocated after slabs first/max/last "
-                  f"{(al[0] - base) / 2**30:.2f}/{(max(al) - base) / 2**30:.2f}/{(al[-1] - base) / 2**30:.2f}")
+                  f"{(al[0] - base) / 2**30:.2f}/{(max(al) - base) / 2**30:.2f}/{(al[-1] - base) / 2**30:.2f}; "
+                  f"{secs:.3f} s (estimated {est:.3f}, of which convs {conv:.3f})")
         D.TRACE = None
 
 

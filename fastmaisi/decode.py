@@ -34,13 +34,14 @@ How the exact path works (the design, and why):
   slabs ahead of the device.
 - The planner prices a placement with rates measured on an H200 (`bench/bench_primitives.py`: conv FLOP/s by
   channel count and slab size, ~48 GB/s each way for page-locked copies, elementwise bandwidth), each pass costing
-  the slower of its convs and its copies. It starts from a few simple placements (everything on the device; the
-  largest activations moved off one by one, recomputed or to the host) and changes one activation at a time while
-  the estimate falls; host slots then get device rows from the budget left over. Low-resolution levels thus stay
-  whole on the device. When tiling is needed and B > 1, samples run one at a time (GroupNorm is per sample, so
-  this is exact). Plans are remembered per network, shape and budget (the search takes ~0.3 s at 512^3). On
-  CUDA it fills 95 % of the budget (`bench/trace_decode.py` compares each op's measured peak
-  with its estimate; cuDNN took no workspace for these convs on an H200).
+  the slower of its convs and its copies, plus a fixed cost per op and slab. It starts from a few simple placements
+  (everything on the device; the largest activations moved off one by one, recomputed or to the host) and changes
+  one activation, or the cap on slab size (2-16 M voxels), at a time while the estimate falls; host slots then get
+  device rows from the budget left over, and each pass's slabs widen into what is still free at its op. Low-
+  resolution levels thus stay whole on the device. When tiling is needed and B > 1, samples run one at a time
+  (GroupNorm is per sample, so this is exact). Plans are remembered per network, shape and budget (the search takes
+  0.4-0.8 s at 512^3). On CUDA it fills 95 % of the budget (`bench/trace_decode.py` compares each op's measured peak
+  and time with its estimate; cuDNN took no workspace for these convs on an H200).
 
 The budget counts the device memory for activations and per-slab temporaries; the network's weights (already
 resident) are not counted. On CPU, activations live in RAM either way and the budget bounds the per-slab working
@@ -50,7 +51,10 @@ set; with no budget the CPU path runs `vae.decode` / `vae.encode` themselves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import mmap
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -158,12 +162,15 @@ def _shapes(ops: list[_Op], slots: list[_Slot], spatial: Sequence[int]) -> None:
 
 def _in_rows(op: _Op, a: int, b: int, n_in: int) -> tuple[int, int]:
     """Input rows [lo, hi) that output rows [a, b) of `op` need (see the module docstring)."""
-    if op.kind == "conv":
-        p = op.conv.padding[0]
+    return _in_rows_of(op.kind, op.conv.padding[0], a, b, n_in)
+
+
+def _in_rows_of(kind: str, p: int, a: int, b: int, n_in: int) -> tuple[int, int]:
+    if kind == "conv":
         return max(a - p, 0), min(b + p, n_in)
-    if op.kind == "down":
+    if kind == "down":
         return 2 * a, min(2 * b + 1, n_in)
-    if op.kind == "upT":
+    if kind == "upT":
         return a // 2, min(b // 2 + 1, n_in)
     c, d = max(a - 1, 0), min(b + 1, 2 * n_in)  # "up": interpolated rows the conv needs, then input rows
     return max((c - 1) // 2, 0), min((d + 2) // 2, n_in)
@@ -238,9 +245,13 @@ def _new_rows(op: _Op, rows: int) -> int:
 
 def _max_in_rows(op: _Op, slots: list[_Slot], rows: int) -> int:
     """Most input rows any slab of `rows` output rows reads (the first slab and two interior starts, odd and even)."""
-    n_in, n_out = slots[op.src].spatial[0], slots[op.dst].spatial[0]
+    return _max_in_rows_of(op.kind, op.conv.padding[0], slots[op.src].spatial[0], slots[op.dst].spatial[0], rows)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the planner's search asks for the same few thousand
+def _max_in_rows_of(kind: str, p: int, n_in: int, n_out: int, rows: int) -> int:
     starts = {0, min(rows, n_out - 1), min(rows + 1, n_out - 1)}
-    return max(hi - lo for lo, hi in (_in_rows(op, a, min(a + rows, n_out), n_in) for a in starts))
+    return max(hi - lo for lo, hi in (_in_rows_of(kind, p, a, min(a + rows, n_out), n_in) for a in starts))
 
 
 def _plane(slot: _Slot) -> int:
@@ -309,7 +320,7 @@ _SLAB_CAPS = (2 << 20, 4 << 20, 8 << 20, _SLAB_VOXELS)  # slab sizes the CUDA pl
 _PAD_OUT = 8  # CUDA: convs with fewer output channels run with zero-padded weights (cuDNN is slow at 1 channel)
 _OP_OVERHEAD = 0.25e-3  # seconds per op and slab beyond the kernels' own time (launches, Python): thin slabs pay it
 _PLAN_FRACTION = 0.95  # of a CUDA budget that the planner fills (see `_make_plan`)
-_PIN_SECONDS_PER_BYTE = 0.125 / _GiB  # page-locking new host memory (first use; then pooled): 8 GiB in 1.0 s
+_PIN_SECONDS_PER_BYTE = 0.06 / _GiB  # page-locking new host memory (first use; then pooled): 8 GiB in 0.47 s
 
 
 def _conv_seconds(conv, vox: int, cuda: bool, esz: int) -> float:
@@ -326,6 +337,7 @@ class _Planner:
 
     def __init__(self, ops, slots, B, chunk, esz, device_type):
         self.ops, self.slots, self.B, self.chunk, self.esz, self.cuda = ops, slots, B, chunk, esz, device_type == "cuda"
+        self._ws: dict[tuple, int] = {}
 
     def size(self, s: int, full_batch: bool = False) -> int:
         b = self.B if full_batch or s == len(self.slots) - 1 else self.chunk
@@ -337,8 +349,10 @@ class _Planner:
     def ws(self, k: int, rows: int, place: list[str]) -> int:
         """Device temporaries of one slab of op k: the recomputed activations it reads stay held (memoised, with their
         overlap kept for the next slab), and the largest working set of any one of the ops involved on top."""
-        held, work = self._chain(k, rows, place)
-        return held + work
+        key = (k, rows, tuple(place))
+        if key not in self._ws:  # the search asks for the same (op, rows, placement) many times
+            self._ws[key] = sum(self._chain(k, rows, place))
+        return self._ws[key]
 
     def _chain(self, k: int, rows: int, place: list[str]) -> tuple[int, int]:
         op = self.ops[k]
@@ -442,6 +456,23 @@ class _Planner:
                 reads[s] = reads.get(s, 0) + n_slabs * b
         return total * (self.B // self.chunk), reads
 
+    def grow(self, place: list[str], rows: list[int], peaks: list[int], gpu: list[int], budget: int) -> None:
+        """Widen each pass's slabs into the budget still free at its op once host slots hold their device rows (in
+        place: rows and peaks). Passes with no host slot live thus get the larger, faster slabs."""
+        last = _lifetimes(self.ops, self.slots, place)
+        for k in self.passes(place):
+            n_out = self.slots[self.ops[k].dst].spatial[0]
+            if rows[k] >= n_out:
+                continue
+            base = peaks[k] - self.ws(k, rows[k], place) + sum(
+                gpu[s] * self.row_bytes(s) for s in _live(self.ops, last, k) if place[s] == HOST)
+            lo, hi = rows[k], n_out
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if base + self.ws(k, mid, place) <= budget else (lo, mid - 1)
+            peaks[k] += self.ws(k, lo, place) - self.ws(k, rows[k], place)
+            rows[k] = lo
+
     def fill(self, place: list[str], rows: list[int], peaks: list[int], budget: int) -> list[int]:
         """Device rows for host slots: the budget left over at every op of a slot's lifetime holds its first rows,
         the slots read most from the host first."""
@@ -541,6 +572,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
         rows, peaks, host_peak = res
         short = any(rows[k] < min(2, slots[ops[k].dst].spatial[0]) for k in pl.passes(place))
         gpu = pl.fill(place, rows, peaks, fill_to)
+        pl.grow(place, rows, peaks, gpu, fill_to)
         secs = pl.costs(place, rows, gpu)[0]
         return (short, secs), list(place), rows, peaks, host_peak, gpu, cap
 
@@ -582,7 +614,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     return finish(pl, place, rows, peak, host_peak, tiled=True, gpu=gpu, secs=secs, peaks=peaks)
 
 
-_PLANS: dict[tuple, DecodePlan] = {}  # the search takes ~0.3 s at 512^3: plans are kept per network, shape, budget
+_PLANS: dict[tuple, DecodePlan] = {}  # the search takes 0.4-0.8 s at 512^3: plans are kept per network, shape, budget
 
 
 def _cached_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device=None) -> DecodePlan:
@@ -675,10 +707,21 @@ def _host_buffer(nbytes: int) -> torch.Tensor:
     fits = [i for i, b in enumerate(_HOST_POOL) if nbytes <= b.numel() <= 2 * nbytes]
     if fits:
         return _HOST_POOL.pop(min(fits, key=lambda i: _HOST_POOL[i].numel()))
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    buf.zero_()  # fault the pages in on all threads first: 8 GiB register in 1.0 s instead of 3.7 s (H200 host)
+    buf = _pageable(nbytes)
+    buf.zero_()  # fault the pages in on all threads first: 8 GiB register in 0.47 s instead of 1.5 s (H200 host)
     torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)  # on failure the buffer stays pageable
     return buf
+
+
+def _pageable(nbytes: int) -> torch.Tensor:
+    """Pageable host bytes, on transparent huge pages where Linux offers them: faulting in and page-locking 2 MiB
+    pages is faster than 4 KiB ones (8 GiB: 0.47 s instead of 0.75 s on the H200 host)."""
+    try:
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError, ValueError):  # not Linux, or no transparent huge pages
+        return torch.empty(nbytes, dtype=torch.uint8)
+    return torch.frombuffer(m, dtype=torch.uint8)  # the tensor keeps the mapping alive; freed with it
 
 
 def _host_release(buf: torch.Tensor) -> None:
@@ -1044,7 +1087,7 @@ class _Run:
                 self.stores[s] = None
 
 
-TRACE: list | None = None  # set to [] to record (op, kind, placement, rows, peak bytes) per op (benchmarks)
+TRACE: list | None = None  # set to [] to record (op, kind, placement, rows, peak bytes, seconds) per op (benchmarks)
 
 
 def _execute(ops, slots, plan: DecodePlan, x: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -1066,10 +1109,12 @@ def _execute(ops, slots, plan: DecodePlan, x: torch.Tensor, device, dtype) -> to
             if TRACE is not None and device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
             run.op(k, final[s0 : s0 + plan.batch_chunk] if op.dst == last else None)
             if TRACE is not None and device.type == "cuda":
                 torch.cuda.synchronize(device)
-                TRACE.append((k, op.kind, plan._place[op.dst], plan._rows[k], torch.cuda.max_memory_allocated(device)))
+                TRACE.append((k, op.kind, plan._place[op.dst], plan._rows[k], torch.cuda.max_memory_allocated(device),
+                              time.perf_counter() - t0))
         if run.copier is not None:
             run.copier.finish(device)
         for st in run.stores:
