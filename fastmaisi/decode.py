@@ -284,6 +284,8 @@ def _ws_bytes(op: _Op, slots: list[_Slot], rows: int, B: int, esz: int, src_dev:
     else:
         total += x_el * esz  # padded copy at the volume's ends
     total += y_el * (esz + (0 if cuda or d.groups is None else 8))  # conv output (+ CPU fp32 copies for statistics)
+    if cuda and s.channels == 1:
+        total += y_el * esz  # a 1-channel input reads as NCDHW: cuDNN's output comes in NCDHW, then a layout copy
     if op.res is not None:
         total += B * slots[op.res].channels * rows * _plane(d) * esz * (0 if res_dev else 1) + y_el * esz
     if dst_host and cuda:
@@ -338,6 +340,7 @@ class _Planner:
     def __init__(self, ops, slots, B, chunk, esz, device_type):
         self.ops, self.slots, self.B, self.chunk, self.esz, self.cuda = ops, slots, B, chunk, esz, device_type == "cuda"
         self._ws: dict[tuple, int] = {}
+        self._max_rows: dict[int, int] = {}
 
     def size(self, s: int, full_batch: bool = False) -> int:
         b = self.B if full_batch or s == len(self.slots) - 1 else self.chunk
@@ -391,6 +394,7 @@ class _Planner:
                 peaks.append(stores + workspace)
                 continue
             top = min(n_out, -(-cap // max(_plane(self.slots[op.dst]), 1))) if cap else n_out
+            top = min(top, self.max_rows(k))
             fits = lambda r: stores + workspace + self.ws(k, r, place) <= budget  # noqa: E731
             if not fits(1):
                 return None
@@ -456,9 +460,21 @@ class _Planner:
                 reads[s] = reads.get(s, 0) + n_slabs * b
         return total * (self.B // self.chunk), reads
 
+    def max_rows(self, k: int) -> int:
+        """Most output rows per slab that keep op k's input and output slabs under 2^31 elements (cuDNN's fast 3-D
+        kernels index with 32 bits: past that PyTorch falls back to a 10x slower path)."""
+        if k not in self._max_rows:
+            op, s, d = self.ops[k], self.slots[self.ops[k].src], self.slots[self.ops[k].dst]
+            lim = (1 << 31) - 1
+            r = max(1, lim // max(self.chunk * max(d.channels, _PAD_OUT) * _plane(d), 1))
+            while r > 1 and self.chunk * s.channels * _max_in_rows(op, self.slots, r) * _plane(s) > lim:
+                r -= 1
+            self._max_rows[k] = r
+        return self._max_rows[k]
+
     def grow(self, place: list[str], rows: list[int], peaks: list[int], gpu: list[int], budget: int) -> None:
-        """Widen each pass's slabs into the budget still free at its op once host slots hold their device rows (in
-        place: rows and peaks). Passes with no host slot live thus get the larger, faster slabs."""
+        """Widen each pass's slabs into the budget still free at its op once host slots hold their device rows, up to
+        `_SLAB_VOXELS` (in place: rows and peaks). Passes with no host slot live thus get the larger, faster slabs."""
         last = _lifetimes(self.ops, self.slots, place)
         for k in self.passes(place):
             n_out = self.slots[self.ops[k].dst].spatial[0]
@@ -466,7 +482,8 @@ class _Planner:
                 continue
             base = peaks[k] - self.ws(k, rows[k], place) + sum(
                 gpu[s] * self.row_bytes(s) for s in _live(self.ops, last, k) if place[s] == HOST)
-            lo, hi = rows[k], n_out
+            lo, hi = rows[k], min(n_out, -(-_SLAB_VOXELS // max(_plane(self.slots[self.ops[k].dst]), 1)),
+                                  max(rows[k], self.max_rows(k)))
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if base + self.ws(k, mid, place) <= budget else (lo, mid - 1)
