@@ -162,6 +162,28 @@ def test_planner_for_the_maisi_autoencoder():
     assert not small.tiled and "whole volume" in str(small)
 
 
+@pytest.mark.parametrize("task, shape, budget_gib", [("encode", (1, 1, 512, 512, 256), 8),
+                                                     ("decode", (1, 4, 128, 128, 128), 24),
+                                                     ("decode", (1, 4, 128, 128, 128), 100)])
+def test_cuda_plans_keep_slabs_under_2_31_elements(task, shape, budget_gib):
+    """cuDNN's fast 3-D kernels index with 32 bits; a larger slab falls to a slow path (and past the estimate)."""
+    from fastmaisi import decode as D
+
+    plan = (plan_encode if task == "encode" else plan_decode)(shape, "cuda", budget_gib << 30, torch.float16)
+    vae = D._vae_for_plan(None)
+    blocks, head = (vae.encoder.blocks, None) if task == "encode" else (vae.decoder.blocks, vae.post_quant_conv)
+    ops, slots = D._compile(blocks, shape[1], head)
+    D._shapes(ops, slots, shape[2:])
+    assert plan.tiled
+    passes = D._Planner(ops, slots, 1, 1, 2, "cuda").passes(plan._place)  # the others run inside their readers' slabs
+    assert len(passes) >= len(ops) // 2
+    for k in passes:
+        op, r = ops[k], plan._rows[k]
+        s, d = slots[op.src], slots[op.dst]
+        assert r * d.channels * d.spatial[1] * d.spatial[2] < 2**31
+        assert D._max_in_rows(op, slots, r) * s.channels * s.spatial[1] * s.spatial[2] < 2**31
+
+
 def test_sliding_window_equals_monai(vae):
     inferers = pytest.importorskip("monai.inferers")
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi as MonaiAE
