@@ -105,6 +105,17 @@ def test_dry_run_writes_nothing(weights, tmp_path, capsys):
     assert "sampling steps" in capsys.readouterr().out and not out.exists()
 
 
+def test_dry_run_of_a_named_variant_needs_no_weights(tmp_path, capsys):
+    """Planning needs only the variant's config: a user can see whether 512^3 fits before fetching weights."""
+    out = tmp_path / "out"
+    args = ["-o", str(out), "--variant", "rflow-ct", "--size", "512", "512", "512", "--spacing", "1", "1", "1"]
+    assert generate_main([*args, "--dry-run", "--memory-budget-gb", "12"]) == 0
+    text = capsys.readouterr().out
+    assert "(1, 1, 512, 512, 512)" in text and "budget of 12.00 GiB" in text and not out.exists()
+    assert generate_main(args) == 2  # a real run still needs them
+    assert "no --weights given" in capsys.readouterr().err and not out.exists()
+
+
 def test_existing_outputs_refused_then_overwritten(weights, tmp_path, capsys):
     assert run(weights, tmp_path) == 0
     before = (tmp_path / "sample_000000_record.json").read_text()

@@ -125,10 +125,13 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         roles.append("controlnet")
     if workflow == "paired":
         roles += ["mask_autoencoder", "mask_diffusion"]
-    if not request.weights and variant.name != "demo":
+    plan_only = dry_run and not request.weights and variant.name != "demo"  # a plan needs the config, not weights
+    if not request.weights and variant.name != "demo" and not plan_only:
         raise ValueError(f"no --weights given: pass --weights DIR, a folder with the {variant.name} weight files "
                          "(official .pt or converted .safetensors), or leave out --variant to run the built-in demo")
-    if not request.weights:
+    if plan_only:
+        weights_dir = None
+    elif not request.weights:
         from fastmaisi.demo import DEMO_WEIGHTS_DIR
 
         weights_dir = DEMO_WEIGHTS_DIR
@@ -136,7 +139,10 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
               "toys, not real CT; fastmaisi/data/demo)", file=sys.stderr)
     else:
         weights_dir = Path(request.weights)
-    missing = model_io.missing_weight_files(variant, weights_dir, roles) if weights_dir.is_dir() else None
+    if weights_dir is None:
+        missing = []
+    else:
+        missing = model_io.missing_weight_files(variant, weights_dir, roles) if weights_dir.is_dir() else None
     if not request.weights and missing != []:
         raise ValueError(f"the built-in demo weights are not installed ({weights_dir}: missing "
                          f"{', '.join(missing or ['the folder'])}); reinstall fastmaisi, run scripts/train_demo.py, "
