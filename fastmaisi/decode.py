@@ -60,6 +60,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from fastmaisi.nets.autoencoder import (
     AutoencoderKlMaisi,
@@ -954,6 +955,7 @@ class _Run:
         self.fused: dict[int, _Op] = {}
         self.copier = _Copier(device) if device.type == "cuda" else None
         self._walked: dict[int, tuple[int, int]] = {}  # `_prefetch`'s copy of the memoised rows
+        self.bar = tqdm(disable=True)  # `_execute` gives it the run's progress bar
 
     def _fuses(self, op: _Op, a: int, b: int, held) -> bool:
         """Whether op's residual rows [a, b) come from the fused shortcut conv (`_fusable`), not memoised rows."""
@@ -1084,6 +1086,7 @@ class _Run:
                     if i + 1 < len(starts):
                         self._prefetch(k, starts[i + 1], min(starts[i + 1] + rows, n_out))
                 y = self.slab(k, a, b)
+                self.bar.update()
                 if slot.groups is not None:
                     out.accumulate(y, slot.groups)
                 if where != RECOMPUTE:
@@ -1107,16 +1110,21 @@ class _Run:
 TRACE: list | None = None  # set to [] to record (op, kind, placement, rows, peak bytes, seconds) per op (benchmarks)
 
 
-def _execute(ops, slots, plan: DecodePlan, x: torch.Tensor, device, dtype) -> torch.Tensor:
-    """Run the program on x (B, C, *spatial), `plan.batch_chunk` samples at a time, into one preallocated output."""
+def _execute(ops, slots, plan: DecodePlan, x: torch.Tensor, device, dtype, progress: bool = False) -> torch.Tensor:
+    """Run the program on x (B, C, *spatial), `plan.batch_chunk` samples at a time, into one preallocated output;
+    with `progress`, a bar counts the slabs of every pass."""
     fmt = torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
     B, last = x.shape[0], len(slots) - 1
+    passes = _Planner(ops, slots, B, plan.batch_chunk, 1, device.type).passes(plan._place)
+    slabs = sum(-(-slots[ops[k].dst].spatial[0] // plan._rows[k]) for k in passes) * -(-B // plan.batch_chunk)
+    bar = tqdm(total=slabs, desc=plan.task, unit="slab", leave=False, disable=not progress)
     out_shape = (B, slots[last].channels, *slots[last].spatial)
     on_dev = plan._place[last] == GPU
     final = torch.empty(out_shape, dtype=dtype, device=device if on_dev else "cpu", memory_format=fmt,
                         pin_memory=not on_dev and device.type == "cuda")
     for s0 in range(0, B, plan.batch_chunk):
         run = _Run(ops, slots, plan, device, dtype, fmt)
+        run.bar = bar
         xb = x[s0 : s0 + plan.batch_chunk].to(device=device, dtype=dtype, memory_format=fmt)
         run.B = xb.shape[0]
         run.stores[0] = _Store.wrap(xb, device)
@@ -1139,6 +1147,7 @@ def _execute(ops, slots, plan: DecodePlan, x: torch.Tensor, device, dtype) -> to
                 st.release()
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
+    bar.close()
     return final
 
 
@@ -1160,7 +1169,7 @@ def _check(vae: AutoencoderKlMaisi, t: torch.Tensor, channels: int, what: str, b
         raise ValueError(f"memory_budget_bytes must be positive, got {budget}")
 
 
-def _compute(vae, x, budget, plan_fn, whole_fn, program_fn, out_device):
+def _compute(vae, x, budget, plan_fn, whole_fn, program_fn, out_device, progress=False):
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     for attempt in range(2):
@@ -1172,7 +1181,7 @@ def _compute(vae, x, budget, plan_fn, whole_fn, program_fn, out_device):
                 else:
                     ops, slots = program_fn()
                     _shapes(ops, slots, x.shape[2:])
-                    y = _execute(ops, slots, plan, x, device, dtype)
+                    y = _execute(ops, slots, plan, x, device, dtype, progress)
             if out_device is not None:
                 y = y.to(out_device)
             return y, plan
@@ -1196,13 +1205,14 @@ def decode_latent(
     memory_budget_bytes: int | None = None,
     out_device: str | torch.device | None = None,
     return_plan: bool = False,
+    progress: bool = False,
 ):
     """Exact `vae.decode(z)` for any (B, latent, d, h, w) latent within a device-memory budget.
 
     Runs on the VAE's device in its parameter dtype. The result lives on the compute device when it fits, otherwise
     in host memory (channels_last_3d strides; `plan.output_device` says which), unless `out_device` is given.
     On CUDA out-of-memory it retries once with half the budget, then raises RuntimeError.
-    Returns the image, or (image, plan) with `return_plan=True`.
+    Returns the image, or (image, plan) with `return_plan=True`. `progress`: a bar over the slabs (tiled runs).
     """
     _check(vae, z, vae.latent_channels, "latent z", memory_budget_bytes)
     device = next(vae.parameters()).device
@@ -1211,7 +1221,7 @@ def decode_latent(
     y, plan = _compute(
         vae, z, memory_budget_bytes,
         lambda budget: plan_decode(z.shape, device, budget, dtype, vae, out_device),
-        vae.decode, program, out_device,
+        vae.decode, program, out_device, progress,
     )
     return (y, plan) if return_plan else y
 
@@ -1221,11 +1231,13 @@ def encode_image(
     x: torch.Tensor,
     memory_budget_bytes: int | None = None,
     return_plan: bool = False,
+    progress: bool = False,
 ):
     """Exact `vae.encode(x)` -> (z_mu, z_sigma) for a (B, C_in, D, H, W) image within a device-memory budget.
 
     Deterministic (returns the mean and sigma, like `encode`; sample with `vae.sampling(z_mu, z_sigma)`). The latents
     are returned on the VAE's device. Returns (z_mu, z_sigma), or ((z_mu, z_sigma), plan) with `return_plan=True`.
+    `progress`: a bar over the slabs (tiled runs).
     """
     _check(vae, x, vae.in_channels, "image x", memory_budget_bytes)
     device = next(vae.parameters()).device
@@ -1234,7 +1246,7 @@ def encode_image(
     h, plan = _compute(
         vae, x, memory_budget_bytes,
         lambda budget: plan_encode(x.shape, device, budget, dtype, vae),
-        vae.encoder, program, None,
+        vae.encoder, program, None, progress,
     )
     with torch.no_grad():
         z = vae.latent_from_features(h.to(device))

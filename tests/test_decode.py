@@ -73,6 +73,31 @@ def test_tiled_decode_equals_whole_volume(shape, net, request):
     assert "slabs" in plan.describe() and "GroupNorm" in str(plan)
 
 
+def test_progress_bar_counts_every_slab(vae):
+    """decode_latent(progress=True): one bar over the slabs of every pass and sample, finished at the end."""
+    from fastmaisi import decode as D
+
+    bars = []
+
+    class Bar(D.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.shown = not self.disable  # close() disables the bar
+            bars.append(self)
+
+    z = torch.randn(2, 4, 6, 5, 7, generator=torch.Generator().manual_seed(4))
+    budget = _budget_for_slabs(lambda s, d, b: plan_decode(s, d, b, torch.float32, vae), z.shape)
+    with mock.patch.object(D, "tqdm", Bar):
+        _, plan = decode_latent(vae, z, budget, return_plan=True, progress=True)
+        decode_latent(vae, z, budget)
+    ops, slots = D._compile(vae.decoder.blocks, vae.latent_channels, vae.post_quant_conv)
+    D._shapes(ops, slots, z.shape[2:])
+    per_sample = sum(-(-slots[op.dst].spatial[0] // plan._rows[k]) for k, op in enumerate(ops))  # CPU: all stored
+    shown = [b for b in bars if b.shown]
+    assert len(shown) == 1 and shown[0].desc.startswith("decode")
+    assert shown[0].total == shown[0].n == 2 * per_sample >= 2 * 8
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 20, 28, 36), (2, 1, 44, 16, 12)])
 def test_tiled_encode_equals_whole_volume(vae, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3))

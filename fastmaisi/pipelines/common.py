@@ -45,12 +45,14 @@ def regions_from_label(label: np.ndarray) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def decode_to_unit(models: Models, latent: torch.Tensor, memory_budget_bytes: int | None = None) -> torch.Tensor:
+def decode_to_unit(models: Models, latent: torch.Tensor, memory_budget_bytes: int | None = None,
+                   progress: bool = False) -> torch.Tensor:
     """Exact whole-volume decode of z / scale_factor, clipped to the autoencoder's [0, 1] range. -> (B, 1, *S) fp32."""
     from fastmaisi.decode import decode_latent
 
     z = latent / models.scale_factor
-    image = decode_latent(models.autoencoder, z.to(models.dtype), memory_budget_bytes=memory_budget_bytes)
+    image = decode_latent(models.autoencoder, z.to(models.dtype), memory_budget_bytes=memory_budget_bytes,
+                          progress=progress)
     return image.float().clamp_(0.0, 1.0)
 
 

@@ -211,7 +211,7 @@ def one_volume(models, workflow, opts, seed, user_label, budget, progress):
         # 2. mask: organ sizes -> mask DM -> mask VAE -> 132-label map on the mask grid -> requested grid
         z = paired.sample_mask_latent(models, opts["anatomy"], seed=seed, latent_shape=models.mask_latent_shape,
                                       steps=opts["mask_steps"], progress=progress)
-        raw = postprocess_mask(paired.decode_mask(models, z, budget), opts["anatomy"])
+        raw = postprocess_mask(paired.decode_mask(models, z, budget, progress), opts["anatomy"])
         label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"])
         timings["mask_s"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
@@ -226,7 +226,7 @@ def one_volume(models, workflow, opts, seed, user_label, budget, progress):
     timings["sample_s"] = round(time.perf_counter() - t, 2)
     # 5. decode: exact whole-volume decode -> HU
     t = time.perf_counter()
-    unit = common.decode_to_unit(models, z, budget)
+    unit = common.decode_to_unit(models, z, budget, progress)
     image_hu = hu_from_unit(unit[0, 0], models.variant.modality)
     if label is not None:
         image_hu = from_mask.crop_to_body(image_hu, label, -1000 if models.variant.modality == "ct" else 0)

@@ -37,12 +37,13 @@ def sample_mask_latent(models: Models, anatomy_sizes: list[float], *, seed: int,
 
 
 @torch.no_grad()
-def decode_mask(models: Models, latent: torch.Tensor, memory_budget_bytes: int | None = None) -> np.ndarray:
+def decode_mask(models: Models, latent: torch.Tensor, memory_budget_bytes: int | None = None,
+                progress: bool = False) -> np.ndarray:
     """Mask VAE decode of z / scale_factor, argmax over the 125 classes (softmax skipped: same argmax), remap to 132."""
     from fastmaisi.decode import decode_latent
     from fastmaisi.labels import remap_mask_labels
 
     logits = decode_latent(models.mask_autoencoder, (latent / models.mask_scale_factor).to(models.dtype),
-                           memory_budget_bytes=memory_budget_bytes)
+                           memory_budget_bytes=memory_budget_bytes, progress=progress)
     raw = logits.argmax(dim=1)[0].to(torch.int16).cpu().numpy()
     return remap_mask_labels(raw)
