@@ -37,7 +37,8 @@ How the exact path works (the design, and why):
   the slower of its convs and its copies, plus a fixed cost per op and slab. It starts from a few simple placements
   (everything on the device; the largest activations moved off one by one, recomputed or to the host) and changes
   one activation, or the cap on slab size (2-16 M voxels), at a time while the estimate falls; host slots then get
-  device rows from the budget left over, and each pass's slabs widen into what is still free at its op. Low-
+  device rows from the budget left over, and each pass's slabs widen into what is still free at its op. Plans whose
+  host stores would page-lock more than the host can spare (4/5 of its available memory) are left out. Low-
   resolution levels thus stay whole on the device. When tiling is needed and B > 1, samples run one at a time
   (GroupNorm is per sample, so this is exact). Plans are remembered per network, shape and budget (the search takes
   0.4-0.8 s at 512^3). On CUDA it fills 95 % of the budget (`bench/trace_decode.py` compares each op's measured peak
@@ -461,6 +462,12 @@ class _Planner:
                 reads[s] = reads.get(s, 0) + n_slabs * b
         return total * (self.B // self.chunk), reads
 
+    def host_bytes(self, place: list[str], gpu: list[int]) -> int:
+        """Page-locked host memory a run may take: every host slot's rows beyond its device rows (each store takes
+        its buffer once; the pool's reuse can only lower this)."""
+        return sum(self.size(s) * (self.slots[s].spatial[0] - gpu[s]) // max(self.slots[s].spatial[0], 1)
+                   for s in range(1, len(self.slots)) if place[s] == HOST)
+
     def max_rows(self, k: int) -> int:
         """Most output rows per slab that keep op k's input and output slabs under 2^31 elements (cuDNN's fast 3-D
         kernels index with 32 bits: past that PyTorch falls back to a 10x slower path)."""
@@ -530,7 +537,8 @@ class _FusedConv:
         self.bias = bias.to(dtype)
 
 
-def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device=None) -> DecodePlan:
+def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device=None,
+               host_limit: int | None = None) -> DecodePlan:
     device = torch.device(device)
     esz = torch.empty((), dtype=dtype).element_size()
     B, n = in_shape[0], len(slots)
@@ -554,8 +562,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
         levels = [(sp, "+".join(sorted(w)), ns) for sp, (w, ns) in by_level.items()]
         num_slabs, slab_rows = max((-(-slots[op.dst].spatial[0] // rows[k]), rows[k]) for k, op in enumerate(ops))
         where_out = str(out_device) if out_device is not None else (str(device) if place[n - 1] == GPU else "cpu")
-        host_total = sum(pl.size(s) * (slots[s].spatial[0] - gpu[s]) // max(slots[s].spatial[0], 1)
-                         for s in range(1, n) if place[s] == HOST)
+        host_total = pl.host_bytes(place, gpu)
         return DecodePlan(task, tuple(in_shape), out_shape, str(device), dtype, budget, int(peak),
                           int(min(host_peak, host_total)) if cuda else 0, num_slabs, slab_rows, pl.chunk, where_out,
                           pl.costs(place, rows, gpu)[0] if secs is None else secs, tiled, levels, rows, place, gpu,
@@ -583,13 +590,15 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
         fixed[n - 1] = HOST
     movable = [s for s in range(1, n - 1) if cuda and pl.size(s) * 64 >= fill_to]
 
-    def evaluate(place, cap):
+    def evaluate(place, cap, limit=host_limit):
         res = pl.tile(place, fill_to, cap)
         if res is None:
             return None
         rows, peaks, host_peak = res
         short = any(rows[k] < min(2, slots[ops[k].dst].spatial[0]) for k in pl.passes(place))
         gpu = pl.fill(place, rows, peaks, fill_to)
+        if limit is not None and pl.host_bytes(place, gpu) > limit:
+            return None
         pl.grow(place, rows, peaks, gpu, fill_to)
         secs = pl.costs(place, rows, gpu)[0]
         return (short, secs), list(place), rows, peaks, host_peak, gpu, cap
@@ -603,6 +612,15 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     # Slab caps: thinner slabs run slower convs but leave more of the budget for host stores' device rows.
     caps = _SLAB_CAPS if movable else (_SLAB_VOXELS,)
     found = [e for e in (evaluate(p, _SLAB_VOXELS) for p in starts) if e is not None]  # other caps: below
+    if not found and host_limit is not None:
+        unlimited = [e for e in (evaluate(p, _SLAB_VOXELS, None) for p in starts) if e is not None]
+        if unlimited:
+            need = min(pl.host_bytes(e[1], e[5]) for e in unlimited)
+            raise ValueError(
+                f"{task} of {tuple(in_shape)} under memory_budget_bytes={budget}: the plans that fit the device need "
+                f"{need / _GiB:.1f} GiB or more of page-locked host memory, and {host_limit / _GiB:.1f} GiB is "
+                f"available; free host memory, or pass a larger memory_budget_bytes so that more stays on the device"
+            )
     if not found:
         need = max(pl.ws(k, 1, [HOST if cuda else GPU] * n) for k in range(len(ops)))
         need = int(-(-(need + _CUDA_WORKSPACE) * 32 // 31) / _PLAN_FRACTION) + 1 if cuda else need
@@ -640,16 +658,30 @@ def _cached_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype
     pool does not hold yet (first use only) added to its estimate."""
     program = tuple((op.kind, op.src, op.res, op.conv.in_channels, op.conv.out_channels, tuple(op.conv.kernel_size),
                      op.norm.num_groups if op.norm is not None else 0, op.silu, op.shortcut is not None) for op in ops)
-    key = (task, program, tuple(in_shape), out_channels, str(device), budget, dtype, str(out_device))
+    host_limit = _host_available() if torch.device(device).type == "cuda" else None
+    key = (task, program, tuple(in_shape), out_channels, str(device), budget, dtype, str(out_device),
+           None if host_limit is None else host_limit >> 30)  # re-plan when what the host can page-lock moves a GiB
     if key not in _PLANS:
         if len(_PLANS) >= 64:
             _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device)
+        _PLANS[key] = _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device,
+                                 host_limit)
     plan = _PLANS[key]
     setup = max(plan.host_bytes - sum(b.numel() for b in _HOST_POOL), 0) * _PIN_SECONDS_PER_BYTE
     return dataclasses.replace(plan, levels=list(plan.levels), _rows=list(plan._rows), _place=list(plan._place),
                                _gpu_rows=list(plan._gpu_rows), _peaks=list(plan._peaks), setup_seconds=setup,
                                est_seconds=plan.est_seconds + setup)
+
+
+def _host_available() -> int | None:
+    """Host memory a plan may page-lock: four fifths of what Linux reports available (the rest is left to the
+    process and the system), plus the page-locked pool this process already holds. None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except (OSError, ValueError):
+        return None
+    return None if avail is None else int(avail * 0.8) + sum(b.numel() for b in _HOST_POOL)
 
 
 def _vae_for_plan(vae: AutoencoderKlMaisi | None) -> AutoencoderKlMaisi:

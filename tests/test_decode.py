@@ -177,6 +177,29 @@ def test_untiled_by_default_on_cpu(vae):
         torch.testing.assert_close(y, vae.decode(z), rtol=0, atol=0)
 
 
+@pytest.fixture(autouse=True)
+def _unlimited_host_memory(monkeypatch):
+    """CUDA plans made here do not depend on this machine's free RAM (one test sets a limit itself)."""
+    from fastmaisi import decode as D
+
+    monkeypatch.setattr(D, "_host_available", lambda: None)
+
+
+def test_planner_keeps_page_locked_memory_within_what_the_host_has(monkeypatch):
+    from fastmaisi import decode as D
+
+    shape, budget = (1, 4, 128, 128, 128), 12 << 30
+    free = plan_decode(shape, "cuda", budget, torch.float16)
+    assert free.host_bytes > 6 << 30  # with no limit the plan streams through the host
+    monkeypatch.setattr(D, "_host_available", lambda: 4 << 30)
+    held = plan_decode(shape, "cuda", budget, torch.float16)
+    assert held.tiled and 0 < held.host_bytes <= 4 << 30 and held.peak_bytes <= budget
+    assert held.est_seconds - held.setup_seconds > free.est_seconds - free.setup_seconds  # recomputes instead
+    monkeypatch.setattr(D, "_host_available", lambda: 0)
+    with pytest.raises(ValueError, match="page-locked host memory, and 0.0 GiB is available"):
+        plan_decode(shape, "cuda", 4 << 30, torch.float16)
+
+
 def test_planner_for_the_maisi_autoencoder():
     plan = plan_decode((1, 4, 128, 128, 128), "cuda", 20 << 30, torch.float16)  # vae=None: MAISI's image AE
     assert plan.output_shape == (1, 1, 512, 512, 512) and plan.tiled
