@@ -68,13 +68,9 @@ def main():
             if e[0] == "slab":
                 continue
             k, kind, where, rows, peak, secs = e
-            acc = {"conv": 0.0, "ew": 0.0, "d2h": 0.0, "h2d": {}}
             est = conv = 0.0
             if k in pl.passes(plan._place):
-                pl._slab_cost(k, rows, plan._place, plan._gpu_rows, acc, set())
-                n = -(-slots[ops[k].dst].spatial[0] // rows)
-                h2d = sum(acc["h2d"].values())
-                est = n * (max(acc["conv"], h2d / D._HOST_BW, acc["d2h"] / D._HOST_BW) + acc["ew"] / D._ELEMENTWISE_BW)
+                est, acc, n = pl.pass_cost(k, plan._place, plan._rows, plan._gpu_rows)
                 conv = n * acc["conv"]
             extra = sum(plan._gpu_rows[s] * pl.row_bytes(s) for s in D._live(ops, last, k) if plan._place[s] == D.HOST)
             al = slabs.get(k, [0])

@@ -214,6 +214,8 @@ class DecodePlan:
     _place: list[str] = field(default_factory=list, repr=False)
     _gpu_rows: list[int] = field(default_factory=list, repr=False)  # per slot: rows [0, g) of a host slot on device
     _peaks: list[int] = field(default_factory=list, repr=False)  # per op: estimated device peak, host slots' rows aside
+    _host_total: int = 0  # every host slot's host rows (`_Planner.host_bytes`): the most the run may page-lock
+    _host_limit: int | None = None  # the host memory the plan was made to fit (`_host_available`)
     setup_seconds: float = 0.0  # part of est_seconds: page-locking host memory not yet set up by earlier runs
 
     def describe(self) -> str:
@@ -264,6 +266,12 @@ def _fusable(ops: list[_Op], op: _Op) -> bool:
     """Whether op's residual shortcut can be folded into the residual's producer (one conv instead of two): the
     producer is linear after its prologue (no residual of its own) and the shortcut is a 1x1 conv."""
     return op.res is not None and op.shortcut is not None and op.res > 0 and ops[op.res - 1].res is None
+
+
+def _fused(ops: list[_Op], op: _Op, dtype: torch.dtype | None) -> _Op:
+    """The residual's producer with op's shortcut folded into its conv (`_FusedConv`; dtype None: planning only)."""
+    p = ops[op.res - 1]
+    return _Op(p.kind, p.src, p.dst, _FusedConv(p.conv, op.shortcut, dtype), p.norm, p.silu)
 
 
 def _ws_bytes(op: _Op, slots: list[_Slot], rows: int, B: int, esz: int, src_dev: bool, res_dev: bool, cuda: bool,
@@ -395,17 +403,11 @@ class _Planner:
                 rows.append(n_out)  # no pass of its own: computed only inside its readers' slabs
                 peaks.append(stores + workspace)
                 continue
-            top = min(n_out, -(-cap // max(_plane(self.slots[op.dst]), 1))) if cap else n_out
-            top = min(top, self.max_rows(k))
-            fits = lambda r: stores + workspace + self.ws(k, r, place) <= budget  # noqa: E731
-            if not fits(1):
+            if stores + workspace + self.ws(k, 1, place) > budget:
                 return None
-            lo, hi = 1, top  # the largest r that fits (the estimate grows with r)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-            rows.append(lo)
-            peaks.append(stores + workspace + self.ws(k, lo, place))
+            r = self._widest(k, 1, self.top_rows(k, cap), stores + workspace, budget, place)
+            rows.append(r)
+            peaks.append(stores + workspace + self.ws(k, r, place))
         return rows, peaks, host_peak
 
     def _slab_cost(self, k: int, r: int, place, gpu, acc: dict, seen: set, op: _Op | None = None) -> None:
@@ -424,9 +426,7 @@ class _Planner:
         self._read_cost(op.src, rin, place, gpu, acc, seen, _new_rows(op, r))
         if op.res is not None:
             if place[op.res] == RECOMPUTE and op.res not in seen and _fusable(self.ops, op):
-                p = self.ops[op.res - 1]
-                fused = _Op(p.kind, p.src, p.dst, _FusedConv(p.conv, op.shortcut, None), p.norm, p.silu)
-                self._slab_cost(op.res - 1, r, place, gpu, acc, seen, fused)
+                self._slab_cost(op.res - 1, r, place, gpu, acc, seen, _fused(self.ops, op, None))
             else:
                 self._read_cost(op.res, r, place, gpu, acc, seen)
                 if op.shortcut is not None:
@@ -451,22 +451,41 @@ class _Planner:
         each copy direction (copies overlap compute), plus the elementwise passes."""
         total, reads = 0.0, {}
         for k in self.passes(place):
-            acc = {"conv": 0.0, "ew": 0.0, "d2h": 0.0, "h2d": {}}
-            r = rows[k]
-            n_slabs = -(-self.slots[self.ops[k].dst].spatial[0] // r)
-            self._slab_cost(k, r, place, gpu, acc, set())
-            h2d = sum(acc["h2d"].values())
-            bw = _HOST_BW if self.cuda else float("inf")
-            total += n_slabs * (max(acc["conv"], h2d / bw, acc["d2h"] / bw) + acc["ew"] / _ELEMENTWISE_BW)
+            secs, acc, n_slabs = self.pass_cost(k, place, rows, gpu)
+            total += secs
             for s, b in acc["h2d"].items():
                 reads[s] = reads.get(s, 0) + n_slabs * b
         return total * (self.B // self.chunk), reads
+
+    def pass_cost(self, k: int, place: list[str], rows: list[int], gpu: list[int]) -> tuple[float, dict, int]:
+        """(expected seconds, one slab's costs as `_slab_cost` adds them, number of slabs) of op k's pass."""
+        acc = {"conv": 0.0, "ew": 0.0, "d2h": 0.0, "h2d": {}}
+        n_slabs = -(-self.slots[self.ops[k].dst].spatial[0] // rows[k])
+        self._slab_cost(k, rows[k], place, gpu, acc, set())
+        bw = _HOST_BW if self.cuda else float("inf")
+        secs = max(acc["conv"], sum(acc["h2d"].values()) / bw, acc["d2h"] / bw) + acc["ew"] / _ELEMENTWISE_BW
+        return n_slabs * secs, acc, n_slabs
 
     def host_bytes(self, place: list[str], gpu: list[int]) -> int:
         """Page-locked host memory a run may take: every host slot's rows beyond its device rows (each store takes
         its buffer once; the pool's reuse can only lower this)."""
         return sum(self.size(s) * (self.slots[s].spatial[0] - gpu[s]) // max(self.slots[s].spatial[0], 1)
                    for s in range(1, len(self.slots)) if place[s] == HOST)
+
+    def _widest(self, k: int, lo: int, hi: int, base: int, budget: int, place: list[str]) -> int:
+        """The most rows in [lo, hi] whose slab of op k fits `budget` on top of `base` (lo fits; the estimate grows
+        with the rows)."""
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if base + self.ws(k, mid, place) <= budget else (lo, mid - 1)
+        return lo
+
+    def top_rows(self, k: int, cap: int | None) -> int:
+        """Rows per slab of op k beyond which nothing is gained or allowed: `cap` output voxels (None: no cap), the
+        whole axis, `max_rows`."""
+        n_out = self.slots[self.ops[k].dst].spatial[0]
+        top = min(n_out, -(-cap // max(_plane(self.slots[self.ops[k].dst]), 1))) if cap else n_out
+        return min(top, self.max_rows(k))
 
     def max_rows(self, k: int) -> int:
         """Most output rows per slab that keep op k's input and output slabs under 2^31 elements (cuDNN's fast 3-D
@@ -490,13 +509,9 @@ class _Planner:
                 continue
             base = peaks[k] - self.ws(k, rows[k], place) + sum(
                 gpu[s] * self.row_bytes(s) for s in _live(self.ops, last, k) if place[s] == HOST)
-            lo, hi = rows[k], min(n_out, -(-_SLAB_VOXELS // max(_plane(self.slots[self.ops[k].dst]), 1)),
-                                  max(rows[k], self.max_rows(k)))
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if base + self.ws(k, mid, place) <= budget else (lo, mid - 1)
-            peaks[k] += self.ws(k, lo, place) - self.ws(k, rows[k], place)
-            rows[k] = lo
+            r = self._widest(k, rows[k], max(rows[k], self.top_rows(k, _SLAB_VOXELS)), base, budget, place)
+            peaks[k] += self.ws(k, r, place) - self.ws(k, rows[k], place)
+            rows[k] = r
 
     def fill(self, place: list[str], rows: list[int], peaks: list[int], budget: int) -> list[int]:
         """Device rows for host slots: the budget left over at every op of a slot's lifetime holds its first rows,
@@ -566,7 +581,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
         return DecodePlan(task, tuple(in_shape), out_shape, str(device), dtype, budget, int(peak),
                           int(min(host_peak, host_total)) if cuda else 0, num_slabs, slab_rows, pl.chunk, where_out,
                           pl.costs(place, rows, gpu)[0] if secs is None else secs, tiled, levels, rows, place, gpu,
-                          list(peaks))
+                          list(peaks), host_total if cuda else 0)
 
     # Everything on the device, one slab per op: the whole volume in one pass per layer.
     pl = _Planner(ops, slots, B, B, esz, device.type)
@@ -659,14 +674,17 @@ def _cached_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype
     program = tuple((op.kind, op.src, op.res, op.conv.in_channels, op.conv.out_channels, tuple(op.conv.kernel_size),
                      op.norm.num_groups if op.norm is not None else 0, op.silu, op.shortcut is not None) for op in ops)
     host_limit = _host_available() if torch.device(device).type == "cuda" else None
-    key = (task, program, tuple(in_shape), out_channels, str(device), budget, dtype, str(out_device),
-           None if host_limit is None else host_limit >> 30)  # re-plan when what the host can page-lock moves a GiB
-    if key not in _PLANS:
-        if len(_PLANS) >= 64:
+    key = (task, program, tuple(in_shape), out_channels, str(device), budget, dtype, str(out_device))
+    plan = _PLANS.get(key)
+    # Re-plan when the host can no longer page-lock what the plan needs, or when a plan made under a host limit
+    # could use 4 GiB more (not on every small move of the host's free memory: a search takes up to a second).
+    if (plan is None or (host_limit is not None and plan._host_total > host_limit)
+            or (plan._host_limit is not None and (host_limit is None or host_limit >= plan._host_limit + (4 << 30)))):
+        if key not in _PLANS and len(_PLANS) >= 64:
             _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device,
-                                 host_limit)
-    plan = _PLANS[key]
+        plan = _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device, host_limit)
+        plan._host_limit = host_limit
+        _PLANS[key] = plan
     setup = max(plan.host_bytes - sum(b.numel() for b in _HOST_POOL), 0) * _PIN_SECONDS_PER_BYTE
     return dataclasses.replace(plan, levels=list(plan.levels), _rows=list(plan._rows), _place=list(plan._place),
                                _gpu_rows=list(plan._gpu_rows), _peaks=list(plan._peaks), setup_seconds=setup,
@@ -1014,9 +1032,7 @@ class _Run:
     def _fused_op(self, k: int) -> _Op:
         """Op k's residual shortcut folded into the residual's producer (see `_fusable`)."""
         if k not in self.fused:
-            op = self.ops[k]
-            p = self.ops[op.res - 1]
-            self.fused[k] = _Op(p.kind, p.src, p.dst, _FusedConv(p.conv, op.shortcut, torch.float32), p.norm, p.silu)
+            self.fused[k] = _fused(self.ops, self.ops[k], torch.float32)
         return self.fused[k]
 
     def slab(self, k: int, a: int, b: int, op: _Op | None = None, key=None) -> torch.Tensor:

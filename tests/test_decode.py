@@ -115,9 +115,9 @@ def test_tiled_encode_equals_whole_volume(vae, shape):
 @pytest.mark.parametrize("pattern", ["mixed", "all_recomputed"])
 def test_off_device_placements_are_exact(net, pattern, device, request):
     """The CUDA planner's off-device placements, forced (on CPU too, so that CI runs the same executor code):
-    activations recomputed from their inputs when read (chains of them, each row computed once per pass), host stores whose first
-    rows stay on the device, a residual shortcut folded into its recomputed producer's conv, and on CUDA the
-    side-stream host copies (fetched ahead, written behind) with the output in host memory."""
+    activations recomputed from their inputs when read (chains of them, each row computed once per pass), host
+    stores whose first rows stay on the device, a residual shortcut folded into its recomputed producer's conv, and
+    on CUDA the side-stream host copies (fetched ahead, written behind) with the output in host memory."""
     from fastmaisi import decode as D
 
     vae = request.getfixturevalue(net)
@@ -195,6 +195,13 @@ def test_planner_keeps_page_locked_memory_within_what_the_host_has(monkeypatch):
     held = plan_decode(shape, "cuda", budget, torch.float16)
     assert held.tiled and 0 < held.host_bytes <= 4 << 30 and held.peak_bytes <= budget
     assert held.est_seconds - held.setup_seconds > free.est_seconds - free.setup_seconds  # recomputes instead
+    made = []
+    make = D._make_plan
+    monkeypatch.setattr(D, "_make_plan", lambda *a: made.append(a[-1]) or make(*a))
+    monkeypatch.setattr(D, "_host_available", lambda: (4 << 30) + (512 << 20))
+    assert plan_decode(shape, "cuda", budget, torch.float16).host_bytes == held.host_bytes and made == []  # reused
+    monkeypatch.setattr(D, "_host_available", lambda: 3 << 30)
+    assert plan_decode(shape, "cuda", budget, torch.float16).host_bytes <= 3 << 30 and made == [3 << 30]
     monkeypatch.setattr(D, "_host_available", lambda: 0)
     with pytest.raises(ValueError, match="page-locked host memory, and 0.0 GiB is available"):
         plan_decode(shape, "cuda", 4 << 30, torch.float16)

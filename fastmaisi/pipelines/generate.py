@@ -126,7 +126,7 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     if workflow == "paired":
         roles += ["mask_autoencoder", "mask_diffusion"]
     plan_only = dry_run and not request.weights and variant.name != "demo"  # a plan needs the config, not weights
-    if not request.weights and variant.name != "demo" and not plan_only:
+    if not request.weights and variant.name != "demo" and not dry_run:
         raise ValueError(f"no --weights given: pass --weights DIR, a folder with the {variant.name} weight files "
                          "(official .pt or converted .safetensors), or leave out --variant to run the built-in demo")
     if plan_only:
@@ -141,8 +141,10 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         weights_dir = Path(request.weights)
     if weights_dir is None:
         missing = []
+    elif weights_dir.is_dir():
+        missing = model_io.missing_weight_files(variant, weights_dir, roles)
     else:
-        missing = model_io.missing_weight_files(variant, weights_dir, roles) if weights_dir.is_dir() else None
+        missing = None
     if not request.weights and missing != []:
         raise ValueError(f"the built-in demo weights are not installed ({weights_dir}: missing "
                          f"{', '.join(missing or ['the folder'])}); reinstall fastmaisi, run scripts/train_demo.py, "
