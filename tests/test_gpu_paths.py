@@ -130,3 +130,56 @@ def test_gpu_budget_is_respected():
     torch.cuda.synchronize()
     assert plan.tiled and torch.cuda.max_memory_allocated() - base <= budget
     assert float((y.float() - ref.float()).abs().max() / ref.float().abs().max()) < 5e-3
+
+
+@cuda
+def test_gpu_host_rows_cross_the_bus_once_per_pass(monkeypatch):
+    """A pass reads each host row over PCIe at most once: the next slab's halo rows, already fetched for the previous
+    slab, are copied on the device (`_Copier.fetch`); the result stays exact."""
+    import fastmaisi.decode as D
+    from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
+
+    torch.manual_seed(0)
+    vae = AutoencoderKlMaisi(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4,
+                             num_channels=(32, 64, 64), num_res_blocks=(2, 2, 2), norm_num_groups=32,
+                             attention_levels=(False, False, False)).cuda().half().eval()
+    z = torch.randn(1, 4, 32, 32, 32, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        ref = vae.decode(z)
+    reads, passes = [], [0]
+    host_rows, new_pass = D._Store.host_rows, D._Copier.new_pass
+
+    def logged_rows(self, lo, hi):
+        reads.append((passes[0], id(self), lo, hi))
+        return host_rows(self, lo, hi)
+
+    def logged_pass(self):
+        passes[0] += 1
+        return new_pass(self)
+
+    monkeypatch.setattr(D._Store, "host_rows", logged_rows)
+    monkeypatch.setattr(D._Copier, "new_pass", logged_pass)
+    y, plan = D.decode_latent(vae, z, 512 << 20, return_plan=True)
+    assert plan.tiled and D.HOST in plan._place
+    by_store: dict = {}
+    for p, st, lo, hi in reads:
+        by_store.setdefault((p, st), []).append((lo, hi))
+    assert any(len(v) >= 4 for v in by_store.values())  # passes that read host stores slab by slab
+    for spans in by_store.values():
+        spans.sort()
+        assert all(b <= c for (_, b), (c, _) in zip(spans, spans[1:])), spans  # no row fetched twice in a pass
+    assert float((y.float() - ref.float()).abs().max() / ref.float().abs().max()) < 5e-3
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 10, 12), (1, 4, 7, 6, 6)])
+def test_cpu_avg_pool_x2_keeps_channels_last_and_equals_avg_pool3d(shape):
+    """The downsampling resnets' pool on channels-last input: avg_pool3d's values (odd sizes: its own floor), and
+    the output stays channels-last (CUDA's avg_pool3d would copy to NCDHW and back)."""
+    import torch.nn.functional as F
+
+    from fastmaisi.nets.blocks import _is_channels_last, avg_pool_x2
+
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last_3d)
+    y = avg_pool_x2(x)
+    assert _is_channels_last(y)
+    torch.testing.assert_close(y, F.avg_pool3d(x.contiguous(), 2, 2), rtol=1e-6, atol=1e-6)

@@ -416,6 +416,17 @@ def add_upsampled_(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return h  # (a view of hv would carry a non-standard batch stride, which makes torch.cat fall back to NCDHW)
 
 
+def avg_pool_x2(x: torch.Tensor) -> torch.Tensor:
+    """`F.avg_pool3d(x, 2, 2)` for a channels-last x, returned channels-last: a mean over the (B, D, H, W, C) view
+    (fp32 accumulation, as avg_pool's). CUDA's avg_pool3d copies a channels-last input to NCDHW first: at 64 x 128^3
+    that copy and the pool took 2.7 ms instead of ~0.2 ms."""
+    B, C, D, H, W = x.shape
+    if D % 2 or H % 2 or W % 2 or _needs_grad(x):
+        return F.avg_pool3d(x, kernel_size=2, stride=2).contiguous(memory_format=torch.channels_last_3d)
+    v = x.permute(0, 2, 3, 4, 1).view(B, D // 2, 2, H // 2, 2, W // 2, 2, C)
+    return v.mean(dim=(2, 4, 6)).permute(0, 4, 1, 2, 3)  # (B, C, D/2, H/2, W/2), channels-last strides
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
 
@@ -481,8 +492,7 @@ class ResnetBlock(nn.Module):
         if self.up:
             return F.interpolate(t, scale_factor=2.0, mode="nearest")
         if self.down:
-            pooled = _AVG_POOL[self.spatial_dims](t, kernel_size=2, stride=2)  # CUDA returns NCDHW for channels-last
-            return pooled.contiguous(memory_format=torch.channels_last_3d) if _is_channels_last(t) else pooled
+            return avg_pool_x2(t) if _is_channels_last(t) else _AVG_POOL[self.spatial_dims](t, kernel_size=2, stride=2)
         return t
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
