@@ -152,12 +152,14 @@ def loop30(unet, cnet, inp, fmt):
 
 
 def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
-    """The rflow-ct image stage end to end in one process, as `generate` runs it: the 30-step loop (CUDA graphs), then
-    the exact decode under a budget. Peak = everything allocated during the stage (the three networks' weights, the
-    8-channel 512^3 condition and the loop's graphs until the loop ends, the decode); the first call also page-locks
-    the decode's host memory."""
+    """The rflow-ct image stage end to end in one process, as `generate` runs it: the 30-step loop (CUDA graphs,
+    networks channels-last), then the exact decode under a budget; with cuDNN's autotuner off (as `generate` leaves
+    it), then on. Peak = everything allocated during the stage (the three networks' weights, the 8-channel 512^3
+    condition and the loop's graphs until the loop ends, the decode); the first call also page-locks the decode's
+    host memory."""
     from fastmaisi.decode import decode_latent
     from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
+    from fastmaisi.nets.blocks import _is_channels_last
     from fastmaisi.pipelines.sampling import image_denoiser, sample
     from fastmaisi.schedulers import build as build_scheduler
     from fastmaisi.variants import RFLOW_SCHEDULER_DEF, image_autoencoder_def
@@ -167,8 +169,10 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
         for p in vae.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     vae = vae.to(dev).half().eval()
+    cl = _is_channels_last(next(w for w in unet.parameters() if w.dim() == 5))
     cond_host = inp.pop("cond").cpu()  # as in the pipeline, the condition lives only as long as the loop
-    for i in range(repeats):
+    for i, autotune in [(i, False) for i in range(repeats)] + [(i, True) for i in range(repeats, repeats + 2)]:
+        torch.backends.cudnn.benchmark = autotune
         cond = cond_host.to(dev)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -181,7 +185,8 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
         y = decode_latent(vae, z, budget_gib << 30)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        emit({"what": "rflow-ct image stage (30-step loop + exact decode)", "call": i, "latent": list(z.shape[2:]),
+        emit({"what": "rflow-ct image stage (30-step loop + exact decode)", "call": i, "cudnn_benchmark": autotune,
+              "channels_last": cl, "latent": list(z.shape[2:]),
               "decode_budget_GiB": budget_gib, "loop_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
               "s": round(t2 - t0, 3), "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
               "output": list(y.shape)})
@@ -327,8 +332,8 @@ def main():
         for m in (ref_unet, ref_cnet, our_unet, our_cnet):  # only the networks the stage runs stay on the device
             m.cpu()
         torch.cuda.empty_cache()
-        image_stage(our_unet_h.to(memory_format=torch.contiguous_format),
-                    our_cnet_h.to(memory_format=torch.contiguous_format), inp, args.image_stage)
+        image_stage(our_unet_h.to(memory_format=torch.channels_last_3d),  # as `pipelines.models` loads them
+                    our_cnet_h.to(memory_format=torch.channels_last_3d), inp, args.image_stage)
     del ref_unet, ref_cnet, our_unet, our_cnet, our_unet_h, our_cnet_h, outs
     torch.cuda.empty_cache()
     if args.mask:

@@ -183,3 +183,20 @@ def test_cpu_avg_pool_x2_keeps_channels_last_and_equals_avg_pool3d(shape):
     y = avg_pool_x2(x)
     assert _is_channels_last(y)
     torch.testing.assert_close(y, F.avg_pool3d(x.contiguous(), 2, 2), rtol=1e-6, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
+def test_gpu_add_bias_residual_is_one_rounding_of_the_sum(dtype, fmt):
+    """The resnets' fused tail h + bias + r (one Triton pass) equals the fp32 sum rounded once, in either layout."""
+    from fastmaisi.nets.blocks import add_bias_residual_
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 24, 5, 6, 7, device="cuda").to(dtype).contiguous(memory_format=fmt)
+    r = torch.randn(2, 24, 5, 6, 7, device="cuda").to(dtype).contiguous(memory_format=fmt)
+    bias = torch.randn(24, device="cuda").to(dtype)
+    want = (h.float() + bias.float().view(-1, 1, 1, 1) + r.float()).to(dtype)
+    got = add_bias_residual_(h.clone(memory_format=torch.preserve_format), bias, r)
+    assert got.stride() == h.stride()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-3)

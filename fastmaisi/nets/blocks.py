@@ -216,7 +216,18 @@ def _triton_kernels():
                + (oh * syh)[:, None] + (ow * syw)[:, None])
         tl.store(out, val.to(y_ptr.dtype.element_ty), mask=mask)
 
-    _TRITON.update(stats=stats, finalize=finalize, apply=apply, up2=up2, cdiv=triton.cdiv,
+    @triton.jit
+    def bias_add(h_ptr, r_ptr, b_ptr, N, C, INNER, RES: tl.constexpr, BLOCK: tl.constexpr):
+        # h[i] = h[i] + bias[c(i)] (+ r[i]) in fp32, one rounding; c(i) = (i // INNER) % C over the flat storage
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        y = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y += tl.load(b_ptr + (offs // INNER) % C, mask=mask, other=0.0).to(tl.float32)
+        if RES:
+            y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(h_ptr + offs, y.to(h_ptr.dtype.element_ty), mask=mask)
+
+    _TRITON.update(stats=stats, finalize=finalize, apply=apply, up2=up2, bias_add=bias_add, cdiv=triton.cdiv,
                    next_pow2=triton.next_power_of_2)
     return _TRITON
 
@@ -416,6 +427,25 @@ def add_upsampled_(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return h  # (a view of hv would carry a non-standard batch stride, which makes torch.cat fall back to NCDHW)
 
 
+def fast_bias_add(x: torch.Tensor) -> bool:
+    """Whether `add_bias_residual_` runs its Triton pass for a conv output shaped like x (CUDA inference, NCDHW or
+    channels-last, triton present)."""
+    return (x.is_cuda and x.dim() >= 3 and not _needs_grad(x) and (x.is_contiguous() or _is_channels_last(x))
+            and _triton_kernels() is not None)
+
+
+def add_bias_residual_(h: torch.Tensor, bias: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """h + bias (per channel) + r, in place on a fresh conv output h. On CUDA one Triton pass in fp32 with one
+    rounding (PyTorch's conv adds its bias in a pass of its own, and the residual add is another); else two adds."""
+    if not (fast_bias_add(h) and r.dtype == h.dtype and r.shape == h.shape and r.stride() == h.stride()
+            and not _needs_grad(bias, r)):
+        return add_(add_(h, bias.reshape(-1, *([1] * (h.dim() - 2)))), r)
+    k, n = _triton_kernels(), h.numel()
+    inner = h[0, 0].numel() if h.is_contiguous() else 1  # flat index -> channel: NCDHW / channels-last
+    k["bias_add"][(k["cdiv"](n, 4096),)](h, r, bias, n, h.shape[1], inner, RES=True, BLOCK=4096, num_warps=8)
+    return h
+
+
 def avg_pool_x2(x: torch.Tensor) -> torch.Tensor:
     """`F.avg_pool3d(x, 2, 2)` for a channels-last x, returned channels-last: a mean over the (B, D, H, W, C) view
     (fp32 accumulation, as avg_pool's). CUDA's avg_pool3d copies a channels-last input to NCDHW first: at 64 x 128^3
@@ -513,6 +543,12 @@ class ResnetBlock(nn.Module):
             if not fold:
                 h = add_(h, temb.reshape(*temb.shape, *([1] * self.spatial_dims)))
             h = group_norm(h, self.norm2, silu=True)
+        c2, sk = self.conv2.conv, self.skip_connection.conv if self.skip_connection is not None else None
+        if not coarse_up and c2.bias is not None and fast_bias_add(h):
+            # conv2 and the 1x1 skip without their biases: both biases and the residual go in with one pass over h
+            h = c2._conv_forward(h, c2.weight, None)
+            skip = sk._conv_forward(x, sk.weight, None) if sk is not None else x
+            return add_bias_residual_(h, c2.bias if sk is None or sk.bias is None else c2.bias + sk.bias, skip)
         h = self.conv2(h)
         skip = self.skip_connection(x) if self.skip_connection is not None else x
         if coarse_up:  # x is still coarse: skip(up(x)) == up(skip(x)) (1x1 conv), added by broadcasting

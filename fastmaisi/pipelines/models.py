@@ -35,6 +35,11 @@ class Models:
         return next(self.diffusion_unet.parameters()).device
 
 
+# On CUDA the image DM and its ControlNet run channels-last: cuDNN's 3-D convs take NDHWC natively, so the NCDHW
+# in/out transposes around every conv disappear (rflow-ct 512^3 step on an H200: 0.109 -> 0.099 s, bench/prof_dm.py)
+CHANNELS_LAST_ROLES = ("diffusion_unet", "controlnet")
+
+
 def weight_file(weights_dir: Path, stem: str) -> Path:
     """The file for a role: `<stem>.safetensors` (converted) or `<stem>.pt` (official)."""
     for ext in (".safetensors", ".pt", ".pth"):
@@ -78,7 +83,10 @@ def load_models(variant: Variant, weights_dir: str | Path, roles, device: torch.
         path = weight_file(weights_dir, variant.files[role])
         net = build(defs[role])
         meta = load_into(net, path, name=role)
-        nets[role] = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if role in CHANNELS_LAST_ROLES and torch.device(device).type == "cuda":
+            net = net.to(memory_format=torch.channels_last_3d)  # its convs then run in cuDNN's native layout
+        nets[role] = net
         files[role] = {"path": str(path), "sha256": sha256_file(path)}
         if meta.get("scale_factor") is not None:
             scales[role] = float(meta["scale_factor"])
