@@ -199,3 +199,29 @@ def test_ab2_sampler_option_changes_the_integrator(rflow_nets):
         direct = sample_rflow_ab2(lambda x_, t: unet(x=x_, timesteps=t, spacing_tensor=spacing,
                                                      class_labels=torch.tensor([1])), x, sched.timesteps, disable=True)
     assert rel(ab2, direct) < TOL and rel(ab2, euler) > 1e-3
+
+
+def test_image_denoiser_keeps_the_condition_embedding_not_the_condition(rflow_nets):
+    """The from-mask loop holds the ControlNet's conditioning embedding, not the 8-channel full-resolution condition
+    (2 GiB at 512^3 in fp16): the condition is freed once the denoiser exists, and the output is unchanged."""
+    import gc
+    import weakref
+
+    from fastmaisi.pipelines.sampling import image_denoiser
+
+    _, unet, _, cn = rflow_nets
+    g = torch.Generator().manual_seed(3)
+    cond = (torch.rand(1, 8, *SIZE, generator=g) > 0.5).float()
+    x, t = torch.randn(1, 4, *[s // 4 for s in SIZE], generator=g), torch.tensor([500.0])
+    kw = dict(spacing_tensor=torch.tensor([[150.0, 150.0, 200.0]]), class_labels=torch.tensor([1]))
+    with torch.no_grad():
+        down, mid = cn(x=x, timesteps=t, controlnet_cond=cond, class_labels=kw["class_labels"])
+        want = unet(x=x, timesteps=t, down_block_additional_residuals=down, mid_block_additional_residual=mid, **kw)
+        cn.clear_condition_cache()
+        denoise = image_denoiser(unet, cn, spacing=kw["spacing_tensor"], class_labels=kw["class_labels"],
+                                 condition=cond)
+        alive = weakref.ref(cond)
+        del cond
+        gc.collect()
+        assert alive() is None
+        torch.testing.assert_close(denoise(x, t), want, rtol=0, atol=0)

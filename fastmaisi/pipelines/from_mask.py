@@ -51,6 +51,7 @@ def sample_latent_from_mask(models: Models, label: np.ndarray, *, spacing, modal
     else:
         kwargs["class_labels"] = torch.tensor([modality_code], device=device, dtype=torch.long)
     denoise = image_denoiser(models.diffusion_unet, models.controlnet, **kwargs)
+    del kwargs  # the full-resolution condition: the denoiser keeps only its embedding
     g = torch.Generator(device=device).manual_seed(int(seed) + 1)  # DDPM's per-step noise (RFlow draws none)
     return sample(denoise, build_scheduler(models.scheduler_def), x, steps, generator=g, disable=not progress,
                   desc="image DM", method=sampler, cuda_graph=models.cuda_graphs)

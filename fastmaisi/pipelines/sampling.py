@@ -72,6 +72,11 @@ def image_denoiser(unet, controlnet=None, *, spacing: torch.Tensor, class_labels
         bottom_region = torch.cat([bottom_region, bottom_region]) if bottom_region is not None else None
         if condition is not None:
             condition = torch.cat([condition, condition if uncond_condition is None else uncond_condition])
+    cond_embedding = None
+    if controlnet is not None and condition is not None:
+        # the ControlNet's conditioning embedding, once: the loop then holds (B, 64, *latent) instead of the
+        # 8-channel full-resolution condition (2 GiB at 512^3 in fp16)
+        cond_embedding, condition = controlnet.embed_condition(condition), None
     unet_kwargs = dict(spacing_tensor=spacing, class_labels=class_labels)
     if top_region is not None:
         unet_kwargs.update(top_region_index_tensor=top_region, bottom_region_index_tensor=bottom_region)
@@ -81,7 +86,8 @@ def image_denoiser(unet, controlnet=None, *, spacing: torch.Tensor, class_labels
             x, t = torch.cat([x, x]), torch.cat([t, t])
         residuals = {}
         if controlnet is not None:
-            down, mid = controlnet(x=x, timesteps=t, controlnet_cond=condition, class_labels=class_labels)
+            down, mid = controlnet(x=x, timesteps=t, controlnet_cond=condition, class_labels=class_labels,
+                                   controlnet_cond_embedding=cond_embedding)
             residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
         out = unet(x=x, timesteps=t, **unet_kwargs, **residuals)
         return guided(out, guidance_scale) if cfg else out
