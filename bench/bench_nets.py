@@ -173,23 +173,28 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
     cond_host = inp.pop("cond").cpu()  # as in the pipeline, the condition lives only as long as the loop
     for i, autotune in [(i, False) for i in range(repeats)] + [(i, True) for i in range(repeats, repeats + 2)]:
         torch.backends.cudnn.benchmark = autotune
+        cond = cond_host.to(dev)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        denoise = image_denoiser(unet, cnet, spacing=inp["spacing"], class_labels=inp["cls"],
-                                 condition=cond_host.to(dev))  # as `from_mask`: only the denoiser sees it
+        denoise = image_denoiser(unet, cnet, spacing=inp["spacing"], class_labels=inp["cls"], condition=cond)
+        del cond  # as in `from_mask`: the denoiser keeps only the condition's embedding
         z = sample(denoise, build_scheduler(RFLOW_SCHEDULER_DEF), inp["x"], 30, disable=True, cuda_graph=True)
         del denoise  # the loop's CUDA graphs and the condition embedding: not needed by the decode
         torch.cuda.synchronize()
         t1 = time.perf_counter()
+        loop_peak, before_decode = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         y = decode_latent(vae, z, budget_gib << 30)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
+        decode_peak = torch.cuda.max_memory_allocated()
         emit({"what": "rflow-ct image stage (30-step loop + exact decode)", "call": i, "cudnn_benchmark": autotune,
               "channels_last": cl, "latent": list(z.shape[2:]),
               "decode_budget_GiB": budget_gib, "loop_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
-              "s": round(t2 - t0, 3), "peak_alloc_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-              "output": list(y.shape)})
+              "s": round(t2 - t0, 3), "peak_alloc_GiB": round(max(loop_peak, decode_peak) / 2**30, 2),
+              "loop_peak_GiB": round(loop_peak / 2**30, 2),
+              "allocated_before_decode_GiB": round(before_decode / 2**30, 2), "decode_peak_GiB": round(decode_peak / 2**30, 2), "output": list(y.shape)})
         del z, y
         torch.cuda.empty_cache()
 
