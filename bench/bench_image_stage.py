@@ -1,0 +1,34 @@
+"""GPU benchmark: the rflow-ct 512^3 image stage alone in a fresh process, as `generate` holds it on the device: our
+ControlNet + UNet (fp16, channels-last, random weights) and the image VAE, nothing else (no MONAI networks, no other
+benchmark's leftovers). The stage is `bench_nets.image_stage`: 30-step loop with CUDA graphs, then the exact decode
+under a budget; loop and decode times and peaks apart. Writes $OUT/bench_image_stage.json.
+
+Run (device tool):  python3 bench/bench_image_stage.py [--budget 12] [--repeats 3]
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+from bench_nets import CNET_DEF, UNET_DEF, image_stage, inputs, results
+from fastmaisi.nets import build
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=int, default=12, help="decode budget, GiB")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    fmt = torch.channels_last_3d  # as `pipelines.models` loads them on CUDA
+    unet = build(UNET_DEF).to("cuda").half().eval().to(memory_format=fmt)
+    cnet = build(CNET_DEF).to("cuda").half().eval().to(memory_format=fmt)
+    image_stage(unet, cnet, inputs([128, 128, 128]), args.budget, args.repeats)
+    with open(os.path.join(os.environ.get("OUT", "."), "bench_image_stage.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
