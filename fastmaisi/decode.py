@@ -30,18 +30,20 @@ How the exact path works (the design, and why):
   producer (MAISI's upsample output) is folded into that producer's conv: one conv with fewer output channels
   instead of two. On CUDA tensors are channels_last_3d, cuDNN's fast layout, in which a one-sample slab of D rows is
   one contiguous block; host copies run on two side streams (`_Copier`): the next slab's host rows are fetched
-  while the current one computes, written rows go back while the next computes, and the host stays at most two
-  slabs ahead of the device.
+  while the current one computes (only the rows past the current slab's: its halo rows are copied on the device, so
+  each host row crosses PCIe once per pass), written rows go back while the next computes, and the host stays at
+  most two slabs ahead of the device.
 - The planner prices a placement with rates measured on an H200 (`bench/bench_primitives.py`: conv FLOP/s by
   channel count and slab size, ~48 GB/s each way for page-locked copies, elementwise bandwidth), each pass costing
   the slower of its convs and its copies, plus a fixed cost per op and slab. It starts from a few simple placements
-  (everything on the device; the largest activations moved off one by one, recomputed or to the host) and changes
-  one activation, or the cap on slab size (2-16 M voxels), at a time while the estimate falls; host slots then get
+  (everything on the device; the largest activations moved off one by one, recomputed or to the host) and, from
+  each of the three best, changes one activation, or the cap on slab size (2-16 M voxels), at a time while the
+  estimate falls; host slots then get
   device rows from the budget left over, and each pass's slabs widen into what is still free at its op. Plans whose
   host stores would page-lock more than the host can spare (4/5 of its available memory) are left out. Low-
   resolution levels thus stay whole on the device. When tiling is needed and B > 1, samples run one at a time
   (GroupNorm is per sample, so this is exact). Plans are remembered per network, shape and budget (the search takes
-  0.4-0.8 s at 512^3). On CUDA it fills 95 % of the budget (`bench/trace_decode.py` compares each op's measured peak
+  0.3-0.9 s at 512^3). On CUDA it fills 95 % of the budget (`bench/trace_decode.py` compares each op's measured peak
   and time with its estimate; cuDNN took no workspace for these convs on an H200).
 
 The budget counts the device memory for activations and per-slab temporaries; the network's weights (already
@@ -673,7 +675,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     return finish(pl, place, rows, peak, host_peak, tiled=True, gpu=gpu, secs=secs, peaks=peaks)
 
 
-_PLANS: dict[tuple, DecodePlan] = {}  # the search takes 0.4-0.8 s at 512^3: plans are kept per network, shape, budget
+_PLANS: dict[tuple, DecodePlan] = {}  # the search takes 0.3-0.9 s at 512^3: plans are kept per network, shape, budget
 
 
 def _cached_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device=None) -> DecodePlan:
