@@ -36,7 +36,8 @@ class Models:
 
 
 # On CUDA the image DM and its ControlNet run channels-last: cuDNN's 3-D convs take NDHWC natively, so the NCDHW
-# in/out transposes around every conv disappear (rflow-ct 512^3 step on an H200: 0.109 -> 0.099 s, bench/prof_dm.py)
+# in/out transposes around every conv disappear (rflow-ct 512^3 ControlNet + UNet step on an H200: 0.103 s NCDHW,
+# 0.093 s channels-last; bench/bench_nets.py). The mask DM (64^3 latent) was not measured that way and stays NCDHW.
 CHANNELS_LAST_ROLES = ("diffusion_unet", "controlnet")
 
 
