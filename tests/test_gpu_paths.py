@@ -109,10 +109,9 @@ def test_gpu_upsample_trilinear_x2_equals_interpolate(dtype, shape, rows):
         torch.testing.assert_close(y.float(), truth.to(dtype).float(), rtol=tol, atol=tol)
 
 
-@cuda
-def test_gpu_budget_is_respected():
-    """A budgeted decode stays under its budget (peak allocated above what was allocated before) and is exact."""
-    from fastmaisi.decode import decode_latent
+def _small_vae_latent_and_decode():
+    """A small fp16 VAE on CUDA (32/64/64 channels), a 32^3 latent, and the network's own whole-volume decode of it:
+    ~4.6 GiB un-tiled, so a 512 MiB budget tiles with host stores."""
     from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
 
     torch.manual_seed(0)
@@ -122,6 +121,15 @@ def test_gpu_budget_is_respected():
     z = torch.randn(1, 4, 32, 32, 32, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         ref = vae.decode(z)
+    return vae, z, ref
+
+
+@cuda
+def test_gpu_budget_is_respected():
+    """A budgeted decode stays under its budget (peak allocated above what was allocated before) and is exact."""
+    from fastmaisi.decode import decode_latent
+
+    vae, z, ref = _small_vae_latent_and_decode()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -137,15 +145,8 @@ def test_gpu_host_rows_cross_the_bus_once_per_pass(monkeypatch):
     """A pass reads each host row over PCIe at most once: the next slab's halo rows, already fetched for the previous
     slab, are copied on the device (`_Copier.fetch`); the result stays exact."""
     import fastmaisi.decode as D
-    from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
 
-    torch.manual_seed(0)
-    vae = AutoencoderKlMaisi(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4,
-                             num_channels=(32, 64, 64), num_res_blocks=(2, 2, 2), norm_num_groups=32,
-                             attention_levels=(False, False, False)).cuda().half().eval()
-    z = torch.randn(1, 4, 32, 32, 32, device="cuda", dtype=torch.float16)
-    with torch.no_grad():
-        ref = vae.decode(z)
+    vae, z, ref = _small_vae_latent_and_decode()
     reads, passes = [], [0]
     host_rows, new_pass = D._Store.host_rows, D._Copier.new_pass
 

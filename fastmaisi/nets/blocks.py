@@ -428,9 +428,9 @@ def add_upsampled_(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def fast_bias_add(x: torch.Tensor) -> bool:
-    """Whether `add_bias_residual_` runs its Triton pass for a conv output shaped like x (CUDA inference, NCDHW or
-    channels-last, triton present)."""
-    return (x.is_cuda and x.dim() >= 3 and not _needs_grad(x) and (x.is_contiguous() or _is_channels_last(x))
+    """Whether `add_bias_residual_` runs its Triton pass for a conv output shaped like x (CUDA inference, a layout
+    `_gn_layout` reads: NCDHW or channels-last, triton present)."""
+    return (x.is_cuda and x.dim() >= 3 and not _needs_grad(x) and _gn_layout(x) is not None
             and _triton_kernels() is not None)
 
 
@@ -441,8 +441,9 @@ def add_bias_residual_(h: torch.Tensor, bias: torch.Tensor, r: torch.Tensor) -> 
             and not _needs_grad(bias, r)):
         return add_(add_(h, bias.reshape(-1, *([1] * (h.dim() - 2)))), r)
     k, n = _triton_kernels(), h.numel()
-    inner = h[0, 0].numel() if h.is_contiguous() else 1  # flat index -> channel: NCDHW / channels-last
-    k["bias_add"][(k["cdiv"](n, 4096),)](h, r, bias, n, h.shape[1], inner, RES=True, BLOCK=4096, num_warps=8)
+    channel_stride = _gn_layout(h)[1]  # flat index i -> channel (i // sC) % C: sC = S for NCDHW, 1 for channels-last
+    k["bias_add"][(k["cdiv"](n, 4096),)](h, r, bias, n, h.shape[1], channel_stride, RES=True, BLOCK=4096,
+                                          num_warps=8)
     return h
 
 
