@@ -102,7 +102,8 @@ def test_paired_workflow_records_quality_retries(weights, tmp_path):
 def test_dry_run_writes_nothing(weights, tmp_path, capsys):
     out = tmp_path / "out"
     assert run(weights, out, "--dry-run") == 0
-    assert "sampling steps" in capsys.readouterr().out and not out.exists()
+    text = capsys.readouterr().out
+    assert "Sampling: " in text and "per step, about" in text and "Decode (1, 4" in text and not out.exists()
 
 
 def test_dry_run_of_a_named_variant_needs_no_weights(tmp_path, capsys):

@@ -62,7 +62,7 @@ def silu_(x: torch.Tensor) -> torch.Tensor:
 
 def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """LayerNorm with fp32 statistics, returned in x's dtype (autocast would return fp32)."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with ops.no_autocast(x):
         w = norm.weight.to(x.dtype) if norm.weight is not None else None
         b = norm.bias.to(x.dtype) if norm.bias is not None else None
         if x.dtype == torch.float32 or x.device.type == "cuda":  # CUDA accumulates half inputs in fp32

@@ -6,10 +6,16 @@ math is executed (dtype, fusion, memory format).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
+
+
+def no_autocast(x: torch.Tensor):
+    """A context with autocast off for x's device (none on the meta device, which `--dry-run` plans run on)."""
+    return contextlib.nullcontext() if x.device.type == "meta" else torch.autocast(x.device.type, enabled=False)
 
 
 def _compute_input(x: torch.Tensor, keep_channels_last: bool = True) -> torch.Tensor:
@@ -25,7 +31,7 @@ def _native_group_norm(x: torch.Tensor, weight, bias, groups: int, eps: float):
     xc = _compute_input(x)
     w = weight.to(xc.dtype) if weight is not None else None
     b = bias.to(xc.dtype) if bias is not None else None
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with no_autocast(x):
         y, mean, rstd = torch.ops.aten.native_group_norm(xc, w, b, x.shape[0], x.shape[1], x[0, 0].numel(), groups,
                                                          eps)
     return y.to(x.dtype), mean, rstd
@@ -59,7 +65,7 @@ class _GroupNormKeepInput(torch.autograd.Function):
         x, mean, rstd, weight, bias = ctx.saved_tensors
         N, C = x.shape[:2]
         G = ctx.groups
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with no_autocast(x):
             # ATen's group-norm backward wants the grad in x's layout (it may arrive permuted from attention blocks);
             # as autograd's own formula, channels-last stays on CPU and CUDA takes NCDHW
             xc = _compute_input(x, keep_channels_last=x.device.type == "cpu")

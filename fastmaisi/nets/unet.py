@@ -41,6 +41,8 @@ from fastmaisi.nets.ops import timestep_embedding
 
 
 def autocast_enabled(device: torch.device) -> bool:
+    if device.type == "meta":  # `--dry-run` plans: no autocast there
+        return False
     try:
         return torch.is_autocast_enabled(device.type)
     except TypeError:  # torch < 2.4

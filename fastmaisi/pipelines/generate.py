@@ -165,9 +165,11 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     stems = {i: f"sample_{request.seed + i:06d}" for i in indices}  # seed-named: no two ranks write the same file
     device = _device(request.device, local_rank if world > 1 else None)
     budget = int(request.memory_budget_gb * 2**30) if request.memory_budget_gb else None
-    plan = _plan_text(opts, device, budget, variant=variant)
     if dry_run:
-        print(plan)
+        from fastmaisi.pipelines.estimate import sampling_plan
+
+        print(f"Plan (dry run: nothing is written)\n{sampling_plan(variant, workflow, opts, device)}\n"
+              f"{_decode_plan(opts, device, budget, variant=variant).describe()}")
         return []
     io.check_output_dir(request.output_dir, list(stems.values()), overwrite=request.overwrite)
 
@@ -291,8 +293,13 @@ def _device(name: str, local_rank: int | None = None):
 
 
 def _plan_text(opts, device, budget, vae=None, variant=None) -> str:
-    """The memory/time plan of the decode (of `vae`, else of the variant's autoencoder built without weights), as
-    printed by --dry-run."""
+    """Steps and the decode's memory/time plan, for the record."""
+    plan = _decode_plan(opts, device, budget, vae, variant)
+    return f"{opts['steps']} sampling steps at latent {tuple(plan.input_shape[2:])} on {device}. {plan.describe()}"
+
+
+def _decode_plan(opts, device, budget, vae=None, variant=None):
+    """The decode's plan (of `vae`, else of the variant's autoencoder built without weights)."""
     import torch
 
     from fastmaisi.decode import plan_decode
@@ -305,8 +312,7 @@ def _plan_text(opts, device, budget, vae=None, variant=None) -> str:
 
     latent = (1, 4, *[s // 4 for s in opts["size"]])
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    plan = plan_decode(latent, device, budget, dtype, vae=vae)
-    return f"{opts['steps']} sampling steps at latent {tuple(latent[2:])} on {device}. {plan.describe()}"
+    return plan_decode(latent, device, budget, dtype, vae=vae)
 
 
 def _record(request, variant, opts, models, attempts, plan, device, mask_info) -> dict:
