@@ -238,10 +238,17 @@ class DecodePlan:
             f"{self.task.capitalize()} {tuple(self.input_shape)} -> {tuple(self.output_shape)} "
             f"({str(self.dtype).replace('torch.', '')}) on {self.device} with {budget}: {how}. "
             f"Estimated peak device memory {gib(self.peak_bytes)}{host}; output on {self.output_device}; "
-            f"expected time about {self.est_seconds:.1f} s{setup}."
+            f"expected time about {format_seconds(self.est_seconds)}{setup}."
         )
 
     __str__ = describe
+
+
+def format_seconds(s: float) -> str:
+    """Seconds as a person reads them: 2.4 s, 12 min, 2.5 h."""
+    if s >= 5400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 60:.0f} min" if s >= 120 else f"{s:.1f} s"
 
 
 def _new_rows(op: _Op, rows: int) -> int:

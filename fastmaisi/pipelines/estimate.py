@@ -14,6 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastmaisi.decode import format_seconds
+
 # FLOP/s of one ControlNet + UNet call of rflow-ct at latent 128^3 on an H200 (fp16, channels-last, CUDA graphs):
 # 31.5 TFLOP counted here in 94.8 ms (bench/profile_dm_step.py). Smaller latents run at a lower rate: an estimate.
 CUDA_RATE = 332e12
@@ -138,11 +140,7 @@ def _stage_line(what: str, steps: int, cost: CallCost, weights: int, rate: float
 
 
 def _seconds(s: float) -> str:
-    if s >= 5400:
-        return f"{s / 3600:.1f} h"
-    if s >= 120:
-        return f"{s / 60:.0f} min"
-    return f"{s:.1f} s" if s >= 0.95 else f"{s:.2f} s"
+    return format_seconds(s) if s >= 0.95 else f"{s:.2f} s"
 
 
 def _size(n: int) -> str:
