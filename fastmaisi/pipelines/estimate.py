@@ -16,9 +16,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastmaisi.decode import format_seconds
 
-# FLOP/s of one ControlNet + UNet call of rflow-ct at latent 128^3 on an H200 (fp16, channels-last, CUDA graphs):
-# 31.5 TFLOP counted here in 94.8 ms (bench/profile_dm_step.py). Smaller latents run at a lower rate: an estimate.
-CUDA_RATE = 332e12
+# FLOP/s of a denoiser step on an H200 (fp16, CUDA graphs), by latent voxels: rflow-ct's ControlNet + UNet at 128^3
+# (channels-last) 31.5 TFLOP counted here in 94.8 ms = 332 TFLOP/s (bench/profile_dm_step.py); the mask UNet at 64^3
+# 1.83 TFLOP in 8.85 ms = 207 TFLOP/s (bench_nets.py). Between and below: the power law through those two points.
+CUDA_RATE, CUDA_RATE_VOXELS, CUDA_RATE_EXPONENT = 332e12, 128**3, 0.227
 # fp32 on a CPU: the demo's ControlNet + UNet on 2 cores of a development machine (4.0 GFLOP in 0.10 s at latent
 # 16^3, 31.9 GFLOP in 0.74 s at 32^3).
 CPU_RATE = 4e10
@@ -90,7 +91,7 @@ def sampling_plan(variant, workflow: str, opts: dict, device: torch.device) -> s
     from fastmaisi.pipelines.sampling import image_denoiser, mask_denoiser
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    rate, where = (CUDA_RATE, "an H200") if device.type == "cuda" else (CPU_RATE, "2 CPU cores")
+    where = "an H200" if device.type == "cuda" else "2 CPU cores"
     defs = variant.definitions()
     meta = torch.device("meta")
     with meta:
@@ -117,7 +118,7 @@ def sampling_plan(variant, workflow: str, opts: dict, device: torch.device) -> s
     nets = "ControlNet + UNet" if cnet is not None else "UNet"
     cfg = ", batch 2 for guidance" if opts["guidance_scale"] > 0 else ""
     lines.append(_stage_line(f"Sampling: {opts['steps']} steps of the {nets} at latent {'x'.join(map(str, latent))}"
-                             f"{cfg}", opts["steps"], cost, weights, rate, where))
+                             f"{cfg}", opts["steps"], cost, weights, _rate(device, latent), where))
     if workflow == "paired":
         with meta:
             mask_unet = build(defs["mask_diffusion"]).to(dtype).eval()
@@ -127,16 +128,27 @@ def sampling_plan(variant, workflow: str, opts: dict, device: torch.device) -> s
             torch.empty(1, *shape, device=meta, dtype=dtype), torch.ones(1, device=meta)))
         lines.insert(0, _stage_line(f"Mask: {opts['mask_steps']} steps of the mask UNet at latent "
                                     f"{'x'.join(map(str, shape[1:]))}", opts["mask_steps"], mask_cost,
-                                    weight_bytes(mask_unet, dtype=dtype), rate, where))
+                                    weight_bytes(mask_unet, dtype=dtype), _rate(device, shape[1:]), where))
+    if device.type == "cuda":
+        lines.append("(On CUDA the allocator and cuDNN add about 20 % to the memory: the rflow-ct loop at 512^3 peaked at "
+                     "8.8 GiB on an H200, where this counts 7.5.)")
     return "\n".join(lines)
+
+
+def _rate(device: torch.device, latent) -> float:
+    """FLOP/s of a denoiser step at this latent size on `device` (see CUDA_RATE)."""
+    if device.type != "cuda":
+        return CPU_RATE
+    voxels = 1
+    for n in latent:
+        voxels *= n
+    return CUDA_RATE * min(1.0, voxels / CUDA_RATE_VOXELS) ** CUDA_RATE_EXPONENT
 
 
 def _stage_line(what: str, steps: int, cost: CallCost, weights: int, rate: float, where: str) -> str:
     flops = f"{cost.flops / 1e12:.2f} TFLOP" if cost.flops >= 1e11 else f"{cost.flops / 1e9:.2f} GFLOP"
-    extra = " (on CUDA add about 20 % for the allocator and cuDNN: 8.8 GiB measured on an H200 for 7.5 estimated)"
     return (f"{what}: {flops} per step, about {_seconds(steps * cost.flops / rate)} on {where}; weights "
-            f"{_size(weights)}, activations about {_size(cost.activation_bytes)} at a step's peak"
-            f"{extra if 'H200' in where else ''}.")
+            f"{_size(weights)}, activations about {_size(cost.activation_bytes)} at a step's peak.")
 
 
 def _seconds(s: float) -> str:
