@@ -4,6 +4,7 @@ measured rate. The decode has its own planner (`fastmaisi.decode.plan_decode`)."
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -139,10 +140,7 @@ def _rate(device: torch.device, latent) -> float:
     """FLOP/s of a denoiser step at this latent size on `device` (see CUDA_RATE)."""
     if device.type != "cuda":
         return CPU_RATE
-    voxels = 1
-    for n in latent:
-        voxels *= n
-    return CUDA_RATE * min(1.0, voxels / CUDA_RATE_VOXELS) ** CUDA_RATE_EXPONENT
+    return CUDA_RATE * min(1.0, math.prod(latent) / CUDA_RATE_VOXELS) ** CUDA_RATE_EXPONENT
 
 
 def _stage_line(what: str, steps: int, cost: CallCost, weights: int, rate: float, where: str) -> str:
