@@ -127,7 +127,7 @@ def test_existing_outputs_refused_then_overwritten(weights, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["no_body_strict", "label_300", "float_mask", "size", "organ", "missing_weights",
-                                  "variant", "modality"])
+                                  "weights_not_a_folder", "variant", "modality"])
 def test_bad_input_exit_2_one_line_nothing_written(weights, tmp_path, capsys, case):
     out = tmp_path / "out"
     extra = []
@@ -147,6 +147,9 @@ def test_bad_input_exit_2_one_line_nothing_written(weights, tmp_path, capsys, ca
         w = tmp_path / "empty"
         w.mkdir()
         (w / "config_network.json").write_text(json.dumps(CONFIG))
+    elif case == "weights_not_a_folder":
+        w = tmp_path / "model.pt"
+        w.write_bytes(b"not a folder")
     elif case == "variant":
         extra = ["--variant", "rflow-xx"]
     elif case == "modality":
@@ -155,6 +158,8 @@ def test_bad_input_exit_2_one_line_nothing_written(weights, tmp_path, capsys, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("fastmaisi generate:"), err
+    if case in ("missing_weights", "weights_not_a_folder"):
+        assert ("missing autoencoder_v1.pt, diff_unet" if case == "missing_weights" else "not a folder") in err[0], err
     assert not out.exists() or not any(out.iterdir())
 
 

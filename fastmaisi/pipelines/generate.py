@@ -125,34 +125,7 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         roles.append("controlnet")
     if workflow == "paired":
         roles += ["mask_autoencoder", "mask_diffusion"]
-    plan_only = dry_run and not request.weights and variant.name != "demo"  # a plan needs the config, not weights
-    if not request.weights and variant.name != "demo" and not dry_run:
-        raise ValueError(f"no --weights given: pass --weights DIR, a folder with the {variant.name} weight files "
-                         "(official .pt or converted .safetensors), or leave out --variant to run the built-in demo")
-    if plan_only:
-        weights_dir = None
-    elif not request.weights:
-        from fastmaisi.demo import DEMO_WEIGHTS_DIR
-
-        weights_dir = DEMO_WEIGHTS_DIR
-        print(f"no --weights: the built-in demo networks ({'x'.join(map(str, opts['size']))} phantom-trained "
-              "toys, not real CT; fastmaisi/data/demo)", file=sys.stderr)
-    else:
-        weights_dir = Path(request.weights)
-    if weights_dir is None:
-        missing = []
-    elif weights_dir.is_dir():
-        missing = model_io.missing_weight_files(variant, weights_dir, roles)
-    else:
-        missing = None
-    if not request.weights and missing != []:
-        raise ValueError(f"the built-in demo weights are not installed ({weights_dir}: missing "
-                         f"{', '.join(missing or ['the folder'])}); reinstall fastmaisi, run scripts/train_demo.py, "
-                         "or pass --weights DIR")
-    if missing is None:
-        raise ValueError(f"--weights {request.weights}: not a folder with the {variant.name} weight files")
-    if missing:
-        raise ValueError(f"--weights {weights_dir}: missing {', '.join(missing)}")
+    weights_dir = _weights_dir(request, variant, roles, opts, dry_run)
     user_label, user_mask_info, candidates = None, None, []
     if request.mask:
         user_label, user_mask_info = _load_user_mask(request, opts, request.mask)
@@ -290,6 +263,35 @@ def _device(name: str, local_rank: int | None = None):
             device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
+
+
+def _weights_dir(request: GenerateRequest, variant, roles, opts, dry_run: bool) -> Path | None:
+    """The folder the networks load from, its files checked now: --weights, or the built-in demo's; None for a
+    dry run of a named variant without --weights (a plan needs the config, not the weights)."""
+    from fastmaisi.pipelines.models import missing_weight_files
+
+    if request.weights:
+        weights_dir = Path(request.weights)
+        if not weights_dir.is_dir():
+            raise ValueError(f"--weights {request.weights}: not a folder with the {variant.name} weight files")
+        missing = missing_weight_files(variant, weights_dir, roles)
+        if missing:
+            raise ValueError(f"--weights {weights_dir}: missing {', '.join(missing)}")
+        return weights_dir
+    if variant.name != "demo":
+        if dry_run:
+            return None
+        raise ValueError(f"no --weights given: pass --weights DIR, a folder with the {variant.name} weight files "
+                         "(official .pt or converted .safetensors), or leave out --variant to run the built-in demo")
+    from fastmaisi.demo import DEMO_WEIGHTS_DIR
+
+    print(f"no --weights: the built-in demo networks ({'x'.join(map(str, opts['size']))} phantom-trained toys, not "
+          "real CT; fastmaisi/data/demo)", file=sys.stderr)
+    missing = missing_weight_files(variant, DEMO_WEIGHTS_DIR, roles) if DEMO_WEIGHTS_DIR.is_dir() else ["the folder"]
+    if missing:
+        raise ValueError(f"the built-in demo weights are not installed ({DEMO_WEIGHTS_DIR}: missing "
+                         f"{', '.join(missing)}); reinstall fastmaisi, run scripts/train_demo.py, or pass --weights DIR")
+    return DEMO_WEIGHTS_DIR
 
 
 def _plan_text(opts, device, budget, vae=None, variant=None) -> str:
