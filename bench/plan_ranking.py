@@ -27,26 +27,18 @@ ops, slots = D._compile(vae.decoder.blocks, 4, vae.post_quant_conv)
 D._shapes(ops, slots, z.shape[2:])
 pl = D._Planner(ops, slots, 1, 1, 2, "cuda")
 fill_to = int(budget * D._PLAN_FRACTION)
-def evaluate(place, cap):
-    res = pl.tile(place, fill_to, cap)
-    if res is None:
-        return None
-    rows, peaks, host_peak = res
-    gpu = pl.fill(place, rows, peaks, fill_to)
-    pl.grow(place, rows, peaks, gpu, fill_to)
-    return pl.costs(place, rows, gpu)[0], rows, gpu, peaks
-cands = {}
+cands = {}  # (placement, slab cap) -> the planner's own evaluation of it (`_Planner.evaluate`, no host limit)
 lv256 = [7, 8, 9, 10, 11]
 for combo in itertools.product([D.GPU, D.HOST, D.RECOMPUTE], repeat=5):
     for cap in D._SLAB_CAPS:
         place = list(base._place); place[12:17] = combo
-        e = evaluate(place, cap)
+        e = pl.evaluate(place, cap, fill_to)
         if e:
             cands[(tuple(place), cap)] = e
 for combo in itertools.product([D.GPU, D.HOST, D.RECOMPUTE], repeat=5):  # the 256^3 level, 512^3 as planned
     for cap in D._SLAB_CAPS:
         place = list(base._place); place[7:12] = combo
-        e = evaluate(place, cap)
+        e = pl.evaluate(place, cap, fill_to)
         if e:
             cands[(tuple(place), cap)] = e
 allr = sorted(cands.items(), key=lambda kv: kv[1][0])
@@ -69,7 +61,7 @@ def run(plan):
     return dt, pk
 t_base = [run(dataclasses.replace(base))[0] for _ in range(2)]
 print(json.dumps({"budget": gib, "default_plan_est": round(base.est_seconds - base.setup_seconds, 3), "default_s": [round(t, 3) for t in t_base]}), flush=True)
-for (place, cap), (est, rows, gpu, peaks) in ranked:
+for (place, cap), ((_, est), _, rows, peaks, _, gpu, _) in ranked:
     plan = dataclasses.replace(base, _place=list(place), _rows=list(rows), _gpu_rows=list(gpu), _peaks=list(peaks))
     try:
         r = [run(plan) for _ in range(2)]

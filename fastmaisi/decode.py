@@ -524,6 +524,23 @@ class _Planner:
             peaks[k] += self.ws(k, r, place) - self.ws(k, rows[k], place)
             rows[k] = r
 
+    def evaluate(self, place: list[str], cap: int | None, budget: int, host_limit: int | None = None):
+        """One candidate of `_make_plan`'s search: `place` with slabs capped at `cap` output voxels, filling `budget`
+        -> ((short, seconds), place, rows, peaks, host peak, device rows of host slots, cap), ranked by the first
+        item (`short`: some pass can only run one-row slabs); None if it does not fit the device, or would page-lock
+        more than `host_limit`."""
+        res = self.tile(place, budget, cap)
+        if res is None:
+            return None
+        rows, peaks, host_peak = res
+        short = any(rows[k] < min(2, self.slots[self.ops[k].dst].spatial[0]) for k in self.passes(place))
+        gpu = self.fill(place, rows, peaks, budget)
+        if host_limit is not None and self.host_bytes(place, gpu) > host_limit:
+            return None
+        self.grow(place, rows, peaks, gpu, budget)
+        secs = self.costs(place, rows, gpu)[0]
+        return (short, secs), list(place), rows, peaks, host_peak, gpu, cap
+
     def fill(self, place: list[str], rows: list[int], peaks: list[int], budget: int) -> list[int]:
         """Device rows for host slots: the budget left over at every op of a slot's lifetime holds its first rows,
         the slots read most from the host first."""
@@ -617,17 +634,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     movable = [s for s in range(1, n - 1) if cuda and pl.size(s) * 64 >= fill_to]
 
     def evaluate(place, cap, limit=host_limit):
-        res = pl.tile(place, fill_to, cap)
-        if res is None:
-            return None
-        rows, peaks, host_peak = res
-        short = any(rows[k] < min(2, slots[ops[k].dst].spatial[0]) for k in pl.passes(place))
-        gpu = pl.fill(place, rows, peaks, fill_to)
-        if limit is not None and pl.host_bytes(place, gpu) > limit:
-            return None
-        pl.grow(place, rows, peaks, gpu, fill_to)
-        secs = pl.costs(place, rows, gpu)[0]
-        return (short, secs), list(place), rows, peaks, host_peak, gpu, cap
+        return pl.evaluate(place, cap, fill_to, limit)
 
     starts = [list(fixed)]
     for mode in (RECOMPUTE, HOST):  # the largest activations off the device first (one, two, ... of them)
