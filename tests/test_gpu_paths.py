@@ -226,3 +226,72 @@ def test_gpu_from_mask_demo_matches_cpu():
             images[device] = demo.volume_from_mask(models, label, seed=0)
     diff = np.abs(images["cuda"] - images["cpu"])
     assert float(diff.mean()) < 2.0 and float(np.percentile(diff, 99.9)) < 40.0, (diff.mean(), diff.max())
+
+
+def test_cpu_attention_is_sdpa_in_token_layout():
+    """Off CUDA, `attention` is SDPA with heads merged into (B, N, heads*d)."""
+    from fastmaisi.nets.attention import attention, uses_flash_kernel
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
+    assert not uses_flash_kernel(q, 0.0)
+    weights = torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1)
+    torch.testing.assert_close(attention(q, k, v, 0.3), (weights @ v).transpose(1, 2).reshape(2, 10, 24))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,N,d", [(1, 8, 4096, 32), (2, 3, 1000, 32), (1, 2, 777, 64), (1, 4, 129, 16),
+                                     (1, 2, 20000, 32)])
+def test_gpu_flash_attention_equals_fp32_reference(dtype, B, H, N, d):
+    """Our Triton kernel on q/k/v views of one fused QKV tensor (as SelfAttention makes them): error against fp32 SDPA
+    no larger than PyTorch's own half-precision SDPA (plus a little slack) and within one half-precision step."""
+    from fastmaisi.nets.attention import attention, uses_flash_kernel
+
+    torch.manual_seed(0)
+    qkv = (torch.randn(B, N, 3, H, d, device="cuda") * 1.5).to(dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert uses_flash_kernel(q, 0.0)
+    scale = d ** -0.5
+    with torch.no_grad():
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+        ref = ref.transpose(1, 2).flatten(2)
+        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).flatten(2)
+        ours = attention(q, k, v, scale)
+    assert ours.shape == (B, N, H * d) and ours.dtype == dtype and ours.is_contiguous()
+    err, err_sdpa = (ours.float() - ref).abs().max().item(), (theirs.float() - ref).abs().max().item()
+    assert err <= 1.5 * err_sdpa + 1e-4, (err, err_sdpa)
+    assert err < (2e-3 if dtype == torch.float16 else 1.6e-2)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_bias_and_upsampled_adds_equal_torch(dtype):
+    """`add_bias_` and `add_upsampled_` (Triton on channels-last CUDA tensors) equal PyTorch's broadcast adds bit for
+    bit (both compute in fp32 and round once)."""
+    from fastmaisi.nets.blocks import add_bias_, add_upsampled_
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last_3d
+    h = torch.randn(2, 24, 6, 10, 8, device="cuda").to(dtype).contiguous(memory_format=fmt)
+    bias = torch.randn(24, device="cuda").to(dtype)
+    truth = h + bias[:, None, None, None]
+    assert torch.equal(add_bias_(h.clone(memory_format=fmt), bias), truth)
+    for x in (torch.randn(2, 24, 3, 5, 4, device="cuda").to(dtype),
+              torch.randn(2, 24, 3, 5, 4, device="cuda").to(dtype).contiguous(memory_format=fmt)):
+        up = torch.nn.functional.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(dtype)
+        out = add_upsampled_(h.clone(memory_format=fmt), x)
+        assert out.is_contiguous(memory_format=fmt)
+        assert torch.equal(out, h + up)
+
+
+@cuda
+def test_gpu_cat_channels_equals_torch_cat():
+    from fastmaisi.nets.blocks import cat_channels
+
+    fmt = torch.channels_last_3d
+    a = torch.randn(2, 5, 3, 4, 6, device="cuda").half().contiguous(memory_format=fmt)
+    b = torch.randn(2, 7, 3, 4, 6, device="cuda").half().contiguous(memory_format=fmt)
+    y = cat_channels(a, b)
+    assert y.is_contiguous(memory_format=fmt) and torch.equal(y, torch.cat([a, b], 1))
+    assert torch.equal(cat_channels(a.contiguous(), b), torch.cat([a, b], 1))  # NCDHW a: torch.cat
