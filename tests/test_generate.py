@@ -196,7 +196,7 @@ def test_ranks_split_samples_without_collisions(weights, tmp_path, monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("LOCAL_RANK", str(rank))
         before = set(tmp_path.glob("*_record.json"))
-        assert run(weights, tmp_path, "--num-samples", "3", "--seed", "10", "--max-retries", "0") == 0
+        assert run(weights, tmp_path, "--num-samples", "3", "--seed", "10", "--max-retries", "0", "--device", "cpu") == 0
         written[rank] = set(tmp_path.glob("*_record.json")) - before
     assert {p.name for p in written[0]} == {"sample_000010_record.json", "sample_000012_record.json"}
     assert {p.name for p in written[1]} == {"sample_000011_record.json"}
