@@ -17,10 +17,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastmaisi.decode import format_seconds
 
-# FLOP/s of a denoiser step on an H200 (fp16, channels-last, CUDA graphs), by latent voxels: rflow-ct's ControlNet +
-# UNet at 128^3, 31.5 TFLOP counted here in 94.8 ms = 332 TFLOP/s (bench/profile_dm_step.py); the mask UNet at 64^3,
-# 1.83 TFLOP in 7.23 ms = 253 TFLOP/s (bench/bench_mask_layout.py). Elsewhere: the power law through those two.
-CUDA_RATE, CUDA_RATE_VOXELS, CUDA_RATE_EXPONENT = 332e12, 128**3, 0.1305
+# FLOP/s of a denoiser step on an H200 (fp16, channels-last), by latent voxels: rflow-ct's ControlNet + UNet at 128^3,
+# 31.5 TFLOP counted here in 86.7 ms = 363 TFLOP/s (bench/profile_dm_step.py, with our attention kernel); the mask UNet
+# at 64^3, 1.83 TFLOP in 7.23 ms = 253 TFLOP/s (bench/bench_mask_layout.py, measured before that kernel). Elsewhere:
+# the power law through those two.
+CUDA_RATE, CUDA_RATE_VOXELS, CUDA_RATE_EXPONENT = 363e12, 128**3, 0.1736
 # fp32 on a CPU: the demo's ControlNet + UNet on 2 cores of a development machine (4.0 GFLOP in 0.10 s at latent
 # 16^3, 31.9 GFLOP in 0.74 s at 32^3).
 CPU_RATE = 4e10
