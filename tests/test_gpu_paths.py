@@ -1,6 +1,6 @@
 """CUDA-only fast paths, checked against plain PyTorch on the GPU (skipped on CPU-only machines, so CI runs only the
-CPU fallbacks; the GPU runs of `bench/` run this file): the decode's slab statistics and normalisation kernels, and
-CUDA-graph replay of a denoiser."""
+CPU fallbacks; the GPU runs of `bench/` run this file): the decode's slab statistics and normalisation kernels,
+CUDA-graph replay of a denoiser, the attention kernel, and the bias / upsampled-residual / concatenation passes."""
 
 import pytest
 import torch
@@ -233,10 +233,12 @@ def test_cpu_attention_is_sdpa_in_token_layout():
     from fastmaisi.nets.attention import attention, uses_flash_kernel
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
-    assert not uses_flash_kernel(q, 0.0)
-    weights = torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1)
-    torch.testing.assert_close(attention(q, k, v, 0.3), (weights @ v).transpose(1, 2).reshape(2, 10, 24))
+    for keys in (10, 4):  # self-attention, and cross-attention to a shorter sequence
+        q = torch.randn(2, 3, 10, 8, generator=g)
+        k, v = (torch.randn(2, 3, keys, 8, generator=g) for _ in range(2))
+        assert not uses_flash_kernel(q, 0.0)
+        weights = torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1)
+        torch.testing.assert_close(attention(q, k, v, 0.3), (weights @ v).transpose(1, 2).reshape(2, 10, 24))
 
 
 @cuda

@@ -102,7 +102,9 @@ def uses_flash_kernel(q: torch.Tensor, dropout: float) -> bool:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float = 0.0) -> torch.Tensor:
-    """Softmax attention, q/k/v (B, heads, N, d) -> (B, N, heads * d)."""
-    if uses_flash_kernel(q, dropout) and k.stride(-1) == 1 and v.stride(-1) == 1:
+    """Softmax attention, q (B, heads, N, d), k/v (B, heads, M, d) -> (B, N, heads * d). Our kernel takes self-attention
+    shapes (M == N); cross-attention to another sequence length goes to SDPA."""
+    if (uses_flash_kernel(q, dropout) and k.shape == q.shape and v.shape == q.shape and k.stride(-1) == 1
+            and v.stride(-1) == 1):
         return flash_attention(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale).transpose(1, 2).flatten(2)
