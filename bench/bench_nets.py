@@ -160,6 +160,7 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
     from fastmaisi.decode import decode_latent
     from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
     from fastmaisi.nets.blocks import _is_channels_last
+    from fastmaisi.pipelines.from_mask import bit_channels
     from fastmaisi.pipelines.sampling import image_denoiser, sample
     from fastmaisi.schedulers import build as build_scheduler
     from fastmaisi.variants import RFLOW_SCHEDULER_DEF, image_autoencoder_def
@@ -170,8 +171,6 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
             p.add_(torch.randn_like(p) * 0.01)
     vae = vae.to(dev).half().eval()
     cl = _is_channels_last(next(w for w in unet.parameters() if w.dim() == 5))
-    from fastmaisi.pipelines.from_mask import bit_channels
-
     inp.pop("cond")  # the stage starts, as `from_mask` does, from a uint8 label map in host memory
     label = torch.randint(0, 256, [4 * s for s in inp["x"].shape[2:]], dtype=torch.uint8).numpy()
     for i, autotune in [(i, False) for i in range(repeats)] + [(i, True) for i in range(repeats, repeats + 2)]:

@@ -467,7 +467,7 @@ def add_upsampled_(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def fast_bias_add(x: torch.Tensor) -> bool:
-    """Whether `add_bias_residual_` runs its Triton pass for a conv output shaped like x (CUDA inference, a layout
+    """Whether `add_bias_` / `add_bias_residual_` run their Triton pass for a conv output shaped like x (CUDA inference, a layout
     `_gn_layout` reads: NCDHW or channels-last, triton present)."""
     return (x.is_cuda and x.dim() >= 3 and not _needs_grad(x) and _gn_layout(x) is not None
             and _triton_kernels() is not None)
@@ -479,11 +479,7 @@ def add_bias_residual_(h: torch.Tensor, bias: torch.Tensor, r: torch.Tensor) -> 
     if not (fast_bias_add(h) and r.dtype == h.dtype and r.shape == h.shape and r.stride() == h.stride()
             and not _needs_grad(bias, r)):
         return add_(add_(h, bias.reshape(-1, *([1] * (h.dim() - 2)))), r)
-    k, n = _triton_kernels(), h.numel()
-    channel_stride = _gn_layout(h)[1]  # flat index i -> channel (i // sC) % C: sC = S for NCDHW, 1 for channels-last
-    k["bias_add"][(k["cdiv"](n, 4096),)](h, r, bias, n, h.shape[1], channel_stride, RES=True, BLOCK=4096,
-                                          num_warps=8)
-    return h
+    return _bias_add_pass(h, bias, r)
 
 
 def add_bias_(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -491,9 +487,15 @@ def add_bias_(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     their bias with a broadcast kernel that runs at ~1/4 of the memory bandwidth on channels-last outputs)."""
     if not (fast_bias_add(h) and not _needs_grad(bias)):
         return add_(h, bias.reshape(-1, *([1] * (h.dim() - 2))))
+    return _bias_add_pass(h, bias, None)
+
+
+def _bias_add_pass(h: torch.Tensor, bias: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+    """The Triton pass behind `add_bias_` / `add_bias_residual_`: h += bias (+ r), in place, one rounding."""
     k, n = _triton_kernels(), h.numel()
-    k["bias_add"][(k["cdiv"](n, 4096),)](h, h, bias, n, h.shape[1], _gn_layout(h)[1], RES=False, BLOCK=4096,
-                                          num_warps=8)
+    channel_stride = _gn_layout(h)[1]  # flat index i -> channel (i // sC) % C: sC = S for NCDHW, 1 for channels-last
+    k["bias_add"][(k["cdiv"](n, 4096),)](h, h if r is None else r, bias, n, h.shape[1], channel_stride,
+                                          RES=r is not None, BLOCK=4096, num_warps=8)
     return h
 
 

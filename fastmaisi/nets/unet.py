@@ -7,8 +7,8 @@ official `config_network_*.json` entries; forward keywords are MONAI's too. Exec
 Differences from MONAI, on purpose:
 - `use_flash_attention` is accepted and ignored: attention always goes through `nets.attention` (our Triton flash
   kernel for CUDA fp16/bf16 inference, else `torch.nn.functional.scaled_dot_product_attention`, which picks flash /
-  memory-efficient / math kernels by device and dtype). MONAI's Maisi UNet raises on a machine without CUDA when it is True; ours does not (so the official
-  configs build on CPU).
+  memory-efficient / math kernels by device and dtype). MONAI's Maisi UNet raises on a machine without CUDA when it
+  is True; ours does not (so the official configs build on CPU).
 - `upcast_attention` is accepted and has no effect. MONAI casts q and k to fp32, which autocast undoes for SDPA (it is
   on the fp16 cast list), so MAISI's fp16 runs never used it; in fp32 it is a no-op anyway.
 - Dropout (`dropout_cattn`) is applied only in training mode (MONAI's flash path also drops attention weights in
