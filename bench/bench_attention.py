@@ -6,7 +6,6 @@ Run (device tool):  python3 bench/bench_attention.py [--sweep]   -> $OUT/bench_a
 """
 
 import argparse
-import itertools
 import json
 import os
 
@@ -68,16 +67,17 @@ def main():
             except Exception as e:  # noqa: BLE001 - a benchmark reports and goes on
                 rec = {"shape": [B, H, N, d], "impl": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             emit(rec)
-        if args.sweep and N >= 32768:
-            for bm, bn, w, s in itertools.product([64, 128, 256], [64, 128], [4, 8], [2, 3, 4]):
-                if (bm == 256) != (w == 8):
-                    continue
+        if args.sweep:
+            configs = ([(bm, bn, 4, st, sp) for bm, bn in [(64, 64), (64, 32), (64, 128), (128, 64)]
+                        for st in (2, 3, 4) for sp in (1, 2)] + [(128, 64, 8, 3, 1), (128, 64, 8, 3, 2)]
+                       if N >= 16384 else [(bm, 64, 4, 3, sp) for bm in (64, 128) for sp in (1, 2)])
+            for cfg in configs:
                 try:
-                    ms = timed(lambda: A.flash_attention(q, k, v, scale, config=(bm, bn, w, s)), reps=10)
-                    emit({"shape": [B, H, N, d], "config": [bm, bn, w, s], "ms": round(ms, 3)})
+                    ms = timed(lambda: A.flash_attention(q, k, v, scale, config=cfg), reps=10)
+                    err = (A.flash_attention(q, k, v, scale, config=cfg).float() - ref).abs().max().item()
+                    emit({"shape": [B, H, N, d], "config": list(cfg), "ms": round(ms, 3), "max_err": err})
                 except Exception as e:  # noqa: BLE001
-                    emit({"shape": [B, H, N, d], "config": [bm, bn, w, s], "error": f"{type(e).__name__}"})
-
+                    emit({"shape": [B, H, N, d], "config": list(cfg), "error": f"{type(e).__name__}"})
 
 if __name__ == "__main__":
     main()

@@ -149,12 +149,13 @@ def snap_anatomy_size(organ_sizes, candidates) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------- 8 bit-channel encoding
-def binarize_labels(label, bits: int = 8, dtype=None):
+def binarize_labels(label, bits: int = 8, dtype=None, channels_last: bool = False):
     """Label map -> bit-channels, channel k = bit k of the id (LSB first), values 0/1: the ControlNet condition.
 
     (B, 1, D, H, W) -> (B, bits, D, H, W); a bare (D, H, W) map -> (1, bits, D, H, W). Accepts a torch tensor or a
     numpy array of integer ids. Body 200 = 0b11001000 lights channels 3, 6 and 7. The reference returns uint8 and
-    casts later (fp16 at inference, fp32 in training); here `dtype` defaults to float32.
+    casts later (fp16 at inference, fp32 in training); here `dtype` defaults to float32. channels_last: return the
+    channels-last layout the expansion makes (what CUDA inference runs in) instead of a contiguous copy.
     Raises ValueError for ids < 0 or >= 2**bits (the reference silently aliases them).
     """
     import torch
@@ -169,16 +170,16 @@ def binarize_labels(label, bits: int = 8, dtype=None):
             raise ValueError("label: non-integer values in a label map")
     elif x.dtype == torch.bool or x.is_complex():
         raise ValueError(f"label: expected integer ids, got dtype {x.dtype}")
-    if x.numel():
-        lo, hi = int(x.min()), int(x.max())
+    if x.numel() and not (x.dtype == torch.uint8 and bits >= 8):  # (uint8 ids always fit 8 bits: no pass)
+        lo, hi = (int(v) for v in torch.aminmax(x))
         if lo < 0 or hi >= 2**bits:
             raise ValueError(f"label: ids must be in 0..{2**bits - 1} for a {bits}-bit encoding, got {lo}..{hi}"
                              + (" (ids above 255 cannot be represented by MAISI's 8 channels)" if hi > 255 else ""))
     x = x[:, 0].to(torch.int32 if bits > 8 else torch.uint8)
-    out = torch.empty((x.shape[0], bits, *x.shape[1:]), dtype=dtype or torch.float32, device=x.device)
-    for k in range(bits):
-        out[:, k] = (x >> k) & 1
-    return out
+    shifts = torch.arange(bits, dtype=x.dtype, device=x.device)
+    out = ((x.unsqueeze(-1) >> shifts) & 1).to(dtype or torch.float32)  # (B, D, H, W, bits): one pass per op
+    out = out.permute(0, 4, 1, 2, 3)  # (B, bits, D, H, W) with channels-last strides
+    return out if channels_last else out.contiguous()
 
 
 def unbinarize_labels(channels):

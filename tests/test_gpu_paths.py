@@ -279,6 +279,10 @@ def test_gpu_bias_and_upsampled_adds_equal_torch(dtype):
     bias = torch.randn(24, device="cuda").to(dtype)
     truth = h + bias[:, None, None, None]
     assert torch.equal(add_bias_(h.clone(memory_format=fmt), bias), truth)
+    # with SiLU (the ControlNet embedding's convs): one rounding of silu(h + bias), torch's rounds twice
+    fused = add_bias_(h.clone(memory_format=fmt), bias, silu=True)
+    exact = torch.nn.functional.silu(h.double() + bias.double()[:, None, None, None])
+    assert (fused.double() - exact).abs().max() <= (torch.nn.functional.silu(truth).double() - exact).abs().max()
     for x in (torch.randn(2, 24, 3, 5, 4, device="cuda").to(dtype),
               torch.randn(2, 24, 3, 5, 4, device="cuda").to(dtype).contiguous(memory_format=fmt)):
         up = torch.nn.functional.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(dtype)

@@ -121,6 +121,12 @@ def test_binarize_body_bits_shapes_and_inputs():
     assert body[0, :, 0, 0, 0].tolist() == [0, 0, 0, 1, 0, 0, 1, 1]  # 200 = 0b11001000
     half = L.binarize_labels(torch.tensor([[[[[1.0, 132.0]]]]]), dtype=torch.float16)
     assert half.dtype == torch.float16 and half[0, :, 0, 0, 1].tolist() == [0, 0, 1, 0, 0, 0, 0, 1]
+    assert body.is_contiguous()
+    ids = torch.randint(0, 256, (2, 1, 3, 4, 5), dtype=torch.uint8)
+    cl = L.binarize_labels(ids, channels_last=True)  # the expansion's own layout, as CUDA inference takes it
+    assert cl.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(cl, L.binarize_labels(ids))
+    nine = L.binarize_labels(ids, bits=9)
+    assert torch.equal(nine, torch.cat([L.binarize_labels(ids), torch.zeros(2, 1, 3, 4, 5)], 1))
 
 
 @pytest.mark.parametrize("bad,match", [(torch.tensor([256]).view(1, 1, 1, 1, 1), "ids above 255"),

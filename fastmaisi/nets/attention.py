@@ -29,7 +29,9 @@ def _kernel():
 
     @triton.jit
     def fwd(Q, K, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, H, N, qk_scale,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, EVEN: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, EVEN: tl.constexpr,
+            SPLIT: tl.constexpr):
+        # SPLIT = 2: each step takes 2 * BLOCK_N keys as two sub-tiles (two smaller dots, one running-max update)
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -47,7 +49,7 @@ def _kernel():
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for start in range(0, N, BLOCK_N):
+        for start in range(0, N, SPLIT * BLOCK_N):
             if EVEN:
                 k = tl.load(k_ptrs + start * skn)
                 v = tl.load(v_ptrs + start * svn)
@@ -57,11 +59,30 @@ def _kernel():
             s = tl.dot(q, k)  # (BLOCK_M, BLOCK_N) fp32, unscaled
             if not EVEN:
                 s = tl.where((start + offs_n)[None, :] < N, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            if SPLIT == 2:
+                n2 = start + BLOCK_N
+                if EVEN:
+                    k2 = tl.load(k_ptrs + n2 * skn)
+                    v2 = tl.load(v_ptrs + n2 * svn)
+                else:
+                    k2 = tl.load(k_ptrs + n2 * skn, mask=(n2 + offs_n)[None, :] < N, other=0.0)
+                    v2 = tl.load(v_ptrs + n2 * svn, mask=(n2 + offs_n)[:, None] < N, other=0.0)
+                s2 = tl.dot(q, k2)
+                if not EVEN:
+                    s2 = tl.where((n2 + offs_n)[None, :] < N, s2, float("-inf"))
+                m_new = tl.maximum(m_i, tl.maximum(tl.max(s, 1), tl.max(s2, 1)) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(s * qk_scale - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if SPLIT == 2:
+                p2 = tl.math.exp2(s2 * qk_scale - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1) + tl.sum(p2, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = tl.dot(p2.to(v2.dtype), v2, acc)
+            else:
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         acc = acc / l_i[:, None]
         o_ptrs = O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :]
@@ -74,8 +95,9 @@ def _kernel():
     return fwd
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) for long and short sequences, chosen on an H200 (bench/bench_attention.py)
-LONG, SHORT = (64, 64, 4, 4), (128, 64, 4, 3)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT) for long and short sequences, chosen on an H200
+# (bench/bench_attention.py --sweep)
+LONG, SHORT = (64, 64, 4, 3, 2), (128, 64, 4, 3, 1)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -85,12 +107,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     fwd = _kernel()
     B, H, N, D = q.shape
     o = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
-    bm, bn, warps, stages = config or (LONG if N >= 16384 else SHORT)
+    bm, bn, warps, stages, split = config or (LONG if N >= 16384 else SHORT)
     grid = (_KERNEL["cdiv"](N, bm), B * H)
     fwd[grid](q, k, v, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(2), o.stride(1), H, N,
-              scale * 1.4426950408889634, BLOCK_M=bm, BLOCK_N=bn, D=D, EVEN=N % bm == 0 and N % bn == 0,
-              num_warps=warps, num_stages=stages)
+              scale * 1.4426950408889634, BLOCK_M=bm, BLOCK_N=bn, D=D, EVEN=N % bm == 0 and N % (split * bn) == 0,
+              SPLIT=split, num_warps=warps, num_stages=stages)
     return o.flatten(2)
 
 

@@ -221,14 +221,17 @@ def _triton_kernels():
         tl.store(out, val.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bias_add(h_ptr, r_ptr, b_ptr, N, C, INNER, RES: tl.constexpr, BLOCK: tl.constexpr):
-        # h[i] = h[i] + bias[c(i)] (+ r[i]) in fp32, one rounding; c(i) = (i // INNER) % C over the flat storage
+    def bias_add(h_ptr, r_ptr, b_ptr, N, C, INNER, RES: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr):
+        # h[i] = h[i] + bias[c(i)] (+ r[i]) [then SiLU] in fp32, one rounding; c(i) = (i // INNER) % C over the flat
+        # storage
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         y = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y += tl.load(b_ptr + (offs // INNER) % C, mask=mask, other=0.0).to(tl.float32)
         if RES:
             y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
         tl.store(h_ptr + offs, y.to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -482,20 +485,23 @@ def add_bias_residual_(h: torch.Tensor, bias: torch.Tensor, r: torch.Tensor) -> 
     return _bias_add_pass(h, bias, r)
 
 
-def add_bias_(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """h + bias (per channel), in place on a fresh conv output h: one Triton pass on CUDA (PyTorch's cuDNN convs add
-    their bias with a broadcast kernel that runs at ~1/4 of the memory bandwidth on channels-last outputs)."""
+def add_bias_(h: torch.Tensor, bias: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """h + bias (per channel), then SiLU if asked, in place on a fresh conv output h: one Triton pass on CUDA
+    (PyTorch's cuDNN convs add their bias with a broadcast kernel that runs at ~1/4 of the memory bandwidth on
+    channels-last outputs, and SiLU would be another pass)."""
     if not (fast_bias_add(h) and not _needs_grad(bias)):
-        return add_(h, bias.reshape(-1, *([1] * (h.dim() - 2))))
-    return _bias_add_pass(h, bias, None)
+        h = add_(h, bias.reshape(-1, *([1] * (h.dim() - 2))))
+        return silu_(h) if silu else h
+    return _bias_add_pass(h, bias, None, silu)
 
 
-def _bias_add_pass(h: torch.Tensor, bias: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
-    """The Triton pass behind `add_bias_` / `add_bias_residual_`: h += bias (+ r), in place, one rounding."""
+def _bias_add_pass(h: torch.Tensor, bias: torch.Tensor, r: torch.Tensor | None, silu: bool = False) -> torch.Tensor:
+    """The Triton pass behind `add_bias_` / `add_bias_residual_`: h += bias (+ r) [then SiLU], in place, one
+    rounding."""
     k, n = _triton_kernels(), h.numel()
     channel_stride = _gn_layout(h)[1]  # flat index i -> channel (i // sC) % C: sC = S for NCDHW, 1 for channels-last
     k["bias_add"][(k["cdiv"](n, 4096),)](h, h if r is None else r, bias, n, h.shape[1], channel_stride,
-                                          RES=r is not None, BLOCK=4096, num_warps=8)
+                                          RES=r is not None, SILU=silu, BLOCK=4096, num_warps=8)
     return h
 
 
@@ -553,7 +559,10 @@ class Conv(nn.Module):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
+        conv = self.conv
+        if self.act and x.is_cuda and conv.bias is not None and not _needs_grad(x, conv.weight, conv.bias):
+            return add_bias_(conv._conv_forward(x, conv.weight, None), conv.bias, silu=True)  # bias + SiLU: one pass
+        y = conv(x)
         return silu_(y) if self.act else y
 
 

@@ -28,11 +28,12 @@ def remove_tumours(label: np.ndarray) -> np.ndarray:
 
 def bit_channels(label: np.ndarray, device, dtype) -> torch.Tensor:
     """Label map (X, Y, Z) -> ControlNet condition (1, 8, X, Y, Z): bit k of the label id, LSB first. The map crosses
-    to the device in its own dtype and is expanded there (at 512^3: 128 MiB of uint8 instead of 2 GiB of fp16)."""
+    to the device in its own dtype and is expanded there (at 512^3: 128 MiB of uint8 instead of 2 GiB of fp16), on
+    CUDA straight into the channels-last layout the networks run in."""
     from fastmaisi.labels import binarize_labels
 
     ids = torch.from_numpy(np.ascontiguousarray(label))[None, None]
-    return binarize_labels(ids.to(device), dtype=dtype)
+    return binarize_labels(ids.to(device), dtype=dtype, channels_last=torch.device(device).type == "cuda")
 
 
 @torch.no_grad()

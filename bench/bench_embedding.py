@@ -1,0 +1,74 @@
+"""The ControlNet's conditioning embedding at 512^3 (the 8 bit-channels of a label map -> 64 x 128^3): its time and
+kernels, and what cuDNN does with its first conv (8 -> 8 channels, k3, 512^3) in other layouts, autotuned, or with
+channels padded to 16. Diagnostic, random weights.
+
+Run (device tool):  python3 bench/bench_embedding.py   -> $OUT/bench_embedding.jsonl
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_nets import CNET_DEF  # noqa: E402
+
+from fastmaisi.nets import build  # noqa: E402
+from fastmaisi.pipelines.from_mask import bit_channels  # noqa: E402
+
+out = open(os.path.join(os.environ.get("OUT", "."), "bench_embedding.jsonl"), "w")
+
+
+def emit(rec):
+    print(json.dumps(rec), flush=True)
+    out.write(json.dumps(rec) + "\n")
+
+
+def timed(fn, reps=5):
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return round(a.elapsed_time(b) / reps, 3)
+
+
+@torch.no_grad()
+def main():
+    torch.manual_seed(0)
+    cl = torch.channels_last_3d
+    cnet = build(CNET_DEF).to("cuda").half().eval().to(memory_format=cl)
+    label = torch.randint(0, 256, (512, 512, 512), dtype=torch.uint8).numpy()
+    emit({"what": "bit_channels (host uint8 -> device fp16 channels-last)",
+          "ms": timed(lambda: bit_channels(label, "cuda", torch.float16))})
+    cond = bit_channels(label, "cuda", torch.float16)
+    emit({"what": "condition layout channels-last", "value": cond.is_contiguous(memory_format=cl)})
+    emit({"what": "embed_condition", "ms": timed(lambda: cnet.embed_condition(cond))})
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        cnet.embed_condition(cond)
+        torch.cuda.synchronize()
+    for e in sorted(p.key_averages(), key=lambda e: -e.device_time_total)[:10]:
+        emit({"embed_kernel": e.key[:110], "ms": round(e.device_time_total / 1e3, 3), "count": e.count})
+    conv = cnet.controlnet_cond_embedding.conv_in.conv
+    w, bias = conv.weight, conv.bias
+    for autotune in (False, True):
+        torch.backends.cudnn.benchmark = autotune
+        for name, x, wt in [("channels-last", cond, w), ("NCDHW", cond.contiguous(), w.contiguous()),
+                            ("channels-last, 16 in / 16 out", F.pad(cond, (0, 0, 0, 0, 0, 0, 0, 8)).contiguous(
+                                memory_format=cl), F.pad(w, (0, 0, 0, 0, 0, 0, 0, 8, 0, 8)).contiguous(
+                                memory_format=cl)),
+                            ("channels-last, 8 in / 16 out", cond, F.pad(w, (0, 0, 0, 0, 0, 0, 0, 0, 0, 8)).contiguous(
+                                memory_format=cl))]:
+            emit({"what": "conv_in 8->8 k3 at 512^3", "layout": name, "cudnn_benchmark": autotune,
+                  "ms": timed(lambda: F.conv3d(x, wt, None, padding=1))})
+    torch.backends.cudnn.benchmark = False
+
+
+if __name__ == "__main__":
+    main()
