@@ -29,11 +29,12 @@ from fastmaisi.nets.blocks import (
     build_down_path,
     build_mid_block,
     check_config,
+    conv_add_,
     embedding_mlp,
     index_resnets,
     time_projections,
 )
-from fastmaisi.nets.unet import add_residual_inplace, autocast_enabled, time_and_class_embedding
+from fastmaisi.nets.unet import autocast_enabled, time_and_class_embedding
 
 
 class ControlNetConditioningEmbedding(nn.Module):
@@ -180,7 +181,7 @@ class ControlNetMaisi(nn.Module):
         emb = time_and_class_embedding(self, x, timesteps, class_labels)
         temb = time_projections(self._resnets, emb)
 
-        h = add_residual_inplace(self.conv_in(x), controlnet_cond_embedding)  # MONAI: h += embedding
+        h = conv_add_(self.conv_in, x, controlnet_cond_embedding)  # MONAI: h = conv_in(x); h += embedding
         skips = [h]
         for block in self.down_blocks:
             h, out = block(h, temb, context)
