@@ -304,61 +304,22 @@ def test_gpu_cat_channels_equals_torch_cat():
     assert torch.equal(cat_channels(a.contiguous(), b), torch.cat([a, b], 1))  # NCDHW a: torch.cat
 
 
+
 @cuda
-@pytest.mark.parametrize("fmt", [torch.channels_last_3d, torch.contiguous_format])
-def test_gpu_moments_from_the_writing_pass_equal_a_statistics_pass(fmt):
-    """The bias + residual pass and the skip concatenation leave the GroupNorm moments of what they wrote on it; a
-    GroupNorm of that tensor then gives bit for bit what its own statistics pass gives, and an in-place change of the
-    tensor makes it read the tensor again."""
-    from fastmaisi.nets.blocks import add_bias_residual_, cat_channels, group_norm
+def test_gpu_controlnet_input_conv_plus_embedding_matches_two_adds():
+    """`conv_add_` (the ControlNet's conv_in + condition embedding) on CUDA, bias and embedding added in one fp32 pass,
+    is as close to the exact sum as MONAI's conv-with-bias then `+=`."""
+    from fastmaisi.nets.blocks import Conv, conv_add_
 
     torch.manual_seed(0)
-    norm = torch.nn.GroupNorm(8, 64, eps=1e-6).cuda()
-    torch.nn.init.normal_(norm.weight)
-    torch.nn.init.normal_(norm.bias)
-    h = (torch.randn(2, 64, 6, 10, 9, device="cuda") * 3 + 1).half().contiguous(memory_format=fmt)
-    r = torch.randn_like(h).contiguous(memory_format=fmt)
-    bias = torch.randn(64, device="cuda").half()
-    y = add_bias_residual_(h.clone(memory_format=fmt), bias, r)
-    assert torch.equal(y, (h.float() + bias.float()[:, None, None, None] + r.float()).half())
-    fresh = y.clone(memory_format=fmt)  # same values, no moments attached
+    fmt = torch.channels_last_3d
+    conv = Conv(3, 4, 16, 3, 1, 1).cuda().half().to(memory_format=fmt)
+    x = torch.randn(1, 4, 6, 8, 10, device="cuda").half().contiguous(memory_format=fmt)
+    r = torch.randn(1, 16, 6, 8, 10, device="cuda").half().contiguous(memory_format=fmt)
     with torch.no_grad():
-        assert torch.equal(group_norm(y, norm, silu=True), group_norm(fresh, norm, silu=True))
-        y.add_(1.0)
-        fresh.add_(1.0)
-        assert torch.equal(group_norm(y, norm), group_norm(fresh, norm))
-    if fmt is torch.channels_last_3d:  # a Triton pass that changes a tensor in place drops its moments
-        from fastmaisi.nets.blocks import add_upsampled_
-
-        hz = torch.randn(2, 64, 6, 10, 8, device="cuda").half().contiguous(memory_format=fmt)
-        z = add_upsampled_(add_bias_(hz, bias), torch.randn(2, 64, 3, 5, 4, device="cuda").half())
-        with torch.no_grad():
-            assert torch.equal(group_norm(z, norm), group_norm(z.clone(memory_format=fmt), norm))
-        a = torch.randn(2, 24, 6, 10, 9, device="cuda").half().contiguous(memory_format=fmt)
-        b = (torch.randn(2, 40, 6, 10, 9, device="cuda") * 2).half().contiguous(memory_format=fmt)
-        cat = cat_channels(a, b)
-        assert torch.equal(cat, torch.cat([a, b], 1))
-        with torch.no_grad():
-            again = group_norm(cat.clone(memory_format=fmt), norm, silu=True)
-            assert torch.equal(group_norm(cat, norm, silu=True), again)
-
-
-@cuda
-def test_gpu_attention_blocks_fused_output_bias_matches_unfused():
-    """The attention blocks' output projection bias + residual in one pass (channels-last CUDA inference) equals the
-    plain sum (NCDHW input, no fusion) to fp16 rounding."""
-    from fastmaisi.nets.blocks import SpatialAttentionBlock, SpatialTransformer
-
-    torch.manual_seed(0)
-    x = torch.randn(1, 64, 8, 8, 8, device="cuda").half()
-    for block in (SpatialAttentionBlock(3, 64, 32, norm_num_groups=32),
-                  SpatialTransformer(3, 64, 2, 32, norm_num_groups=32, cross_attention_dim=16)):
-        block = block.cuda().half().eval()
-        for p in block.parameters():
-            torch.nn.init.normal_(p, std=0.2)
-        ctx = torch.randn(1, 3, 16, device="cuda").half()
-        with torch.no_grad():
-            fused = block(x.contiguous(memory_format=torch.channels_last_3d), ctx)
-            plain = block(x, ctx)
-        assert fused.is_contiguous(memory_format=torch.channels_last_3d)
-        assert (fused.float() - plain.float()).abs().max() <= 2e-3 * plain.float().abs().max()
+        out = conv_add_(conv, x, r)
+        exact = torch.nn.functional.conv3d(x.double(), conv.conv.weight.double(), conv.conv.bias.double(), padding=1)
+        exact = exact + r.double()
+        twice = conv(x).add_(r)
+    assert out.is_contiguous(memory_format=fmt)
+    assert (out.double() - exact).abs().max() <= 1.5 * (twice.double() - exact).abs().max() + 1e-3

@@ -98,20 +98,6 @@ def _triton_kernels():
         return None
 
     @triton.jit
-    def _merge_tile(x, mask, i, ps, S, ITERS, BLOCK_S: tl.constexpr, mean_a, m2_a):
-        # fold tile i of program ps (x fp32 (BLOCK_S, BLOCK_C), zeros where masked) into the running per-channel
-        # mean / M2 (Chan et al.): two-pass within the tile, exact merge across tiles
-        start = (ps * ITERS + i) * BLOCK_S
-        n_a = tl.minimum(tl.maximum(S - ps * ITERS * BLOCK_S, 0), i * BLOCK_S).to(tl.float32)
-        n_b = tl.minimum(tl.maximum(S - start, 0), BLOCK_S).to(tl.float32)
-        mean_b = tl.sum(x, axis=0) / tl.maximum(n_b, 1.0)
-        d = tl.where(mask, x - mean_b[None, :], 0.0)
-        m2_b = tl.sum(d * d, axis=0)
-        w = n_b / tl.maximum(n_a + n_b, 1.0)
-        delta = mean_b - mean_a
-        return mean_a + delta * w, m2_a + m2_b + delta * delta * n_a * w
-
-    @triton.jit
     def stats(x_ptr, mean_ptr, m2_ptr, S, C, sB, sC, sS, ITERS, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
         # program (ps, pc, b): ITERS consecutive spatial tiles of BLOCK_C channels, merged (Chan et al.) in fp32
         ps, pc, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -121,49 +107,20 @@ def _triton_kernels():
         mean_a = tl.zeros([BLOCK_C], dtype=tl.float32)
         m2_a = tl.zeros([BLOCK_C], dtype=tl.float32)
         for i in range(ITERS):
-            offs_s = (ps * ITERS + i) * BLOCK_S + tl.arange(0, BLOCK_S)
+            start = (ps * ITERS + i) * BLOCK_S
+            offs_s = start + tl.arange(0, BLOCK_S)
             mask = (offs_s[:, None] < S) & cmask[None, :]
             x = tl.load(base + offs_s[:, None].to(tl.int64) * sS, mask=mask, other=0.0).to(tl.float32)
-            mean_a, m2_a = _merge_tile(x, mask, i, ps, S, ITERS, BLOCK_S, mean_a, m2_a)
+            n_a = tl.minimum(tl.maximum(S - ps * ITERS * BLOCK_S, 0), i * BLOCK_S).to(tl.float32)
+            n_b = tl.minimum(tl.maximum(S - start, 0), BLOCK_S).to(tl.float32)
+            mean_b = tl.sum(x, axis=0) / tl.maximum(n_b, 1.0)
+            d = tl.where(mask, x - mean_b[None, :], 0.0)
+            m2_b = tl.sum(d * d, axis=0)
+            w = n_b / tl.maximum(n_a + n_b, 1.0)
+            delta = mean_b - mean_a
+            mean_a += delta * w
+            m2_a += m2_b + delta * delta * n_a * w
         out = (b.to(tl.int64) * tl.num_programs(0) + ps) * C + offs_c
-        tl.store(mean_ptr + out, mean_a, mask=cmask)
-        tl.store(m2_ptr + out, m2_a, mask=cmask)
-
-    @triton.jit
-    def write_stats(a_ptr, b_ptr, r_ptr, bias_ptr, y_ptr, mean_ptr, m2_ptr, S, CA, CB, sBa, sCa, sSa, sBb, sCb, sSb,
-                    sBy, sCy, sSy, ITERS, BIAS: tl.constexpr, RES: tl.constexpr, BLOCK_S: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
-        # y = cat([a, b], channels) [+ bias] [+ r] (r strided like y), fp32 math, one rounding; and, as `stats`
-        # computes them (same tiles and merge, on the rounded values), the per-tile moments of y for a GroupNorm
-        ps, pc, bb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        C = CA + CB
-        offs_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = offs_c < C
-        in_a = offs_c < CA
-        bi = bb.to(tl.int64)
-        base_a = a_ptr + bi * sBa + offs_c[None, :].to(tl.int64) * sCa
-        base_b = b_ptr + bi * sBb + (offs_c - CA)[None, :].to(tl.int64) * sCb
-        off_y = bi * sBy + offs_c[None, :].to(tl.int64) * sCy
-        if BIAS:
-            bias = tl.load(bias_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
-        mean_a = tl.zeros([BLOCK_C], dtype=tl.float32)
-        m2_a = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for i in range(ITERS):
-            offs_s = ((ps * ITERS + i) * BLOCK_S + tl.arange(0, BLOCK_S))[:, None]
-            mask = (offs_s < S) & cmask[None, :]
-            s64 = offs_s.to(tl.int64)
-            y = tl.load(base_a + s64 * sSa, mask=mask & in_a[None, :], other=0.0).to(tl.float32)
-            if CB > 0:
-                y += tl.load(base_b + s64 * sSb, mask=mask & ~in_a[None, :], other=0.0).to(tl.float32)
-            if BIAS:
-                y += bias[None, :]
-            if RES:
-                y += tl.load(r_ptr + off_y + s64 * sSy, mask=mask, other=0.0).to(tl.float32)
-            yq = y.to(y_ptr.dtype.element_ty)
-            tl.store(y_ptr + off_y + s64 * sSy, yq, mask=mask)
-            x = tl.where(mask, yq.to(tl.float32), 0.0)
-            mean_a, m2_a = _merge_tile(x, mask, i, ps, S, ITERS, BLOCK_S, mean_a, m2_a)
-        out = (bi * tl.num_programs(0) + ps) * C + offs_c
         tl.store(mean_ptr + out, mean_a, mask=cmask)
         tl.store(m2_ptr + out, m2_a, mask=cmask)
 
@@ -295,8 +252,22 @@ def _triton_kernels():
         y += tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
         tl.store(h_ptr + offs, y.to(h_ptr.dtype.element_ty), mask=mask)
 
-    _TRITON.update(stats=stats, write_stats=write_stats, finalize=finalize, apply=apply, up2=up2, bias_add=bias_add,
-                   up_add=up_add, cdiv=triton.cdiv, next_pow2=triton.next_power_of_2)
+    @triton.jit
+    def cat2(a_ptr, b_ptr, y_ptr, N, CA, CB, BLOCK: tl.constexpr):
+        # y = cat([a, b], channels) for channels-last a, b, y: y's storage is (positions, CA + CB)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        C = CA + CB
+        c = offs % C
+        pos = offs // C
+        in_a = c < CA
+        va = tl.load(a_ptr + pos * CA + c, mask=mask & in_a, other=0.0)
+        vb = tl.load(b_ptr + pos * CB + (c - CA), mask=mask & (c >= CA), other=0.0)
+        tl.store(y_ptr + offs, tl.where(in_a, va, vb), mask=mask)
+
+    _TRITON.update(stats=stats, finalize=finalize, apply=apply, up2=up2, bias_add=bias_add, up_add=up_add, cat2=cat2,
+                   cdiv=triton.cdiv,
+                   next_pow2=triton.next_power_of_2)
     return _TRITON
 
 
@@ -329,7 +300,7 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False,
         return ops.group_norm(x, norm, silu)
     k = _triton_kernels()
     B, C = x.shape[:2]
-    mean, m2, T, span, S = _attached_moments(x) or _stats_tiles(x, k)
+    mean, m2, T, span, S = _stats_tiles(x, k)
     G = norm.num_groups
     cg = C // G
     scale = torch.empty(B, C, device=x.device, dtype=torch.float32)
@@ -349,58 +320,20 @@ def _tile(C: int, sS: int, k: dict) -> tuple[int, int]:
     return block_c, 8192 // block_c
 
 
-def _stats_grid(x: torch.Tensor, k: dict) -> tuple[int, int, int, int, int]:
-    """Tiling of the statistics pass over x: (BLOCK_C, BLOCK_S, channel tiles, tiles per program, programs T)."""
-    B, C = x.shape[:2]
-    block_c, block_s = _tile(C, _gn_layout(x)[2], k)
-    c_tiles, s_tiles = k["cdiv"](C, block_c), k["cdiv"](x[0, 0].numel(), block_s)
-    iters = max(1, s_tiles * c_tiles * B // 4096)
-    return block_c, block_s, c_tiles, iters, k["cdiv"](s_tiles, iters)
-
-
 def _stats_tiles(x: torch.Tensor, k: dict) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
     """Per (sample, spatial tile, channel) mean and M2 of x in fp32 (the `stats` kernel); (mean, m2, T, span, S)."""
     B, C = x.shape[:2]
     S = x[0, 0].numel()
     sB, sC, sS = _gn_layout(x)
-    block_c, block_s, c_tiles, iters, T = _stats_grid(x, k)
+    block_c, block_s = _tile(C, sS, k)
+    c_tiles, s_tiles = k["cdiv"](C, block_c), k["cdiv"](S, block_s)
+    iters = max(1, s_tiles * c_tiles * B // 4096)
+    T = k["cdiv"](s_tiles, iters)
     mean = torch.empty(B, T, C, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
     k["stats"][(T, c_tiles, B)](x, mean, m2, S, C, sB, sC, sS, iters, BLOCK_S=block_s, BLOCK_C=block_c,
                                 num_warps=8)
     return mean, m2, T, block_s * iters, S
-
-
-def _write_with_moments(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None,
-                        bias: torch.Tensor | None = None, r: torch.Tensor | None = None) -> torch.Tensor:
-    """y = cat([a, b]) [+ bias] [+ r] in one Triton pass that also leaves y's GroupNorm moments attached to it (what
-    `_stats_tiles` would compute), so that a `group_norm` of y skips its own read of y. y may be a."""
-    k = _triton_kernels()
-    B, C = y.shape[:2]
-    S = y[0, 0].numel()
-    block_c, block_s, c_tiles, iters, T = _stats_grid(y, k)
-    mean = torch.empty(B, T, C, device=y.device, dtype=torch.float32)
-    m2 = torch.empty_like(mean)
-    lb = _gn_layout(b) if b is not None else (0, 0, 0)
-    k["write_stats"][(T, c_tiles, B)](a, a if b is None else b, y if r is None else r, y if bias is None else bias, y,
-                                      mean, m2, S, a.shape[1], 0 if b is None else b.shape[1], *_gn_layout(a), *lb,
-                                      *_gn_layout(y), iters, BIAS=bias is not None, RES=r is not None,
-                                      BLOCK_S=block_s, BLOCK_C=block_c, num_warps=8)
-    y._gn_moments = (y._version, y.shape, y.stride(), (mean, m2, T, block_s * iters, S))
-    return y
-
-
-def _forget_moments(x: torch.Tensor) -> torch.Tensor:
-    """Drop moments attached to x: for Triton passes that change x in place (which bumps no version counter)."""
-    if getattr(x, "_gn_moments", None) is not None:
-        x._gn_moments = None
-    return x
-
-
-def _attached_moments(x: torch.Tensor):
-    """The moments `_write_with_moments` left on x, if x has not been modified (or restrided) since."""
-    m = getattr(x, "_gn_moments", None)
-    return m[3] if m is not None and m[0] == x._version and m[1] == x.shape and m[2] == x.stride() else None
 
 
 def group_moments(x: torch.Tensor, groups: int) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -412,7 +345,7 @@ def group_moments(x: torch.Tensor, groups: int) -> tuple[float, torch.Tensor, to
     if k is None:
         var, mean = torch.var_mean(x.reshape(B, groups, -1).float(), dim=2, correction=0)
         return n, mean.double(), var.double() * n
-    mean, m2, T, span, S = _attached_moments(x) or _stats_tiles(x, k)  # (the pass that wrote x may have taken them)
+    mean, m2, T, span, S = _stats_tiles(x, k)
     n_t = (S - torch.arange(T, device=x.device, dtype=torch.float64) * span).clamp(0, span).view(1, T, 1, 1)
     mean, m2 = mean.double().view(B, T, groups, C // groups), m2.double().view(B, T, groups, C // groups)
     mean_g = (mean * n_t).sum((1, 3)) / n
@@ -526,7 +459,7 @@ def add_upsampled_(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         k, N = _triton_kernels(), h.numel()
         B, C, D2, H2, W2 = h.shape
         k["up_add"][(k["cdiv"](N, 4096),)](h, x, N, C, W2, H2, D2, *x.stride(), BLOCK=4096, num_warps=8)
-        return _forget_moments(h)
+        return h
     n = x.shape[2:]
     hv = h.view(*h.shape[:2], *[v for s in n for v in (s, 2)])
     xv = x.view(*x.shape[:2], *[v for s in n for v in (s, 1)])
@@ -565,26 +498,26 @@ def add_bias_(h: torch.Tensor, bias: torch.Tensor, silu: bool = False) -> torch.
 def _bias_add_pass(h: torch.Tensor, bias: torch.Tensor, r: torch.Tensor | None, silu: bool = False) -> torch.Tensor:
     """The Triton pass behind `add_bias_` / `add_bias_residual_`: h += bias (+ r) [then SiLU], in place, one
     rounding."""
-    if not silu and (r is None or _gn_layout(r) == _gn_layout(h)):
-        return _write_with_moments(h, h, bias=bias, r=r)  # the next GroupNorm reads no more than this pass
     k, n = _triton_kernels(), h.numel()
     channel_stride = _gn_layout(h)[1]  # flat index i -> channel (i // sC) % C: sC = S for NCDHW, 1 for channels-last
     k["bias_add"][(k["cdiv"](n, 4096),)](h, h if r is None else r, bias, n, h.shape[1], channel_stride,
                                           RES=r is not None, SILU=silu, BLOCK=4096, num_warps=8)
-    return _forget_moments(h)
+    return h
 
 
 def cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """torch.cat([a, b], dim=1). Two channels-last CUDA tensors are joined by one Triton copy that also takes the
-    result's GroupNorm moments: PyTorch's cat along the innermost storage dim takes a generic strided-copy kernel
-    (3 ms a UNet step at a 128^3 latent)."""
+    """torch.cat([a, b], dim=1). Two channels-last CUDA tensors are joined by one Triton copy: PyTorch's cat along
+    the innermost storage dim takes a generic strided-copy kernel (3 ms a UNet step at a 128^3 latent)."""
     if not (a.is_cuda and _is_channels_last(a) and _is_channels_last(b) and a.dtype == b.dtype
             and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:] and not _needs_grad(a, b)
             and _triton_kernels() is not None):
         return torch.cat([a, b], dim=1)
+    k = _triton_kernels()
     y = torch.empty((a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]), dtype=a.dtype, device=a.device,
                     memory_format=torch.channels_last_3d)
-    return _write_with_moments(y, a, b)  # (an up-path resnet normalises the concatenation next)
+    n = y.numel()
+    k["cat2"][(k["cdiv"](n, 4096),)](a, b, y, n, a.shape[1], b.shape[1], BLOCK=4096, num_warps=8)
+    return y
 
 
 def avg_pool_x2(x: torch.Tensor) -> torch.Tensor:
@@ -634,8 +567,8 @@ class Conv(nn.Module):
 
 
 def conv_add_(conv: Conv, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """MONAI's `h = conv(x); h += r` (a ControlNet's input conv plus the condition embedding). On CUDA inference the
-    bias and r go in with one pass, which also takes the moments for the GroupNorm that reads h next."""
+    """MONAI's `h = conv(x); h += r` (a ControlNet's input conv plus the condition embedding); on CUDA inference the
+    bias and r go in with one pass instead of two."""
     c = conv.conv
     if c.bias is not None and x.is_cuda and not _needs_grad(x, c.weight, c.bias, r):
         return add_bias_residual_(c._conv_forward(x, c.weight, None), c.bias, r)
@@ -778,14 +711,14 @@ class SelfAttention(nn.Module):
         layers = (self.to_q, self.to_k, self.to_v)
         return F.linear(tokens, torch.cat([m.weight for m in layers]), _maybe_cat([m.bias for m in layers]))
 
-    def forward(self, tokens: torch.Tensor, out_bias: bool = True) -> torch.Tensor:
-        """tokens (B, N, C) -> (B, N, C). out_bias=False leaves out_proj's bias out (the caller adds it)."""
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, C) -> (B, N, C)."""
         qkv = self.qkv_projection(tokens).unflatten(-1, (3, self.num_heads, -1))  # MONAI: "(qkv l d)"
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d), views
         p = self.dropout_rate if self.training else 0.0
         o = attention(q, k, v, self.scale, p)
         if self.out_proj is not None:
-            o = F.linear(o, self.out_proj.weight, self.out_proj.bias if out_bias else None)
+            o = self.out_proj(o)
         return F.dropout(o, p, training=True) if p > 0 else o
 
 
@@ -844,10 +777,6 @@ class SpatialAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         h = group_norm(x, self.norm)
-        proj = self.attn.out_proj
-        if proj is not None and proj.bias is not None and _fuse_out_bias(x) and not self.attn.training:
-            # out_proj's bias and the residual in one pass that also takes the moments for the next GroupNorm
-            return add_bias_residual_(from_tokens(self.attn(to_tokens(h), out_bias=False), x), proj.bias, x)
         return x + from_tokens(self.attn(to_tokens(h)), x)  # x first: the sum takes x's memory layout
 
 
@@ -914,17 +843,8 @@ class SpatialTransformer(nn.Module):
         t = F.linear(to_tokens(h), _linear_weight(self.proj_in.conv), self.proj_in.conv.bias)
         for block in self.transformer_blocks:
             t = block(t, context)
-        bias = self.proj_out.conv.bias
-        if bias is not None and _fuse_out_bias(x):  # bias + residual in the pass that takes the next GN's moments
-            return add_bias_residual_(from_tokens(F.linear(t, _linear_weight(self.proj_out.conv)), x), bias, x)
-        t = F.linear(t, _linear_weight(self.proj_out.conv), bias)
+        t = F.linear(t, _linear_weight(self.proj_out.conv), self.proj_out.conv.bias)
         return x + from_tokens(t, x)
-
-
-def _fuse_out_bias(x: torch.Tensor) -> bool:
-    """Whether an attention block's output projection leaves its bias (and the residual x) to `add_bias_residual_`:
-    CUDA inference on a channels-last x, whose strides the projected tokens' (B, C, *S) view shares."""
-    return fast_bias_add(x) and _gn_layout(x)[1] == 1
 
 
 def make_attention(kind: str | None, spatial_dims: int, channels: int, num_head_channels: int, norm_num_groups: int,
