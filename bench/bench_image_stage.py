@@ -1,7 +1,7 @@
 """GPU benchmark: the rflow-ct 512^3 image stage alone in a fresh process, as `generate` holds it on the device: our
 ControlNet + UNet (fp16, channels-last, random weights) and the image VAE, nothing else (no MONAI networks, no other
-benchmark's leftovers). The stage is `bench_nets.image_stage`: 30-step loop with CUDA graphs, then the exact decode
-under a budget; loop and decode times and peaks apart. Writes $OUT/bench_image_stage.json.
+benchmark's leftovers). The stage is `bench_nets.image_stage`: 30-step loop (eager at 128^3, as `sample` runs it),
+then the exact decode under a budget; loop and decode times and peaks apart. Writes $OUT/bench_image_stage.json.
 
 Run (device tool):  python3 bench/bench_image_stage.py [--budget 12] [--repeats 3]
 """

@@ -152,11 +152,11 @@ def loop30(unet, cnet, inp, fmt):
 
 
 def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
-    """The rflow-ct image stage end to end in one process, as `generate` runs it: the 30-step loop (CUDA graphs,
-    networks channels-last), then the exact decode under a budget; with cuDNN's autotuner off (as `generate` leaves
-    it), then on. Peak = everything allocated during the stage (the three networks' weights, the 8-channel 512^3
-    condition until its embedding is computed, the loop's graphs until the loop ends, the decode); the first call also
-    page-locks the decode's host memory."""
+    """The rflow-ct image stage end to end in one process, as `generate` runs it: the 30-step loop (networks
+    channels-last; `sample` records CUDA graphs only for small latents, so eager at 128^3), then the exact decode under
+    a budget; with cuDNN's autotuner off (as `generate` leaves it), then on. Peak = everything allocated during the
+    stage (the three networks' weights, the 8-channel 512^3 condition until its embedding is computed, the loop's
+    graphs if any, the decode); the first call also page-locks the decode's host memory."""
     from fastmaisi.decode import decode_latent
     from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
     from fastmaisi.nets.blocks import _is_channels_last
