@@ -4,9 +4,9 @@ for MAISI's head size 32.
 At the 32^3 level of a 128^3 latent, attention is 8 heads of 32 channels over 32,768 tokens (8.6e9 scores a call);
 with d = 32 the matmuls are small and the softmax's arithmetic dominates. On an H200 cuDNN's SDPA takes 4.44 ms for
 that call, PyTorch's flash backend 5.06 ms, this kernel 3.60 ms (two 64-key sub-tiles per step; 3.77 ms with one),
-with the same max error against an fp32 reference (1.3e-3; `bench/bench_attention.py`). It is the textbook online-softmax forward (Dao et al.): scores and running max/sum in
-fp32, exp2 with the scale folded into one multiply-add, P rounded to q's dtype for the P @ V matmul as every flash
-kernel does. Inference only (no autograd, no dropout), fp16/bf16, head size 16-128 (a power of 2).
+with the same max error against an fp32 reference (1.3e-3; `bench/bench_attention.py`). It is the textbook
+online-softmax forward (Dao et al.): scores and running max/sum in fp32, exp2 with the scale folded into one
+multiply-add, P rounded to q's dtype for the P @ V matmul as every flash kernel does. Inference only (no autograd, no dropout), fp16/bf16, head size 16-128 (a power of 2).
 """
 
 from __future__ import annotations
