@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cuda_timing import event_ms
 from fastmaisi.nets import attention as A
 
 
@@ -84,18 +85,6 @@ def run_split(q, k, v, scale, bm, bn1, bn2, warps, stages, mode):
     return o.flatten(2)
 
 
-def timed(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
-
-
 def main():
     out = open(os.path.join(os.environ.get("OUT", "."), "attention_variants.jsonl"), "w")
 
@@ -110,14 +99,14 @@ def main():
     scale = d ** -0.5
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).transpose(1, 2).flatten(2)
-    ms = timed(lambda: A.flash_attention(q, k, v, scale))
+    ms = event_ms(lambda: A.flash_attention(q, k, v, scale))
     emit({"impl": "ours (nets.attention)", "ms": round(ms, 3),
           "max_err": (A.flash_attention(q, k, v, scale).float() - ref).abs().max().item()})
     for mode, (bm, bn1, bn2), (w, s) in itertools.product(
             (0, 1, 2), [(64, 32, 32), (64, 64, 32), (64, 64, 64), (128, 64, 32), (128, 32, 32)], [(4, 3), (4, 4)]):
         try:
             fn = lambda: run_split(q, k, v, scale, bm, bn1, bn2, w, s, mode)  # noqa: E731
-            ms = timed(fn, 10)
+            ms = event_ms(fn, 10)
             err = (fn().float() - ref).abs().max().item()
             emit({"mode": ["exp2", "no-exp (diagnostic)", "poly for BN2"][mode], "config": [bm, bn1, bn2, w, s],
                   "ms": round(ms, 3), "max_err": err})

@@ -13,19 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cuda_timing import event_ms
 from fastmaisi.nets import attention as A
-
-
-def timed(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main():
@@ -58,7 +47,7 @@ def main():
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                         return F.scaled_dot_product_attention(q, k, v, scale=scale)
             try:
-                ms = timed(fn)
+                ms = event_ms(fn)
                 o = fn()
                 o = o if o.dim() == 3 else o.transpose(1, 2).flatten(2)
                 err = (o.float() - ref).abs().max().item()
@@ -73,7 +62,7 @@ def main():
                        if N >= 16384 else [(bm, 64, 4, 3, sp) for bm in (64, 128) for sp in (1, 2)])
             for cfg in configs:
                 try:
-                    ms = timed(lambda: A.flash_attention(q, k, v, scale, config=cfg), reps=10)
+                    ms = event_ms(lambda: A.flash_attention(q, k, v, scale, config=cfg), reps=10)
                     err = (A.flash_attention(q, k, v, scale, config=cfg).float() - ref).abs().max().item()
                     emit({"shape": [B, H, N, d], "config": list(cfg), "ms": round(ms, 3), "max_err": err})
                 except Exception as e:  # noqa: BLE001

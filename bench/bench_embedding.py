@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_nets import CNET_DEF  # noqa: E402
+from cuda_timing import event_ms  # noqa: E402
 
 from fastmaisi.nets import build  # noqa: E402
 from fastmaisi.pipelines.from_mask import bit_channels  # noqa: E402
@@ -28,15 +29,7 @@ def emit(rec):
 
 
 def timed(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return round(a.elapsed_time(b) / reps, 3)
+    return round(event_ms(fn, reps), 3)
 
 
 @torch.no_grad()

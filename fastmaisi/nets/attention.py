@@ -28,6 +28,20 @@ def _kernel():
         return None
 
     @triton.jit
+    def scores(q, k_ptrs, v_ptrs, start, offs_n, N, skn, svn, EVEN: tl.constexpr):
+        # the key tile at `start`: unscaled scores q @ k (BLOCK_M, BLOCK_N) fp32, -inf past N, and its values
+        if EVEN:
+            k = tl.load(k_ptrs + start * skn)
+            v = tl.load(v_ptrs + start * svn)
+        else:
+            k = tl.load(k_ptrs + start * skn, mask=(start + offs_n)[None, :] < N, other=0.0)
+            v = tl.load(v_ptrs + start * svn, mask=(start + offs_n)[:, None] < N, other=0.0)
+        s = tl.dot(q, k)
+        if not EVEN:
+            s = tl.where((start + offs_n)[None, :] < N, s, float("-inf"))
+        return s, v
+
+    @triton.jit
     def fwd(Q, K, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, H, N, qk_scale,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, EVEN: tl.constexpr,
             SPLIT: tl.constexpr):
@@ -50,26 +64,9 @@ def _kernel():
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         for start in range(0, N, SPLIT * BLOCK_N):
-            if EVEN:
-                k = tl.load(k_ptrs + start * skn)
-                v = tl.load(v_ptrs + start * svn)
-            else:
-                k = tl.load(k_ptrs + start * skn, mask=(start + offs_n)[None, :] < N, other=0.0)
-                v = tl.load(v_ptrs + start * svn, mask=(start + offs_n)[:, None] < N, other=0.0)
-            s = tl.dot(q, k)  # (BLOCK_M, BLOCK_N) fp32, unscaled
-            if not EVEN:
-                s = tl.where((start + offs_n)[None, :] < N, s, float("-inf"))
+            s, v = scores(q, k_ptrs, v_ptrs, start, offs_n, N, skn, svn, EVEN)
             if SPLIT == 2:
-                n2 = start + BLOCK_N
-                if EVEN:
-                    k2 = tl.load(k_ptrs + n2 * skn)
-                    v2 = tl.load(v_ptrs + n2 * svn)
-                else:
-                    k2 = tl.load(k_ptrs + n2 * skn, mask=(n2 + offs_n)[None, :] < N, other=0.0)
-                    v2 = tl.load(v_ptrs + n2 * svn, mask=(n2 + offs_n)[:, None] < N, other=0.0)
-                s2 = tl.dot(q, k2)
-                if not EVEN:
-                    s2 = tl.where((n2 + offs_n)[None, :] < N, s2, float("-inf"))
+                s2, v2 = scores(q, k_ptrs, v_ptrs, start + BLOCK_N, offs_n, N, skn, svn, EVEN)
                 m_new = tl.maximum(m_i, tl.maximum(tl.max(s, 1), tl.max(s2, 1)) * qk_scale)
             else:
                 m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
