@@ -7,8 +7,6 @@ Run (device tool):  python3 bench/attention_variants.py   -> $OUT/attention_vari
 """
 
 import itertools
-import json
-import os
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +15,7 @@ import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cuda_timing import event_ms
+from records import jsonl_log
 from fastmaisi.nets import attention as A
 
 
@@ -86,11 +85,7 @@ def run_split(q, k, v, scale, bm, bn1, bn2, warps, stages, mode):
 
 
 def main():
-    out = open(os.path.join(os.environ.get("OUT", "."), "attention_variants.jsonl"), "w")
-
-    def emit(rec):
-        print(json.dumps(rec), flush=True)
-        out.write(json.dumps(rec) + "\n")
+    emit = jsonl_log("attention_variants")
 
     torch.manual_seed(0)
     B, H, N, d = 1, 8, 32768, 32

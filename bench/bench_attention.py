@@ -6,14 +6,13 @@ Run (device tool):  python3 bench/bench_attention.py [--sweep]   -> $OUT/bench_a
 """
 
 import argparse
-import json
-import os
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cuda_timing import event_ms
+from records import jsonl_log
 from fastmaisi.nets import attention as A
 
 
@@ -21,11 +20,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
-    out = open(os.path.join(os.environ.get("OUT", "."), "bench_attention.jsonl"), "w")
-
-    def emit(rec):
-        print(json.dumps(rec), flush=True)
-        out.write(json.dumps(rec) + "\n")
+    emit = jsonl_log("bench_attention")
 
     torch.manual_seed(0)
     for B, H, N in [(1, 8, 32768), (1, 16, 4096), (1, 8, 4913)]:

@@ -5,7 +5,6 @@ channels padded to 16. Diagnostic, random weights.
 Run (device tool):  python3 bench/bench_embedding.py   -> $OUT/bench_embedding.jsonl
 """
 
-import json
 import os
 import sys
 
@@ -17,16 +16,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_nets import CNET_DEF  # noqa: E402
 from cuda_timing import event_ms  # noqa: E402
 
+from records import jsonl_log  # noqa: E402
+
 from fastmaisi.nets import build  # noqa: E402
 from fastmaisi.pipelines.from_mask import bit_channels  # noqa: E402
-
-out = open(os.path.join(os.environ.get("OUT", "."), "bench_embedding.jsonl"), "w")
-
-
-def emit(rec):
-    print(json.dumps(rec), flush=True)
-    out.write(json.dumps(rec) + "\n")
-
 
 def timed(fn, reps=5):
     return round(event_ms(fn, reps), 3)
@@ -34,6 +27,7 @@ def timed(fn, reps=5):
 
 @torch.no_grad()
 def main():
+    emit = jsonl_log("bench_embedding")
     torch.manual_seed(0)
     cl = torch.channels_last_3d
     cnet = build(CNET_DEF).to("cuda").half().eval().to(memory_format=cl)

@@ -5,7 +5,6 @@ denoiser call plus CUDA-graph capture, a replayed step, an eager step, and the 3
 Run (device tool):  python3 bench/profile_image_stage.py   -> $OUT/profile_image_stage.jsonl
 """
 
-import json
 import os
 import sys
 import time
@@ -16,20 +15,14 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_nets import CNET_DEF, UNET_DEF, inputs  # noqa: E402
 
+from records import jsonl_log  # noqa: E402
+
 from fastmaisi.nets import build  # noqa: E402
 from fastmaisi.nets.graphs import CudaGraphed  # noqa: E402
 from fastmaisi.pipelines.from_mask import bit_channels  # noqa: E402
 from fastmaisi.pipelines.sampling import image_denoiser, sample  # noqa: E402
 from fastmaisi.schedulers import build as build_scheduler  # noqa: E402
 from fastmaisi.variants import RFLOW_SCHEDULER_DEF  # noqa: E402
-
-out = open(os.path.join(os.environ.get("OUT", "."), "profile_image_stage.jsonl"), "w")
-
-
-def emit(rec):
-    print(json.dumps(rec), flush=True)
-    out.write(json.dumps(rec) + "\n")
-
 
 def timed(fn, reps=1):
     torch.cuda.synchronize()
@@ -42,6 +35,7 @@ def timed(fn, reps=1):
 
 @torch.no_grad()
 def main():
+    emit = jsonl_log("profile_image_stage")
     torch.manual_seed(0)
     fmt = torch.channels_last_3d
     unet = build(UNET_DEF).to("cuda").half().eval().to(memory_format=fmt)
