@@ -1,6 +1,7 @@
 """Where the rflow-ct 512^3 image stage's loop time goes besides its 30 steps (diagnostic, random weights): building
 the condition from a host uint8 label map, the ControlNet's conditioning embedding (with its kernels), the first
-denoiser call plus CUDA-graph capture, a replayed step, an eager step, and the 30-step loop with and without graphs.
+denoiser call plus CUDA-graph capture, a replayed step, an eager step, and the 30-step loop with and without graphs
+(recorded here whatever `sampling.GRAPH_MAX_VOXELS` says, to compare).
 
 Run (device tool):  python3 bench/profile_image_stage.py   -> $OUT/profile_image_stage.jsonl
 """
@@ -20,6 +21,7 @@ from records import jsonl_log  # noqa: E402
 from fastmaisi.nets import build  # noqa: E402
 from fastmaisi.nets.graphs import CudaGraphed  # noqa: E402
 from fastmaisi.pipelines.from_mask import bit_channels  # noqa: E402
+from fastmaisi.pipelines import sampling  # noqa: E402
 from fastmaisi.pipelines.sampling import image_denoiser, sample  # noqa: E402
 from fastmaisi.schedulers import build as build_scheduler  # noqa: E402
 from fastmaisi.variants import RFLOW_SCHEDULER_DEF  # noqa: E402
@@ -55,6 +57,7 @@ def main():
               "eager_step_s": round(t_eager, 4), "first_call_plus_capture_s": round(t_first, 4),
               "replay_step_s": round(t_replay, 4)})
         for graphs in (True, False):
+            sampling.GRAPH_MAX_VOXELS = x[0, 0].numel() if graphs else 0  # record graphs at this size, or never
             z, t_loop = timed(lambda: sample(denoise, build_scheduler(RFLOW_SCHEDULER_DEF), x, 30, disable=True,
                                              cuda_graph=graphs))
             emit({"rep": rep, "loop_30_steps_s": round(t_loop, 4), "cuda_graph": graphs})
