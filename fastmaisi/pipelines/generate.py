@@ -43,7 +43,7 @@ class GenerateRequest:
     overwrite: bool = False
     fmt: str = "nifti"
     sampler: str = "euler"  # "euler" (the reference's) or "ab2" (rectified flow only; faster, not bit-compatible)
-    cuda_graphs: bool = True  # CUDA: replay each denoiser step from a CUDA graph (same kernels, same result)
+    cuda_graphs: bool = True  # CUDA: replay denoiser steps from a CUDA graph (small latents: sampling.GRAPH_MAX_VOXELS)
 
     workflow_name: str | None = None  # "image", "from-mask" or "paired"; None: from-mask with --mask, paired with
     # --organ-size (or with the demo), else image

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["euler", "ab2"], default="euler",
                    help="euler: the reference's; ab2: 2nd-order, more accurate per step (rflow only, not bit-compatible)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="launch every step's kernels from Python instead of replaying a CUDA graph (same result)")
+                   help="launch every step's kernels from Python instead of replaying a CUDA graph (same result; "
+                        "latents above 2x64^3 voxels run eagerly anyway)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=_positive_int, default=1)

@@ -28,7 +28,7 @@ class Models:
     mask_latent_shape: tuple = MASK_LATENT_SHAPE
     mask_spacing: tuple = (1.5, 1.5, 1.5)  # mm per voxel of the decoded mask (reference: 256^3 at 1.5 mm)
     files: dict = field(default_factory=dict)  # role -> {"path", "sha256"} for the record
-    cuda_graphs: bool = True  # on CUDA, the sampling loops replay each denoiser call from a CUDA graph
+    cuda_graphs: bool = True  # on CUDA, sampling loops replay denoiser calls from a CUDA graph (small latents)
 
     @property
     def device(self) -> torch.device:
