@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_nets import CNET_DEF  # noqa: E402
+from bench_nets import CNET_DEF, fp16_channels_last, label_map  # noqa: E402
 from cuda_timing import event_ms  # noqa: E402
 
 from records import jsonl_log  # noqa: E402
 
-from fastmaisi.nets import build  # noqa: E402
 from fastmaisi.pipelines.from_mask import bit_channels  # noqa: E402
 
 def timed(fn, reps=5):
@@ -30,8 +29,8 @@ def main():
     emit = jsonl_log("bench_embedding")
     torch.manual_seed(0)
     cl = torch.channels_last_3d
-    cnet = build(CNET_DEF).to("cuda").half().eval().to(memory_format=cl)
-    label = torch.randint(0, 256, (512, 512, 512), dtype=torch.uint8).numpy()
+    cnet = fp16_channels_last(CNET_DEF)
+    label = label_map((512, 512, 512))
     emit({"what": "bit_channels (host uint8 -> device fp16 channels-last)",
           "ms": timed(lambda: bit_channels(label, "cuda", torch.float16))})
     cond = bit_channels(label, "cuda", torch.float16)

@@ -12,8 +12,7 @@ import os
 
 import torch
 
-from bench_nets import CNET_DEF, UNET_DEF, image_stage, inputs, results
-from fastmaisi.nets import build
+from bench_nets import CNET_DEF, UNET_DEF, fp16_channels_last, image_stage, inputs, results
 
 
 def main():
@@ -22,9 +21,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
-    fmt = torch.channels_last_3d  # as `pipelines.models` loads them on CUDA
-    unet = build(UNET_DEF).to("cuda").half().eval().to(memory_format=fmt)
-    cnet = build(CNET_DEF).to("cuda").half().eval().to(memory_format=fmt)
+    unet, cnet = fp16_channels_last(UNET_DEF), fp16_channels_last(CNET_DEF)  # as `pipelines.models` loads them
     image_stage(unet, cnet, inputs([128, 128, 128]), args.budget, args.repeats)
     with open(os.path.join(os.environ.get("OUT", "."), "bench_image_stage.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f, indent=1)

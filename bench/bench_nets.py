@@ -61,6 +61,17 @@ def ours_from(ref_unet, ref_cnet):
     return unet.to(dev).eval(), cnet.to(dev).eval()
 
 
+def fp16_channels_last(defn):
+    """One of our networks from its definition (random weights), on CUDA, fp16, eval, channels-last: as `generate`
+    holds the image DM and its ControlNet."""
+    return build(defn).to(dev).half().eval().to(memory_format=torch.channels_last_3d)
+
+
+def label_map(shape):
+    """A random uint8 label map in host memory (numpy), what `from_mask` starts from."""
+    return torch.randint(0, 256, tuple(shape), dtype=torch.uint8).numpy()
+
+
 def inputs(lat, dtype=torch.float16, seed=1):
     g = torch.Generator(device=dev).manual_seed(seed)
     x = torch.randn(1, 4, *lat, device=dev, generator=g).to(dtype)
@@ -172,7 +183,7 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
     vae = vae.to(dev).half().eval()
     cl = _is_channels_last(next(w for w in unet.parameters() if w.dim() == 5))
     inp.pop("cond")  # the stage starts, as `from_mask` does, from a uint8 label map in host memory
-    label = torch.randint(0, 256, [4 * s for s in inp["x"].shape[2:]], dtype=torch.uint8).numpy()
+    label = label_map([4 * s for s in inp["x"].shape[2:]])
     for i, autotune in [(i, False) for i in range(repeats)] + [(i, True) for i in range(repeats, repeats + 2)]:
         torch.backends.cudnn.benchmark = autotune
         torch.cuda.synchronize()

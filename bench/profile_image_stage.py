@@ -14,11 +14,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_nets import CNET_DEF, UNET_DEF, inputs  # noqa: E402
+from bench_nets import CNET_DEF, UNET_DEF, fp16_channels_last, inputs, label_map  # noqa: E402
 
 from records import jsonl_log  # noqa: E402
 
-from fastmaisi.nets import build  # noqa: E402
 from fastmaisi.nets.graphs import CudaGraphed  # noqa: E402
 from fastmaisi.pipelines.from_mask import bit_channels  # noqa: E402
 from fastmaisi.pipelines import sampling  # noqa: E402
@@ -39,11 +38,9 @@ def timed(fn, reps=1):
 def main():
     emit = jsonl_log("profile_image_stage")
     torch.manual_seed(0)
-    fmt = torch.channels_last_3d
-    unet = build(UNET_DEF).to("cuda").half().eval().to(memory_format=fmt)
-    cnet = build(CNET_DEF).to("cuda").half().eval().to(memory_format=fmt)
+    unet, cnet = fp16_channels_last(UNET_DEF), fp16_channels_last(CNET_DEF)
     inp = inputs([128, 128, 128])
-    label = torch.randint(0, 256, (512, 512, 512), dtype=torch.uint8).numpy()
+    label = label_map((512, 512, 512))
     for rep in range(2):
         cond, t_cond = timed(lambda: bit_channels(label, "cuda", torch.float16))
         emb, t_emb = timed(lambda: cnet.embed_condition(cond))

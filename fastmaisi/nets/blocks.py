@@ -481,7 +481,7 @@ def add_bias_residual_(h: torch.Tensor, bias: torch.Tensor, r: torch.Tensor) -> 
     rounding (PyTorch's conv adds its bias in a pass of its own, and the residual add is another); else two adds."""
     if not (fast_bias_add(h) and r.dtype == h.dtype and r.shape == h.shape and r.stride() == h.stride()
             and not _needs_grad(bias, r)):
-        return add_(add_(h, bias.reshape(-1, *([1] * (h.dim() - 2)))), r)
+        return add_(add_bias_(h, bias), r)
     return _bias_add_pass(h, bias, r)
 
 
@@ -566,14 +566,20 @@ class Conv(nn.Module):
         return silu_(y) if self.act else y
 
 
+def add_residual_inplace(s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """MONAI's `s += r` (result keeps s's dtype), out of place when autograd needs `s` unmodified."""
+    if torch.is_grad_enabled() and s.requires_grad:
+        return (s + r).to(s.dtype)
+    return s.add_(r)
+
+
 def conv_add_(conv: Conv, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """MONAI's `h = conv(x); h += r` (a ControlNet's input conv plus the condition embedding); on CUDA inference the
     bias and r go in with one pass instead of two."""
     c = conv.conv
     if c.bias is not None and x.is_cuda and not _needs_grad(x, c.weight, c.bias, r):
         return add_bias_residual_(c._conv_forward(x, c.weight, None), c.bias, r)
-    h = conv(x)
-    return (h + r).to(h.dtype) if _needs_grad(h) else h.add_(r)
+    return add_residual_inplace(conv(x), r)
 
 
 # ------------------------------------------------------------------------------------------------------ resnet block

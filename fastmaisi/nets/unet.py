@@ -27,6 +27,7 @@ from torch import nn
 
 from fastmaisi.nets.blocks import (
     Conv,
+    add_residual_inplace,
     build_down_path,
     build_mid_block,
     build_up_path,
@@ -47,13 +48,6 @@ def autocast_enabled(device: torch.device) -> bool:
         return torch.is_autocast_enabled(device.type)
     except TypeError:  # torch < 2.4
         return torch.is_autocast_cpu_enabled() if device.type == "cpu" else torch.is_autocast_enabled()
-
-
-def add_residual_inplace(s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """MONAI's `s += r` (result keeps s's dtype), out of place when autograd needs `s` unmodified."""
-    if torch.is_grad_enabled() and s.requires_grad:
-        return (s + r).to(s.dtype)
-    return s.add_(r)
 
 
 def time_and_class_embedding(net: nn.Module, x: torch.Tensor, timesteps: torch.Tensor,

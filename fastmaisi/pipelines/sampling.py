@@ -35,7 +35,7 @@ def sample(denoise: Denoiser, scheduler, x: torch.Tensor, num_steps: int, genera
     step_kw = {"eta": eta} if eta else {}
     scheduler.set_timesteps(num_steps, device="cpu", input_img_size_numel=int(torch.tensor(x.shape[2:]).prod()))
     timesteps = scheduler.timesteps
-    if cuda_graph and x.is_cuda and x[0, 0].numel() <= GRAPH_MAX_VOXELS:
+    if cuda_graph and x[0, 0].numel() <= GRAPH_MAX_VOXELS:  # (CudaGraphed runs CPU calls eagerly)
         from fastmaisi.nets.graphs import CudaGraphed
 
         denoise = CudaGraphed(denoise)
