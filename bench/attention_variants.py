@@ -1,7 +1,9 @@
 """Experiment: is the head-size-32 flash-attention forward bound by the exp2 unit (MUFU)? Variants of the kernel in
 `fastmaisi.nets.attention`: each key tile is split in two sub-tiles (BN1 keys with hardware exp2, BN2 keys with a
-polynomial exp2 on the FMA units, as FlashAttention-4 does), and a diagnostic variant with no exp at all (wrong
-results; only its time matters). Times and max error against fp32 SDPA at [1, 8, 32768, 32].
+polynomial exp2 on the FMA units, as FlashAttention-4 does), a diagnostic variant with no exp at all (wrong
+results; only its time matters), and (session 9) exp2 of the fp16-rounded exponent on packed halves
+(`ex2.approx.f16x2`: two exps an instruction, P comes out in fp16 for the P @ V matmul), its row sums by fp32
+reductions or by a matmul with ones. Times and max error against fp32 SDPA at [1, 8, 32768, 32].
 
 Run (device tool):  python3 bench/attention_variants.py   -> $OUT/attention_variants.jsonl
 """
@@ -33,6 +35,13 @@ def _exp2_poly(x):
 
 
 @triton.jit
+def _exp2_f16x2(x):
+    """2^x for fp16 x, two at a time on the MUFU unit (ex2.approx.f16x2), result fp16."""
+    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x], dtype=tl.float16, is_pure=True,
+                                     pack=2)
+
+
+@triton.jit
 def fwd_split(Q, K, V, O, sqh, sqn, skh, skn, svh, svn, soh, son, N, qk_scale,
               BLOCK_M: tl.constexpr, BN1: tl.constexpr, BN2: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -49,6 +58,9 @@ def fwd_split(Q, K, V, O, sqh, sqn, skh, skn, svh, svn, soh, son, N, qk_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc_l = tl.zeros([BLOCK_M, 16], tl.float32)
+    ones1 = tl.full([BN1, 16], 1.0, tl.float16)
+    ones2 = tl.full([BN2, 16], 1.0, tl.float16)
     for start in range(0, N, BN):
         k1 = tl.load(k1p + start * skn)
         v1 = tl.load(v1p + start * svn)
@@ -58,19 +70,31 @@ def fwd_split(Q, K, V, O, sqh, sqn, skh, skn, svh, svn, soh, son, N, qk_scale,
         s2 = tl.dot(q, k2)
         m_new = tl.maximum(m_i, tl.maximum(tl.max(s1, 1), tl.max(s2, 1)) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        if MODE == 1:  # diagnostic: no exp at all
-            p1 = s1 * qk_scale - m_new[:, None]
-            p2 = s2 * qk_scale - m_new[:, None]
+        if MODE >= 3:  # fp16 exponents, packed-half exp2, P in fp16
+            p1h = _exp2_f16x2((s1 * qk_scale - m_new[:, None]).to(tl.float16))
+            p2h = _exp2_f16x2((s2 * qk_scale - m_new[:, None]).to(tl.float16))
+            if MODE == 3:
+                l_i = l_i * alpha + tl.sum(p1h.to(tl.float32), 1) + tl.sum(p2h.to(tl.float32), 1)
+            else:  # row sums on the tensor cores: P @ ones into a (BLOCK_M, 16) accumulator
+                acc_l = tl.dot(p2h, ones2, tl.dot(p1h, ones1, acc_l * alpha[:, None]))
+            acc = acc * alpha[:, None] + tl.dot(p1h, v1)
+            acc = tl.dot(p2h, v2, acc)
         else:
-            p1 = tl.math.exp2(s1 * qk_scale - m_new[:, None])
-            if MODE == 2:
-                p2 = _exp2_poly(s2 * qk_scale - m_new[:, None])
+            if MODE == 1:  # diagnostic: no exp at all
+                p1 = s1 * qk_scale - m_new[:, None]
+                p2 = s2 * qk_scale - m_new[:, None]
             else:
-                p2 = tl.math.exp2(s2 * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p1, 1) + tl.sum(p2, 1)
-        acc = acc * alpha[:, None] + tl.dot(p1.to(v1.dtype), v1)
-        acc = tl.dot(p2.to(v2.dtype), v2, acc)
+                p1 = tl.math.exp2(s1 * qk_scale - m_new[:, None])
+                if MODE == 2:
+                    p2 = _exp2_poly(s2 * qk_scale - m_new[:, None])
+                else:
+                    p2 = tl.math.exp2(s2 * qk_scale - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p1, 1) + tl.sum(p2, 1)
+            acc = acc * alpha[:, None] + tl.dot(p1.to(v1.dtype), v1)
+            acc = tl.dot(p2.to(v2.dtype), v2, acc)
         m_i = m_new
+    if MODE == 4:
+        l_i = tl.max(acc_l, 1)
     acc = acc / l_i[:, None]
     tl.store(O + h * soh + offs_m[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty))
 
@@ -82,6 +106,9 @@ def run_split(q, k, v, scale, bm, bn1, bn2, warps, stages, mode):
                             o.stride(2), o.stride(1), N, scale * 1.4426950408889634, BLOCK_M=bm, BN1=bn1, BN2=bn2, BN=bn1 + bn2,
                             D=D, MODE=mode, num_warps=warps, num_stages=stages)
     return o.flatten(2)
+
+
+MODES = (0, 3, 4)  # session 8 ran (0, 1, 2)
 
 
 def main():
@@ -98,12 +125,13 @@ def main():
     emit({"impl": "ours (nets.attention)", "ms": round(ms, 3),
           "max_err": (A.flash_attention(q, k, v, scale).float() - ref).abs().max().item()})
     for mode, (bm, bn1, bn2), (w, s) in itertools.product(
-            (0, 1, 2), [(64, 32, 32), (64, 64, 32), (64, 64, 64), (128, 64, 32), (128, 32, 32)], [(4, 3), (4, 4)]):
+            MODES, [(64, 32, 32), (64, 64, 32), (64, 64, 64), (128, 64, 32), (128, 32, 32), (128, 64, 64)],
+            [(4, 3), (4, 4), (8, 3)]):
         try:
             fn = lambda: run_split(q, k, v, scale, bm, bn1, bn2, w, s, mode)  # noqa: E731
             ms = event_ms(fn, 10)
             err = (fn().float() - ref).abs().max().item()
-            emit({"mode": ["exp2", "no-exp (diagnostic)", "poly for BN2"][mode], "config": [bm, bn1, bn2, w, s],
+            emit({"mode": ["exp2", "no-exp (diagnostic)", "poly for BN2", "f16x2 exp2", "f16x2 exp2, sums by dot"][mode], "config": [bm, bn1, bn2, w, s],
                   "ms": round(ms, 3), "max_err": err})
         except Exception as e:  # noqa: BLE001 - an experiment reports and goes on
             emit({"mode": mode, "config": [bm, bn1, bn2, w, s], "error": f"{type(e).__name__}: {str(e)[:200]}"})

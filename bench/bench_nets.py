@@ -168,6 +168,7 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
     a budget; with cuDNN's autotuner off (as `generate` leaves it), then on. Peak = everything allocated during the
     stage (the three networks' weights, the 8-channel 512^3 condition until its embedding is computed, the loop's
     graphs if any, the decode); the first call also page-locks the decode's host memory."""
+    import fastmaisi.decode as decode_module
     from fastmaisi.decode import decode_latent
     from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
     from fastmaisi.nets.blocks import _is_channels_last
@@ -184,6 +185,13 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
     cl = _is_channels_last(next(w for w in unet.parameters() if w.dim() == 5))
     inp.pop("cond")  # the stage starts, as `from_mask` does, from a uint8 label map in host memory
     label = label_map([4 * s for s in inp["x"].shape[2:]])
+    pageable, new_host = decode_module._pageable, []
+
+    def counting_pageable(nbytes):  # host buffers the decode had to allocate and page-lock in this call
+        new_host.append(nbytes)
+        return pageable(nbytes)
+
+    decode_module._pageable = counting_pageable
     for i, autotune in [(i, False) for i in range(repeats)] + [(i, True) for i in range(repeats, repeats + 2)]:
         torch.backends.cudnn.benchmark = autotune
         torch.cuda.synchronize()
@@ -198,6 +206,7 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
         t1 = time.perf_counter()
         loop_peak, before_decode = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        new_host.clear()
         y = decode_latent(vae, z, budget_gib << 30)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -207,9 +216,11 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
               "decode_budget_GiB": budget_gib, "loop_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
               "s": round(t2 - t0, 3), "peak_alloc_GiB": round(max(loop_peak, decode_peak) / 2**30, 2),
               "loop_peak_GiB": round(loop_peak / 2**30, 2),
-              "allocated_before_decode_GiB": round(before_decode / 2**30, 2), "decode_peak_GiB": round(decode_peak / 2**30, 2), "output": list(y.shape)})
+              "allocated_before_decode_GiB": round(before_decode / 2**30, 2), "decode_peak_GiB": round(decode_peak / 2**30, 2),
+              "host_buffers_pinned_in_call": [round(n / 2**30, 2) for n in new_host], "output": list(y.shape)})
         del z, y
         torch.cuda.empty_cache()
+    decode_module._pageable = pageable
 
 
 def mask_stage(repeats):

@@ -39,3 +39,5 @@ for fmt in (torch.contiguous_format, torch.channels_last_3d):
     for e in kr[:25]:
         if e.device_type is not None and "cuda" in str(e.device_type).lower() or True:
             print(f"{e.device_time_total/1e3:8.2f} ms {e.count:4d}x {e.key[:110]}")
+    busy = sum(e.self_device_time_total for e in p.key_averages()) / 1e3
+    print(f"== GPU busy {busy:.2f} ms in the profiled step (kernels and copies, self time summed)", flush=True)

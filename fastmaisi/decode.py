@@ -219,7 +219,9 @@ class DecodePlan:
     _gpu_rows: list[int] = field(default_factory=list, repr=False)  # per slot: rows [0, g) of a host slot on device
     _peaks: list[int] = field(default_factory=list, repr=False)  # per op: estimated device peak, host slots' rows aside
     _host_total: int = 0  # every host slot's host rows (`_Planner.host_bytes`): the most the run may page-lock
-    _host_limit: int | None = None  # the host memory the plan was made to fit (`_host_available`)
+    _host_limit: int | None = None  # the host memory the plan was made to fit (`_host_available`), if that limit
+    # turned candidates away (else None: more host memory would give the same plan)
+    _host_bound: bool = False  # the search rejected some candidate for needing more than the host limit
     setup_seconds: float = 0.0  # part of est_seconds: page-locking host memory not yet set up by earlier runs
 
     def describe(self) -> str:
@@ -362,6 +364,7 @@ class _Planner:
         self.ops, self.slots, self.B, self.chunk, self.esz, self.cuda = ops, slots, B, chunk, esz, device_type == "cuda"
         self._ws: dict[tuple, int] = {}
         self._max_rows: dict[int, int] = {}
+        self.host_bound = False  # `evaluate` turned a candidate away for the host limit
 
     def size(self, s: int, full_batch: bool = False) -> int:
         b = self.B if full_batch or s == len(self.slots) - 1 else self.chunk
@@ -538,6 +541,7 @@ class _Planner:
         short = any(rows[k] < min(2, self.slots[self.ops[k].dst].spatial[0]) for k in self.passes(place))
         gpu = self.fill(place, rows, peaks, budget)
         if host_limit is not None and self.host_bytes(place, gpu) > host_limit:
+            self.host_bound = True
             return None
         self.grow(place, rows, peaks, gpu, budget)
         secs = self.costs(place, rows, gpu)[0]
@@ -611,7 +615,7 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
         return DecodePlan(task, tuple(in_shape), out_shape, str(device), dtype, budget, int(peak),
                           int(min(host_peak, host_total)) if cuda else 0, num_slabs, slab_rows, pl.chunk, where_out,
                           pl.costs(place, rows, gpu)[0] if secs is None else secs, tiled, levels, rows, place, gpu,
-                          list(peaks), host_total if cuda else 0)
+                          list(peaks), host_total if cuda else 0, _host_bound=pl.host_bound)
 
     # Everything on the device, one slab per op: the whole volume in one pass per layer.
     pl = _Planner(ops, slots, B, B, esz, device.type)
@@ -702,14 +706,15 @@ def _cached_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype
     host_limit = _host_available() if torch.device(device).type == "cuda" else None
     key = (task, program, tuple(in_shape), out_channels, str(device), budget, dtype, str(out_device))
     plan = _PLANS.get(key)
-    # Re-plan when the host can no longer page-lock what the plan needs, or when a plan made under a host limit
-    # could use 4 GiB more (not on every small move of the host's free memory: a search takes up to a second).
+    # Re-plan when the host can no longer page-lock what the plan needs, or when a plan that the host limit held
+    # back could use 4 GiB more (not on every small move of the host's free memory: a search takes up to a second;
+    # and not when the limit turned nothing away, as after the first call has page-locked its buffers: the same plan)
     if (plan is None or (host_limit is not None and plan._host_total > host_limit)
             or (plan._host_limit is not None and (host_limit is None or host_limit >= plan._host_limit + (4 << 30)))):
         if key not in _PLANS and len(_PLANS) >= 64:
             _PLANS.pop(next(iter(_PLANS)))
         plan = _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, out_device, host_limit)
-        plan._host_limit = host_limit
+        plan._host_limit = host_limit if plan._host_bound else None
         _PLANS[key] = plan
     setup = max(plan.host_bytes - sum(b.numel() for b in _HOST_POOL), 0) * _PIN_SECONDS_PER_BYTE
     return dataclasses.replace(plan, levels=list(plan.levels), _rows=list(plan._rows), _place=list(plan._place),
@@ -718,14 +723,16 @@ def _cached_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype
 
 
 def _host_available() -> int | None:
-    """Host memory a plan may page-lock: four fifths of what Linux reports available (the rest is left to the
-    process and the system), plus the page-locked pool this process already holds. None where unknown."""
+    """Host memory a plan may page-lock: four fifths of what Linux reports available plus the page-locked pool this
+    process already holds (the rest is left to the process and the system). The pool is counted as available
+    memory would be, so the limit does not move when a first call page-locks its buffers (it grew by a fifth of
+    them, 7 GiB at 512^3, and the second call searched again). None where unknown."""
     try:
         with open("/proc/meminfo") as f:
             avail = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
     except (OSError, ValueError):
         return None
-    return None if avail is None else int(avail * 0.8) + sum(b.numel() for b in _HOST_POOL)
+    return None if avail is None else int((avail + sum(b.numel() for b in _HOST_POOL)) * 0.8)
 
 
 def _vae_for_plan(vae: AutoencoderKlMaisi | None) -> AutoencoderKlMaisi:

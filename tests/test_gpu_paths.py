@@ -302,6 +302,29 @@ def test_gpu_cat_channels_equals_torch_cat():
     y = cat_channels(a, b)
     assert y.is_contiguous(memory_format=fmt) and torch.equal(y, torch.cat([a, b], 1))
     assert torch.equal(cat_channels(a.contiguous(), b), torch.cat([a, b], 1))  # NCDHW a: torch.cat
+    r = torch.randn(2, 7, 3, 4, 6, device="cuda").half().contiguous(memory_format=fmt)
+    y = cat_channels(a, b, r)  # the skip's residual added on the way: the same rounding as b + r
+    assert y.is_contiguous(memory_format=fmt) and torch.equal(y, torch.cat([a, b + r], 1))
+    assert torch.equal(cat_channels(a, b, r.contiguous()), torch.cat([a, b + r], 1))  # NCDHW r: torch path
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(1, 64, 8, 10, 12), (2, 96, 4, 6, 2), (1, 8, 2, 2, 2)])
+def test_gpu_norm_silu_pool_is_pool_of_group_norm(shape):
+    from fastmaisi.nets.blocks import norm_silu_pool_x2
+
+    norm = torch.nn.GroupNorm(8, shape[1], eps=1e-6).cuda()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2), norm.bias.normal_(0, 0.2)
+    x = (torch.randn(shape, device="cuda") * 3 + 2).half().contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        xp, hp = norm_silu_pool_x2(x, norm)
+        h = torch.nn.functional.silu(torch.nn.functional.group_norm(x.float(), 8, norm.weight, norm.bias, 1e-6))
+    assert xp.is_contiguous(memory_format=torch.channels_last_3d) and hp.stride() == xp.stride()
+    torch.testing.assert_close(xp, torch.nn.functional.avg_pool3d(x.float(), 2).half(), rtol=1e-3, atol=1e-4)
+    # one rounding of the pooled fp32 value (the unfused path rounds h first): within one fp16 ulp
+    torch.testing.assert_close(hp.float(), torch.nn.functional.avg_pool3d(h, 2), rtol=1e-3, atol=1e-3)
+    assert norm_silu_pool_x2(x.contiguous(), norm) is None and norm_silu_pool_x2(x[:, :, :3], norm) is None
 
 
 

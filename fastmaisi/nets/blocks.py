@@ -125,6 +125,35 @@ def _triton_kernels():
         tl.store(m2_ptr + out, m2_a, mask=cmask)
 
     @triton.jit
+    def stats_cl(x_ptr, mean_ptr, m2_ptr, S, C, sB, ITERS, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+        # channels-last (sC == 1, sS == C): the same (ps, pc, b) outputs as `stats`, but each register slot keeps its
+        # own Welford mean/M2 over the ITERS tiles (no cross-thread reduction inside the loop); rows merge at the end
+        ps, pc, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+        base = x_ptr + b.to(tl.int64) * sB + offs_c[None, :]
+        mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+        n = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for i in range(ITERS):
+            offs_s = (ps * ITERS + i) * BLOCK_S + tl.arange(0, BLOCK_S)
+            valid = offs_s < S
+            mask = valid[:, None] & (offs_c < C)[None, :]
+            x = tl.load(base + offs_s[:, None].to(tl.int64) * C, mask=mask, other=0.0).to(tl.float32)
+            n += valid.to(tl.float32)
+            inv = tl.where(valid, 1.0 / tl.maximum(n, 1.0), 0.0)
+            delta = tl.where(valid[:, None], x - mean, 0.0)
+            mean += delta * inv[:, None]
+            m2 += delta * (x - mean)
+        total = tl.maximum(tl.sum(n, axis=0), 1.0)
+        mean_c = tl.sum(mean * n[:, None], axis=0) / total
+        d = mean - mean_c[None, :]
+        m2_c = tl.sum(m2 + d * d * n[:, None], axis=0)
+        out = (b.to(tl.int64) * tl.num_programs(0) + ps) * C + offs_c
+        cmask = offs_c < C
+        tl.store(mean_ptr + out, mean_c, mask=cmask)
+        tl.store(m2_ptr + out, m2_c, mask=cmask)
+
+    @triton.jit
     def finalize(mean_ptr, m2_ptr, w_ptr, bias_ptr, pre_ptr, scale_ptr, shift_ptr, T, C, S, G, SPAN, eps,
                  CG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_CG: tl.constexpr, PRE: tl.constexpr):
         # program (b, g): merge the T partials of the group's CG channels, then per-channel scale and shift;
@@ -253,8 +282,9 @@ def _triton_kernels():
         tl.store(h_ptr + offs, y.to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def cat2(a_ptr, b_ptr, y_ptr, N, CA, CB, BLOCK: tl.constexpr):
-        # y = cat([a, b], channels) for channels-last a, b, y: y's storage is (positions, CA + CB)
+    def cat2(a_ptr, b_ptr, r_ptr, y_ptr, N, CA, CB, ADD: tl.constexpr, BLOCK: tl.constexpr):
+        # y = cat([a, b (+ r)], channels) for channels-last a, b, r, y: y's storage is (positions, CA + CB); b + r in
+        # fp32, one rounding (as PyTorch's half add)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         C = CA + CB
@@ -263,9 +293,44 @@ def _triton_kernels():
         in_a = c < CA
         va = tl.load(a_ptr + pos * CA + c, mask=mask & in_a, other=0.0)
         vb = tl.load(b_ptr + pos * CB + (c - CA), mask=mask & (c >= CA), other=0.0)
+        if ADD:
+            vr = tl.load(r_ptr + pos * CB + (c - CA), mask=mask & (c >= CA), other=0.0)
+            vb = (vb.to(tl.float32) + vr.to(tl.float32)).to(vb.dtype)
         tl.store(y_ptr + offs, tl.where(in_a, va, vb), mask=mask)
 
-    _TRITON.update(stats=stats, finalize=finalize, apply=apply, up2=up2, bias_add=bias_add, up_add=up_add, cat2=cat2,
+    @triton.jit
+    def pool_norm(x_ptr, xp_ptr, hp_ptr, scale_ptr, shift_ptr, NV, C, D2, H2, W2, BLOCK_V: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+        # channels-last x (B, D, H, W, C) -> xp = avg_pool_x2(x), hp = avg_pool_x2(silu(x * scale + shift)), both
+        # (B, D/2, H/2, W/2, C); fp32 sums of the 8 voxels, one rounding each
+        v = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (v < NV)[:, None] & (c < C)[None, :]
+        w = v % W2
+        t = v // W2
+        h = t % H2
+        t = t // H2
+        d = t % D2
+        b = t // D2
+        H, W = 2 * H2, 2 * W2
+        corner = (((b * 2 * D2 + 2 * d) * H + 2 * h) * W + 2 * w) * C
+        aff = b[:, None] * C + c[None, :]
+        scale = tl.load(scale_ptr + aff, mask=mask, other=0.0)
+        shift = tl.load(shift_ptr + aff, mask=mask, other=0.0)
+        acc_x = tl.zeros([BLOCK_V, BLOCK_C], dtype=tl.float32)
+        acc_h = tl.zeros([BLOCK_V, BLOCK_C], dtype=tl.float32)
+        for i in tl.static_range(8):
+            off = corner + (((i // 4) * H + (i // 2) % 2) * W + i % 2) * C
+            x = tl.load(x_ptr + off[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc_x += x
+            y = x * scale + shift
+            acc_h += y * tl.sigmoid(y)
+        out = v[:, None] * C + c[None, :]
+        tl.store(xp_ptr + out, (acc_x * 0.125).to(xp_ptr.dtype.element_ty), mask=mask)
+        tl.store(hp_ptr + out, (acc_h * 0.125).to(hp_ptr.dtype.element_ty), mask=mask)
+
+    _TRITON.update(stats=stats, stats_cl=stats_cl, finalize=finalize, apply=apply, up2=up2, bias_add=bias_add, up_add=up_add, cat2=cat2,
+                   pool_norm=pool_norm,
                    cdiv=triton.cdiv,
                    next_pow2=triton.next_power_of_2)
     return _TRITON
@@ -298,6 +363,13 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False,
         if pre_bias is not None:
             x = x + pre_bias.reshape(*pre_bias.shape, *([1] * (x.dim() - pre_bias.dim()))).to(x.dtype)
         return ops.group_norm(x, norm, silu)
+    return scale_shift(x, *_group_norm_affine(x, norm, pre_bias), silu)
+
+
+def _group_norm_affine(x: torch.Tensor, norm: nn.GroupNorm,
+                       pre_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sample, channel) fp32 (scale, shift), each (B, C), with GroupNorm(x + pre_bias) = x * scale + shift
+    (Triton statistics; the caller checked `fast_group_norm`)."""
     k = _triton_kernels()
     B, C = x.shape[:2]
     mean, m2, T, span, S = _stats_tiles(x, k)
@@ -309,7 +381,7 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, silu: bool = False,
     k["finalize"][(B * G,)](mean, m2, norm.weight, norm.bias, pre, scale, shift, T, C, S, G, span,
                             norm.eps, CG=cg, BLOCK_T=max(16, 2048 // k["next_pow2"](cg)),
                             BLOCK_CG=k["next_pow2"](cg), PRE=pre_bias is not None, num_warps=4)
-    return scale_shift(x, scale, shift, silu)
+    return scale, shift
 
 
 def _tile(C: int, sS: int, k: dict) -> tuple[int, int]:
@@ -320,11 +392,36 @@ def _tile(C: int, sS: int, k: dict) -> tuple[int, int]:
     return block_c, 8192 // block_c
 
 
+# channels-last statistics tiling (bench/bench_gn_stats.py --sweep, H200): channels and voxels per register tile,
+# warps, the number of programs aimed at and the fewest tiles a program merges; tensors of `LARGE` elements and more
+# take 8 warps and twice the programs (0.156 against 0.165 ms at 128 x 128^3), smaller ones 4 (0.028 against
+# 0.038 ms at 128 x 64^3)
+_STATS_CL = {"block_c": 64, "block_s": 32, "num_warps": 4, "programs": 1056, "min_iters": 8}
+_STATS_CL_LARGE = {"num_warps": 8, "programs": 2112}
+LARGE = 1 << 27
+
+
+def _stats_cl_config(numel: int) -> dict:
+    return {**_STATS_CL, **_STATS_CL_LARGE} if numel >= LARGE else _STATS_CL
+
+
 def _stats_tiles(x: torch.Tensor, k: dict) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-    """Per (sample, spatial tile, channel) mean and M2 of x in fp32 (the `stats` kernel); (mean, m2, T, span, S)."""
+    """Per (sample, spatial tile, channel) mean and M2 of x in fp32 (the `stats` kernels); (mean, m2, T, span, S)."""
     B, C = x.shape[:2]
     S = x[0, 0].numel()
     sB, sC, sS = _gn_layout(x)
+    if sC == 1 and C > 1:
+        cfg = _stats_cl_config(x.numel())
+        block_c = min(k["next_pow2"](C), cfg["block_c"])
+        block_s = max(16, cfg["block_s"] * cfg["block_c"] // block_c)
+        c_tiles, s_tiles = k["cdiv"](C, block_c), k["cdiv"](S, block_s)
+        iters = min(s_tiles, max(cfg["min_iters"], s_tiles * c_tiles * B // cfg["programs"]))
+        T = k["cdiv"](s_tiles, iters)
+        mean = torch.empty(B, T, C, device=x.device, dtype=torch.float32)
+        m2 = torch.empty_like(mean)
+        k["stats_cl"][(T, c_tiles, B)](x, mean, m2, S, C, sB, iters, BLOCK_S=block_s, BLOCK_C=block_c,
+                                       num_warps=cfg["num_warps"])
+        return mean, m2, T, block_s * iters, S
     block_c, block_s = _tile(C, sS, k)
     c_tiles, s_tiles = k["cdiv"](C, block_c), k["cdiv"](S, block_s)
     iters = max(1, s_tiles * c_tiles * B // 4096)
@@ -505,19 +602,43 @@ def _bias_add_pass(h: torch.Tensor, bias: torch.Tensor, r: torch.Tensor | None, 
     return h
 
 
-def cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """torch.cat([a, b], dim=1). Two channels-last CUDA tensors are joined by one Triton copy: PyTorch's cat along
-    the innermost storage dim takes a generic strided-copy kernel (3 ms a UNet step at a 128^3 latent)."""
+def cat_channels(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.cat([a, b (+ r)], dim=1). Channels-last CUDA tensors are joined by one Triton copy: PyTorch's cat along
+    the innermost storage dim takes a generic strided-copy kernel (3 ms a UNet step at a 128^3 latent); a residual r
+    (a ControlNet's, for the skip b) is added on the way, instead of by a pass of its own over b."""
     if not (a.is_cuda and _is_channels_last(a) and _is_channels_last(b) and a.dtype == b.dtype
-            and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:] and not _needs_grad(a, b)
+            and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:] and not _needs_grad(a, b, r)
+            and (r is None or (r.shape == b.shape and r.dtype == b.dtype and _is_channels_last(r)))
             and _triton_kernels() is not None):
-        return torch.cat([a, b], dim=1)
+        return torch.cat([a, b if r is None else b + r], dim=1)
     k = _triton_kernels()
     y = torch.empty((a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]), dtype=a.dtype, device=a.device,
                     memory_format=torch.channels_last_3d)
     n = y.numel()
-    k["cat2"][(k["cdiv"](n, 4096),)](a, b, y, n, a.shape[1], b.shape[1], BLOCK=4096, num_warps=8)
+    k["cat2"][(k["cdiv"](n, 4096),)](a, b, b if r is None else r, y, n, a.shape[1], b.shape[1], ADD=r is not None,
+                                     BLOCK=4096, num_warps=8)
     return y
+
+
+def norm_silu_pool_x2(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(avg_pool_x2(x), avg_pool_x2(SiLU(GroupNorm(x)))) in one read of x, both channels-last — a downsampling
+    resnet's two inputs, without writing the full-resolution normalised tensor; None where this does not apply
+    (not a CUDA inference channels-last 5-D x with even sizes)."""
+    if not (x.dim() == 5 and _is_channels_last(x) and all(n % 2 == 0 for n in x.shape[2:])
+            and fast_group_norm(x, norm)):
+        return None
+    k = _triton_kernels()
+    scale, shift = _group_norm_affine(x, norm)
+    B, C, D, H, W = x.shape
+    xp = torch.empty((B, C, D // 2, H // 2, W // 2), dtype=x.dtype, device=x.device,
+                     memory_format=torch.channels_last_3d)
+    hp = torch.empty_like(xp)
+    nv = B * (D // 2) * (H // 2) * (W // 2)
+    block_c = min(k["next_pow2"](C), 64)
+    block_v = 2048 // block_c
+    k["pool_norm"][(k["cdiv"](nv, block_v), k["cdiv"](C, block_c))](
+        x, xp, hp, scale, shift, nv, C, D // 2, H // 2, W // 2, BLOCK_V=block_v, BLOCK_C=block_c, num_warps=4)
+    return xp, hp
 
 
 def avg_pool_x2(x: torch.Tensor) -> torch.Tensor:
@@ -619,11 +740,15 @@ class ResnetBlock(nn.Module):
         return t
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = group_norm(x, self.norm1, silu=True)
         conv1 = self.conv1.conv
         coarse_up = self.up and self.upsample_on_coarse_grid
-        if not coarse_up and (self.up or self.down):
-            x, h = self._resample(x), self._resample(h)
+        pooled = norm_silu_pool_x2(x, self.norm1) if self.down else None
+        if pooled is not None:  # one pass: both pooled inputs, the full-resolution h never written
+            x, h = pooled
+        else:
+            h = group_norm(x, self.norm1, silu=True)
+            if not coarse_up and (self.up or self.down):
+                x, h = self._resample(x), self._resample(h)
         if conv1.bias is not None and fast_group_norm(h, self.norm2):
             # conv1 without bias; GN2 takes bias + temb into its statistics and affine (no pass over h)
             h = upsample_conv(h, conv1, None) if coarse_up else conv1._conv_forward(h, conv1.weight, None)
@@ -960,7 +1085,9 @@ class UpBlock(nn.Module):
     def forward(self, h: torch.Tensor, skips: list[torch.Tensor], temb: Sequence[torch.Tensor],
                 context: torch.Tensor | None = None) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            h = resnet(cat_channels(h, skips.pop()), temb[resnet.temb_index])
+            skip = skips.pop()  # a tensor, or (skip, ControlNet residual) to add on the way (`_UNetBase._forward`)
+            h = resnet(cat_channels(h, *skip) if isinstance(skip, tuple) else cat_channels(h, skip),
+                       temb[resnet.temb_index])
             if self.attentions is not None:
                 h = self.attentions[i](h, context)
         if self.upsampler is not None:

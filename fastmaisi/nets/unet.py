@@ -188,9 +188,17 @@ class _UNetBase(nn.Module):
                 # MONAI DiffusionModelUNetMaisi adds in place; the last skip IS h, so the middle block sees
                 # h + ctrl_down[-1]. MAISI's ControlNets were trained with this.
                 last_is_h = skips[-1] is h
-                skips = [add_residual_inplace(s, r) for s, r in zip(skips, down_res)]
-                if last_is_h:
-                    h = skips[-1]
+                if h.is_cuda and not torch.is_grad_enabled():
+                    # the skips are read once, by the up path's concatenations: those add the residuals as they
+                    # copy (`cat_channels`), saving a pass over each skip; h's residual the middle block needs now
+                    skips = [(s, r) for s, r in zip(skips, down_res)]
+                    if last_is_h:
+                        h = add_residual_inplace(h, down_res[-1])
+                        skips[-1] = h
+                else:
+                    skips = [add_residual_inplace(s, r) for s, r in zip(skips, down_res)]
+                    if last_is_h:
+                        h = skips[-1]
             else:
                 skips = [s + r for s, r in zip(skips, down_res)]
 
