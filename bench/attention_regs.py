@@ -6,9 +6,8 @@ Run (device tool):  python3 bench/attention_regs.py   -> $OUT/attention_regs.jso
 """
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attention_variants import inputs_and_reference
 from cuda_timing import event_ms
 from records import jsonl_log
 from fastmaisi.nets import attention as A
@@ -29,13 +28,7 @@ def launch(q, k, v, scale, cfg, maxnreg):
 
 def main():
     emit = jsonl_log("attention_regs")
-    torch.manual_seed(0)
-    B, H, N, d = 1, 8, 32768, 32
-    qkv = torch.randn(B, N, 3, H, d, device="cuda", dtype=torch.float16) * 1.5
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    scale = d ** -0.5
-    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).transpose(1, 2).flatten(2)
+    q, k, v, scale, ref = inputs_and_reference()
     for cfg in [A.LONG, (64, 64, 4, 2, 2), (64, 128, 4, 3, 1), (128, 64, 8, 3, 2)]:
         for maxnreg in (None, 168, 128, 96):
             try:

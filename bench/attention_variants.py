@@ -111,16 +111,21 @@ def run_split(q, k, v, scale, bm, bn1, bn2, warps, stages, mode):
 MODES = (0, 3, 4)  # session 8 ran (0, 1, 2)
 
 
-def main():
-    emit = jsonl_log("attention_variants")
-
+def inputs_and_reference(B=1, H=8, N=32768, d=32):
+    """The 32^3 level's self-attention inputs (fp16 q, k, v as strided views of one QKV tensor, as the UNet makes
+    them), the scale, and the fp32 SDPA output (B, N, H * d) to measure errors against."""
     torch.manual_seed(0)
-    B, H, N, d = 1, 8, 32768, 32
     qkv = torch.randn(B, N, 3, H, d, device="cuda", dtype=torch.float16) * 1.5
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     scale = d ** -0.5
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).transpose(1, 2).flatten(2)
+    return q, k, v, scale, ref
+
+
+def main():
+    emit = jsonl_log("attention_variants")
+    q, k, v, scale, ref = inputs_and_reference()
     ms = event_ms(lambda: A.flash_attention(q, k, v, scale))
     emit({"impl": "ours (nets.attention)", "ms": round(ms, 3),
           "max_err": (A.flash_attention(q, k, v, scale).float() - ref).abs().max().item()})

@@ -346,3 +346,36 @@ def test_gpu_controlnet_input_conv_plus_embedding_matches_two_adds():
         twice = conv(x).add_(r)
     assert out.is_contiguous(memory_format=fmt)
     assert (out.double() - exact).abs().max() <= 1.5 * (twice.double() - exact).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 128, 128, 128), (2, 192, 16, 16, 16), (1, 384, 6, 8, 10), (1, 4, 3, 3, 3),
+                                   (1, 64, 32, 512, 512)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_statistics_tiles_cover_every_voxel_once(shape, channels_last):
+    """The launch arithmetic of the GroupNorm statistics kernels (run on CPU with a recording stand-in for Triton):
+    channels-last tensors take `stats_cl`, others the two-pass `stats`; T tiles of `span` voxels cover S exactly."""
+    import math
+
+    from fastmaisi.nets import blocks
+
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append((self.name, grid, args, kw))
+
+    k = {"stats": Recorder("stats"), "stats_cl": Recorder("stats_cl"), "cdiv": lambda a, b: -(-a // b),
+         "next_pow2": lambda n: 1 << (n - 1).bit_length()}
+    x = torch.empty(shape, device="meta")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    mean, m2, T, span, S = blocks._stats_tiles(x, k)
+    (name, grid, args, kw), = launched
+    B, C = shape[:2]
+    assert name == ("stats_cl" if channels_last and C > 1 else "stats")
+    assert S == math.prod(shape[2:]) and (T - 1) * span < S <= T * span
+    assert grid[0] == T and grid[2] == B and grid[1] * kw["BLOCK_C"] >= C and mean.shape == m2.shape == (B, T, C)
+    assert span == kw["BLOCK_S"] * args[-1]  # tiles of BLOCK_S voxels, ITERS of them a program

@@ -13,7 +13,9 @@ state_dict loads strictly (keys, shapes and order). Only the execution differs:
   1x1x1 `proj_in`/`proj_out` convolutions of the spatial transformer done as GEMMs on the tokens;
 - cross-attention to a context of sequence length 1 is `out_proj(to_v(context))` exactly (softmax over one key
   is 1), so `norm2`, `to_q` and `to_k` are skipped;
-- residual adds happen in place on freshly computed tensors when autograd does not need the operands.
+- residual adds happen in place on freshly computed tensors when autograd does not need the operands; on CUDA
+  inference a ControlNet residual is added to its skip by the up path's concatenation (`cat_channels`), and a
+  downsampling resnet pools x and SiLU(GroupNorm(x)) in one read (`norm_silu_pool_x2`).
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
 # PyTorch's CUDA GroupNorm computes statistics with one thread block per (sample, group): with batch 1 and 32 groups
 # only 32 blocks run (~1 ms for a 64 x 128^3 fp16 tensor, a quarter of the GPU at ~0.25 TB/s), and channels-last
 # inputs are first copied to NCDHW. These Triton kernels spread the statistics over space and channels:
-# 1. per (spatial tile, channel): tile mean and sum of squared deviations in fp32 (two-pass within the tile);
+# 1. per (spatial tile, channel): tile mean and sum of squared deviations in fp32 (NCDHW: two-pass within each tile,
+#    merged across a program's tiles; channels-last: a Welford update per register slot, slots merged at the end);
 # 2. per (sample, group): exact merge of the tiles (Chan et al.), rstd, per-channel scale/shift in fp32;
 # 3. y = x * scale + shift [then SiLU], fp32 math, one rounding to x's dtype; any layout whose (B, C, S) view is
 #    NCDHW- or channels-last-strided. Inference only (autograd falls back to `ops.group_norm`).
@@ -422,6 +425,14 @@ def _stats_tiles(x: torch.Tensor, k: dict) -> tuple[torch.Tensor, torch.Tensor, 
         k["stats_cl"][(T, c_tiles, B)](x, mean, m2, S, C, sB, iters, BLOCK_S=block_s, BLOCK_C=block_c,
                                        num_warps=cfg["num_warps"])
         return mean, m2, T, block_s * iters, S
+    return _stats_two_pass(x, k)
+
+
+def _stats_two_pass(x: torch.Tensor, k: dict) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """`_stats_tiles` by the `stats` kernel (two passes within each tile), for any `_gn_layout`."""
+    B, C = x.shape[:2]
+    S = x[0, 0].numel()
+    sB, sC, sS = _gn_layout(x)
     block_c, block_s = _tile(C, sS, k)
     c_tiles, s_tiles = k["cdiv"](C, block_c), k["cdiv"](S, block_s)
     iters = max(1, s_tiles * c_tiles * B // 4096)
