@@ -71,7 +71,7 @@ def test_sampling_plan_names_each_stage_and_scales_with_steps():
 
 
 def test_cuda_rate_passes_through_the_two_measured_steps():
-    """363 TFLOP/s at latent 128^3 (ControlNet + UNet), 253 at 64^3 (the mask UNet): the H200 steps the rate is fitted
+    """375 TFLOP/s at latent 128^3 (ControlNet + UNet), 253 at 64^3 (the mask UNet): the H200 steps the rate is fitted
     to; smaller latents run slower, larger ones no faster; CPU plans use the CPU rate."""
     from fastmaisi.pipelines import estimate
 
