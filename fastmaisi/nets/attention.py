@@ -14,12 +14,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmaisi.nets.kernel_device import interpreting, kernels_run_on
+
 _KERNEL: dict = {}
 
 
 def _kernel():
+    if _KERNEL.get("interpret", interpreting()) != interpreting():  # built for the other mode: build again
+        _KERNEL.clear()
     if "fwd" in _KERNEL or "error" in _KERNEL:
         return _KERNEL.get("fwd")
+    _KERNEL["interpret"] = interpreting()
     try:
         import triton
         import triton.language as tl
@@ -40,6 +45,8 @@ def _kernel():
         if not EVEN:
             s = tl.where((start + offs_n)[None, :] < N, s, float("-inf"))
         return s, v
+
+    globals()["scores"] = scores  # Triton's CPU interpreter resolves a kernel's helpers among module globals only
 
     @triton.jit
     def fwd(Q, K, V, O, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, H, N, qk_scale,
@@ -116,7 +123,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 def uses_flash_kernel(q: torch.Tensor, dropout: float) -> bool:
     """Whether `attention` runs our kernel: CUDA, fp16/bf16, no autograd, no dropout, head size 16-128 (power of 2)."""
     d = q.shape[-1]
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 and d in (16, 32, 64, 128)
+    return (kernels_run_on(q) and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 and d in (16, 32, 64, 128)
             and not (torch.is_grad_enabled() and q.requires_grad) and q.stride(-1) == 1 and _kernel() is not None)
 
 

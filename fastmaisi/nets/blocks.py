@@ -28,6 +28,7 @@ from torch import nn
 
 from fastmaisi.nets import ops
 from fastmaisi.nets.attention import attention
+from fastmaisi.nets.kernel_device import interpreting, kernels_run_on
 
 class Conv3d(nn.Conv3d):
     """nn.Conv3d (same parameters and keys). CPU fp32 inference calls oneDNN directly: for small 3D inputs PyTorch
@@ -40,7 +41,7 @@ class Conv3d(nn.Conv3d):
                 and torch.backends.mkldnn.is_available() and not _needs_grad(x, weight, bias)):
             return torch.mkldnn_convolution(x.contiguous(), weight, bias, self.padding, self.stride, self.dilation,
                                             self.groups)
-        if bias is not None and x.is_cuda and not _needs_grad(x, weight, bias):
+        if bias is not None and kernels_run_on(x) and not _needs_grad(x, weight, bias):
             return add_bias_(super()._conv_forward(x, weight, None), bias)  # same sum, one faster pass
         return super()._conv_forward(x, weight, bias)
 
@@ -91,8 +92,11 @@ _TRITON: dict = {}
 
 
 def _triton_kernels():
+    if _TRITON.get("interpret", interpreting()) != interpreting():  # built for the other mode: build again
+        _TRITON.clear()
     if "stats" in _TRITON or "error" in _TRITON:
         return _TRITON if "stats" in _TRITON else None
+    _TRITON["interpret"] = interpreting()
     try:
         import triton
         import triton.language as tl
@@ -218,6 +222,8 @@ def _triton_kernels():
         src = tl.maximum(o.to(tl.float32) * 0.5 - 0.25, 0.0)
         i0 = src.to(tl.int64)
         return i0, tl.minimum(i0 + 1, n - 1), src - i0.to(tl.float32)
+
+    globals()["_source"] = _source  # Triton's CPU interpreter resolves a kernel's helpers among module globals only
 
     @triton.jit
     def up2(x_ptr, y_ptr, C, D, H, W, R, row0, sxb, sxc, sxd, sxh, sxw, syb, syc, syd, syh, syw,
@@ -352,7 +358,7 @@ def _gn_layout(x: torch.Tensor):
 
 def fast_group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
     """Whether `group_norm` runs the Triton kernels for x (CUDA, inference, NCDHW or channels-last, triton present)."""
-    return (x.is_cuda and norm.weight is not None and norm.bias is not None and x.numel() > 0
+    return (kernels_run_on(x) and norm.weight is not None and norm.bias is not None and x.numel() > 0
             and not _needs_grad(x, norm.weight, norm.bias) and _gn_layout(x) is not None
             and _triton_kernels() is not None)
 
@@ -449,7 +455,7 @@ def group_moments(x: torch.Tensor, groups: int) -> tuple[float, torch.Tensor, to
     exactly across slabs (Chan et al.). On CUDA one read of x (Triton, fp32 two-pass per tile); else torch."""
     B, C = x.shape[:2]
     n = x[0].numel() / groups
-    k = _triton_kernels() if x.is_cuda and _gn_layout(x) is not None else None
+    k = _triton_kernels() if kernels_run_on(x) and _gn_layout(x) is not None else None
     if k is None:
         var, mean = torch.var_mean(x.reshape(B, groups, -1).float(), dim=2, correction=0)
         return n, mean.double(), var.double() * n
@@ -465,7 +471,7 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu:
     """silu?(x * scale + shift) with per-(sample, channel) fp32 scale and shift (B, C), fp32 math, one rounding to
     x's dtype: a normalisation whose statistics are already known. One Triton pass on CUDA; torch otherwise."""
     B, C = x.shape[:2]
-    k = _triton_kernels() if x.is_cuda and _gn_layout(x) is not None else None
+    k = _triton_kernels() if kernels_run_on(x) and _gn_layout(x) is not None else None
     if k is None:
         view = (B, C, *([1] * (x.dim() - 2)))
         y = torch.addcmul(shift.view(view), x, scale.view(view))
@@ -487,7 +493,7 @@ def upsample_trilinear_x2(x: torch.Tensor, rows: tuple[int, int] | None = None) 
     kernel takes ~0.7 s of a 512^3 decode); elsewhere F.interpolate, then the slice.
     """
     r0, r1 = rows if rows is not None else (0, 2 * x.shape[2])
-    k = _triton_kernels() if x.is_cuda and x.dim() == 5 and not _needs_grad(x) else None
+    k = _triton_kernels() if kernels_run_on(x) and x.dim() == 5 and not _needs_grad(x) else None
     if k is None:
         return F.interpolate(x, scale_factor=2.0, mode="trilinear", align_corners=False)[:, :, r0:r1]
     B, C, D, H, W = x.shape
@@ -555,14 +561,14 @@ def upsample_conv(x: torch.Tensor, conv: nn.Module, bias: torch.Tensor | None) -
             wt = wt.contiguous(memory_format=torch.channels_last_3d)
         if not _needs_grad(w):
             conv._upsample_weight = (key, wt)
-    if bias is not None and x.is_cuda and not _needs_grad(x, bias):
+    if bias is not None and kernels_run_on(x) and not _needs_grad(x, bias):
         return add_bias_(_CONV_T[d](x, wt, None, stride=2, padding=1), bias)
     return _CONV_T[d](x, wt, bias, stride=2, padding=1)
 
 
 def add_upsampled_(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """h + nearest_x2(x) without materialising the upsampled x (a broadcast add). h: (B, C, *2N), x: (B, C, *N)."""
-    if (h.is_cuda and h.dim() == 5 and _is_channels_last(h) and x.dtype == h.dtype and not _needs_grad(h, x)
+    if (kernels_run_on(h) and h.dim() == 5 and _is_channels_last(h) and x.dtype == h.dtype and not _needs_grad(h, x)
             and _triton_kernels() is not None):  # one Triton pass (the broadcast add below runs at ~1/4 bandwidth)
         k, N = _triton_kernels(), h.numel()
         B, C, D2, H2, W2 = h.shape
@@ -580,7 +586,7 @@ def add_upsampled_(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def fast_bias_add(x: torch.Tensor) -> bool:
     """Whether `add_bias_` / `add_bias_residual_` run their Triton pass for a conv output shaped like x (CUDA
     inference, a layout `_gn_layout` reads: NCDHW or channels-last, triton present)."""
-    return (x.is_cuda and x.dim() >= 3 and not _needs_grad(x) and _gn_layout(x) is not None
+    return (kernels_run_on(x) and x.dim() >= 3 and not _needs_grad(x) and _gn_layout(x) is not None
             and _triton_kernels() is not None)
 
 
@@ -617,7 +623,7 @@ def cat_channels(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None = None
     """torch.cat([a, b (+ r)], dim=1). Channels-last CUDA tensors are joined by one Triton copy: PyTorch's cat along
     the innermost storage dim takes a generic strided-copy kernel (3 ms a UNet step at a 128^3 latent); a residual r
     (a ControlNet's, for the skip b) is added on the way, instead of by a pass of its own over b."""
-    if not (a.is_cuda and _is_channels_last(a) and _is_channels_last(b) and a.dtype == b.dtype
+    if not (kernels_run_on(a) and _is_channels_last(a) and _is_channels_last(b) and a.dtype == b.dtype
             and a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:] and not _needs_grad(a, b, r)
             and (r is None or (r.shape == b.shape and r.dtype == b.dtype and _is_channels_last(r)))
             and _triton_kernels() is not None):
@@ -692,7 +698,7 @@ class Conv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if self.act and x.is_cuda and conv.bias is not None and not _needs_grad(x, conv.weight, conv.bias):
+        if self.act and kernels_run_on(x) and conv.bias is not None and not _needs_grad(x, conv.weight, conv.bias):
             return add_bias_(conv._conv_forward(x, conv.weight, None), conv.bias, silu=True)  # bias + SiLU: one pass
         y = conv(x)
         return silu_(y) if self.act else y
@@ -709,7 +715,7 @@ def conv_add_(conv: Conv, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """MONAI's `h = conv(x); h += r` (a ControlNet's input conv plus the condition embedding); on CUDA inference the
     bias and r go in with one pass instead of two."""
     c = conv.conv
-    if c.bias is not None and x.is_cuda and not _needs_grad(x, c.weight, c.bias, r):
+    if c.bias is not None and kernels_run_on(x) and not _needs_grad(x, c.weight, c.bias, r):
         return add_bias_residual_(c._conv_forward(x, c.weight, None), c.bias, r)
     return add_residual_inplace(conv(x), r)
 

@@ -38,6 +38,7 @@ from fastmaisi.nets.blocks import (
     run_mlp,
     time_projections,
 )
+from fastmaisi.nets.kernel_device import kernels_run_on
 from fastmaisi.nets.ops import timestep_embedding
 
 
@@ -188,7 +189,7 @@ class _UNetBase(nn.Module):
                 # MONAI DiffusionModelUNetMaisi adds in place; the last skip IS h, so the middle block sees
                 # h + ctrl_down[-1]. MAISI's ControlNets were trained with this.
                 last_is_h = skips[-1] is h
-                if h.is_cuda and not torch.is_grad_enabled():
+                if kernels_run_on(h) and not torch.is_grad_enabled():
                     # the skips are read once, by the up path's concatenations: those add the residuals as they
                     # copy (`cat_channels`), saving a pass over each skip; h's residual the middle block needs now
                     skips = [(s, r) for s, r in zip(skips, down_res)]

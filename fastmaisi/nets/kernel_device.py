@@ -1,0 +1,16 @@
+"""Where our Triton kernels run: on CUDA tensors, and on CPU tensors when Triton's interpreter is on
+(`TRITON_INTERPRET=1`: numpy speed, for testing the kernels' arithmetic without a GPU, as CI does)."""
+
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels built now run in Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernels_run_on(x: torch.Tensor) -> bool:
+    """Whether the fast paths may launch our Triton kernels on x: CUDA, or CPU under the interpreter."""
+    return x.is_cuda or (x.device.type == "cpu" and interpreting())
