@@ -273,18 +273,23 @@ def _triton_kernels():
         tl.store(h_ptr + offs, y.to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _voxel(t, W, H, D):
+        # flat index over (B, D, H, W), W fastest -> (b, d, h, w)
+        w = t % W
+        t = t // W
+        h = t % H
+        t = t // H
+        return t // D, t % D, h, w
+
+    globals()["_voxel"] = _voxel  # Triton's CPU interpreter resolves a kernel's helpers among module globals only
+
+    @triton.jit
     def up_add(h_ptr, x_ptr, N, C, W2, H2, D2, sxb, sxc, sxd, sxh, sxw, BLOCK: tl.constexpr):
         # h += nearest_x2(x), h channels-last (B, 2D, 2H, 2W, C) in storage order; x any strides; fp32, one rounding
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         c = offs % C
-        t = offs // C
-        w = t % W2
-        t = t // W2
-        hh = t % H2
-        t = t // H2
-        d = t % D2
-        b = t // D2
+        b, d, hh, w = _voxel(offs // C, W2, H2, D2)
         xo = b * sxb + c * sxc + (d // 2) * sxd + (hh // 2) * sxh + (w // 2) * sxw
         y = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y += tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
@@ -315,12 +320,7 @@ def _triton_kernels():
         v = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (v < NV)[:, None] & (c < C)[None, :]
-        w = v % W2
-        t = v // W2
-        h = t % H2
-        t = t // H2
-        d = t % D2
-        b = t // D2
+        b, d, h, w = _voxel(v, W2, H2, D2)
         H, W = 2 * H2, 2 * W2
         corner = (((b * 2 * D2 + 2 * d) * H + 2 * h) * W + 2 * w) * C
         aff = b[:, None] * C + c[None, :]
