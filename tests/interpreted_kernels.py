@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 from fastmaisi.nets import blocks  # noqa: E402
 from fastmaisi.nets.attention import attention, uses_flash_kernel  # noqa: E402
 from fastmaisi.nets.controlnet import ControlNetMaisi  # noqa: E402
+from fastmaisi.nets.kernel_device import kernels_run_on  # noqa: E402
 from fastmaisi.nets.unet import DiffusionModelUNetMaisi  # noqa: E402
 
 CL = torch.channels_last_3d
@@ -22,7 +23,7 @@ CL = torch.channels_last_3d
 
 @pytest.fixture
 def interpreted():
-    assert blocks._triton_kernels() is not None and blocks._TRITON["interpret"]
+    assert blocks._triton_kernels() is not None and kernels_run_on(torch.empty(1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

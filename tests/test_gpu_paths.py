@@ -327,7 +327,6 @@ def test_gpu_norm_silu_pool_is_pool_of_group_norm(shape):
     assert norm_silu_pool_x2(x.contiguous(), norm) is None and norm_silu_pool_x2(x[:, :, :3], norm) is None
 
 
-
 @cuda
 def test_gpu_controlnet_input_conv_plus_embedding_matches_two_adds():
     """`conv_add_` (the ControlNet's conv_in + condition embedding) on CUDA, bias and embedding added in one fp32 pass,

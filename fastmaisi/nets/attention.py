@@ -6,7 +6,8 @@ with d = 32 the matmuls are small and the softmax's arithmetic dominates. On an 
 that call, PyTorch's flash backend 5.06 ms, this kernel 3.60 ms (two 64-key sub-tiles per step; 3.77 ms with one),
 with the same max error against an fp32 reference (1.3e-3; `bench/bench_attention.py`). It is the textbook
 online-softmax forward (Dao et al.): scores and running max/sum in fp32, exp2 with the scale folded into one
-multiply-add, P rounded to q's dtype for the P @ V matmul as every flash kernel does. Inference only (no autograd, no dropout), fp16/bf16, head size 16-128 (a power of 2).
+multiply-add, P rounded to q's dtype for the P @ V matmul as every flash kernel does. Inference only (no autograd,
+no dropout), fp16/bf16, head size 16-128 (a power of 2).
 """
 
 from __future__ import annotations
@@ -14,17 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastmaisi.nets.kernel_device import interpreting, kernels_run_on
+from fastmaisi.nets.kernel_device import kernels_run_on
 
 _KERNEL: dict = {}
 
 
 def _kernel():
-    if _KERNEL.get("interpret", interpreting()) != interpreting():  # built for the other mode: build again
-        _KERNEL.clear()
     if "fwd" in _KERNEL or "error" in _KERNEL:
         return _KERNEL.get("fwd")
-    _KERNEL["interpret"] = interpreting()
     try:
         import triton
         import triton.language as tl
@@ -123,8 +121,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 def uses_flash_kernel(q: torch.Tensor, dropout: float) -> bool:
     """Whether `attention` runs our kernel: CUDA, fp16/bf16, no autograd, no dropout, head size 16-128 (power of 2)."""
     d = q.shape[-1]
-    return (kernels_run_on(q) and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 and d in (16, 32, 64, 128)
-            and not (torch.is_grad_enabled() and q.requires_grad) and q.stride(-1) == 1 and _kernel() is not None)
+    return (kernels_run_on(q) and q.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
+            and d in (16, 32, 64, 128) and not (torch.is_grad_enabled() and q.requires_grad) and q.stride(-1) == 1
+            and _kernel() is not None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float = 0.0) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 
 from fastmaisi.nets import ops
 from fastmaisi.nets.attention import attention
-from fastmaisi.nets.kernel_device import interpreting, kernels_run_on
+from fastmaisi.nets.kernel_device import kernels_run_on
 
 class Conv3d(nn.Conv3d):
     """nn.Conv3d (same parameters and keys). CPU fp32 inference calls oneDNN directly: for small 3D inputs PyTorch
@@ -92,11 +92,8 @@ _TRITON: dict = {}
 
 
 def _triton_kernels():
-    if _TRITON.get("interpret", interpreting()) != interpreting():  # built for the other mode: build again
-        _TRITON.clear()
     if "stats" in _TRITON or "error" in _TRITON:
         return _TRITON if "stats" in _TRITON else None
-    _TRITON["interpret"] = interpreting()
     try:
         import triton
         import triton.language as tl
@@ -338,10 +335,8 @@ def _triton_kernels():
         tl.store(xp_ptr + out, (acc_x * 0.125).to(xp_ptr.dtype.element_ty), mask=mask)
         tl.store(hp_ptr + out, (acc_h * 0.125).to(hp_ptr.dtype.element_ty), mask=mask)
 
-    _TRITON.update(stats=stats, stats_cl=stats_cl, finalize=finalize, apply=apply, up2=up2, bias_add=bias_add, up_add=up_add, cat2=cat2,
-                   pool_norm=pool_norm,
-                   cdiv=triton.cdiv,
-                   next_pow2=triton.next_power_of_2)
+    _TRITON.update(stats=stats, stats_cl=stats_cl, finalize=finalize, apply=apply, up2=up2, bias_add=bias_add,
+                   up_add=up_add, cat2=cat2, pool_norm=pool_norm, cdiv=triton.cdiv, next_pow2=triton.next_power_of_2)
     return _TRITON
 
 
@@ -402,16 +397,16 @@ def _tile(C: int, sS: int, k: dict) -> tuple[int, int]:
 
 
 # channels-last statistics tiling (bench/bench_gn_stats.py --sweep, H200): channels and voxels per register tile,
-# warps, the number of programs aimed at and the fewest tiles a program merges; tensors of `LARGE` elements and more
+# warps, the number of programs aimed at and the fewest tiles a program merges; tensors of 2^27 elements and more
 # take 8 warps and twice the programs (0.156 against 0.165 ms at 128 x 128^3), smaller ones 4 (0.028 against
 # 0.038 ms at 128 x 64^3)
 _STATS_CL = {"block_c": 64, "block_s": 32, "num_warps": 4, "programs": 1056, "min_iters": 8}
 _STATS_CL_LARGE = {"num_warps": 8, "programs": 2112}
-LARGE = 1 << 27
+_STATS_CL_LARGE_NUMEL = 1 << 27
 
 
 def _stats_cl_config(numel: int) -> dict:
-    return {**_STATS_CL, **_STATS_CL_LARGE} if numel >= LARGE else _STATS_CL
+    return {**_STATS_CL, **_STATS_CL_LARGE} if numel >= _STATS_CL_LARGE_NUMEL else _STATS_CL
 
 
 def _stats_tiles(x: torch.Tensor, k: dict) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:

@@ -1,5 +1,7 @@
 """Where our Triton kernels run: on CUDA tensors, and on CPU tensors when Triton's interpreter is on
-(`TRITON_INTERPRET=1`: numpy speed, for testing the kernels' arithmetic without a GPU, as CI does)."""
+(`TRITON_INTERPRET=1`: numpy speed, for testing the kernels' arithmetic without a GPU, as CI does). Triton fixes
+the mode when it is imported, so the variable must be set before (tests/test_triton_interpreted.py starts a
+process for that); unsetting it later only sends CPU tensors back to the plain torch paths."""
 
 import os
 

@@ -194,8 +194,7 @@ class _UNetBase(nn.Module):
                     # copy (`cat_channels`), saving a pass over each skip; h's residual the middle block needs now
                     skips = [(s, r) for s, r in zip(skips, down_res)]
                     if last_is_h:
-                        h = add_residual_inplace(h, down_res[-1])
-                        skips[-1] = h
+                        skips[-1] = h = add_residual_inplace(h, down_res[-1])
                 else:
                     skips = [add_residual_inplace(s, r) for s, r in zip(skips, down_res)]
                     if last_is_h:
