@@ -7,7 +7,7 @@ Run (device tool):  python3 bench/attention_regs.py   -> $OUT/attention_regs.jso
 
 import torch
 
-from attention_variants import inputs_and_reference
+from bench_attention import inputs_and_reference
 from cuda_timing import event_ms
 from records import jsonl_log
 from fastmaisi.nets import attention as A

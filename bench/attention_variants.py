@@ -11,11 +11,10 @@ Run (device tool):  python3 bench/attention_variants.py   -> $OUT/attention_vari
 import itertools
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench_attention import inputs_and_reference
 from cuda_timing import event_ms
 from records import jsonl_log
 from fastmaisi.nets import attention as A
@@ -109,18 +108,6 @@ def run_split(q, k, v, scale, bm, bn1, bn2, warps, stages, mode):
 
 
 MODES = (0, 3, 4)  # session 8 ran (0, 1, 2)
-
-
-def inputs_and_reference(B=1, H=8, N=32768, d=32):
-    """The 32^3 level's self-attention inputs (fp16 q, k, v as strided views of one QKV tensor, as the UNet makes
-    them), the scale, and the fp32 SDPA output (B, N, H * d) to measure errors against."""
-    torch.manual_seed(0)
-    qkv = torch.randn(B, N, 3, H, d, device="cuda", dtype=torch.float16) * 1.5
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    scale = d ** -0.5
-    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).transpose(1, 2).flatten(2)
-    return q, k, v, scale, ref
 
 
 def main():

@@ -16,21 +16,27 @@ from records import jsonl_log
 from fastmaisi.nets import attention as A
 
 
+def inputs_and_reference(B=1, H=8, N=32768, d=32):
+    """Self-attention inputs (default: the 32^3 level; fp16 q, k, v as strided views of one QKV tensor, as the UNet
+    makes them), the scale, and the fp32 SDPA output (B, N, H * d) to measure errors against."""
+    torch.manual_seed(0)
+    qkv = torch.randn(B, N, 3, H, d, device="cuda", dtype=torch.float16) * 1.5
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    scale = d ** -0.5
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).transpose(1, 2).flatten(2)
+    return q, k, v, scale, ref
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     emit = jsonl_log("bench_attention")
 
-    torch.manual_seed(0)
     for B, H, N in [(1, 8, 32768), (1, 16, 4096), (1, 8, 4913)]:
         d = 32
-        qkv = torch.randn(B, N, 3, H, d, device="cuda", dtype=torch.float16) * 1.5
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        scale = d ** -0.5
-        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
-        ref = ref.transpose(1, 2).flatten(2)
+        q, k, v, scale, ref = inputs_and_reference(B, H, N, d)
         flops = 4 * B * H * N * N * d
         for name, fn in [
             ("sdpa_default", lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)),

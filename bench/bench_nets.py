@@ -67,6 +67,18 @@ def fp16_channels_last(defn):
     return build(defn).to(dev).half().eval().to(memory_format=torch.channels_last_3d)
 
 
+def fp16_image_vae():
+    """MAISI's image VAE with random weights (a small perturbation of the initialisation), on CUDA, fp16, eval."""
+    from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
+    from fastmaisi.variants import image_autoencoder_def
+
+    vae = AutoencoderKlMaisi(**{k: v for k, v in image_autoencoder_def().items() if not k.startswith("_")})
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return vae.to(dev).half().eval()
+
+
 def label_map(shape):
     """A random uint8 label map in host memory (numpy), what `from_mask` starts from."""
     return torch.randint(0, 256, tuple(shape), dtype=torch.uint8).numpy()
@@ -170,18 +182,13 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
     graphs if any, the decode); the first call also page-locks the decode's host memory."""
     import fastmaisi.decode as decode_module
     from fastmaisi.decode import decode_latent
-    from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
     from fastmaisi.nets.blocks import _is_channels_last
     from fastmaisi.pipelines.from_mask import bit_channels
     from fastmaisi.pipelines.sampling import image_denoiser, sample
     from fastmaisi.schedulers import build as build_scheduler
-    from fastmaisi.variants import RFLOW_SCHEDULER_DEF, image_autoencoder_def
+    from fastmaisi.variants import RFLOW_SCHEDULER_DEF
 
-    vae = AutoencoderKlMaisi(**{k: v for k, v in image_autoencoder_def().items() if not k.startswith("_")})
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    vae = vae.to(dev).half().eval()
+    vae = fp16_image_vae()
     cl = _is_channels_last(next(w for w in unet.parameters() if w.dim() == 5))
     inp.pop("cond")  # the stage starts, as `from_mask` does, from a uint8 label map in host memory
     label = label_map([4 * s for s in inp["x"].shape[2:]])

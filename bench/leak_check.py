@@ -9,19 +9,17 @@ import time
 import torch
 
 sys.path.insert(0, "bench")
-from bench_nets import CNET_DEF, UNET_DEF, dev, fp16_channels_last, inputs, label_map  # noqa: E402
+from bench_nets import CNET_DEF, UNET_DEF, dev, fp16_channels_last, fp16_image_vae, inputs, label_map  # noqa: E402
 
 from fastmaisi.decode import decode_latent  # noqa: E402
-from fastmaisi.nets.autoencoder import AutoencoderKlMaisi  # noqa: E402
 from fastmaisi.pipelines.from_mask import bit_channels  # noqa: E402
 from fastmaisi.pipelines.sampling import image_denoiser, sample  # noqa: E402
 from fastmaisi.schedulers import build as build_scheduler  # noqa: E402
-from fastmaisi.variants import RFLOW_SCHEDULER_DEF, image_autoencoder_def  # noqa: E402
+from fastmaisi.variants import RFLOW_SCHEDULER_DEF  # noqa: E402
 
 torch.manual_seed(0)
 unet, cnet = fp16_channels_last(UNET_DEF), fp16_channels_last(CNET_DEF)
-vae = AutoencoderKlMaisi(**{k: v for k, v in image_autoencoder_def().items() if not k.startswith("_")})
-vae = vae.to(dev).half().eval()
+vae = fp16_image_vae()
 inp = inputs([128, 128, 128])
 label = label_map([512, 512, 512])
 mib = lambda: round(torch.cuda.memory_allocated() / 2**20, 1)  # noqa: E731
