@@ -174,16 +174,18 @@ def loop30(unet, cnet, inp, fmt):
         (finals[True].float() - finals[False].float()).abs().max())})
 
 
-def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
+def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3, condition: str = "labels"):
     """The rflow-ct image stage end to end in one process, as `generate` runs it: the 30-step loop (networks
     channels-last; `sample` records CUDA graphs only for small latents, so eager at 128^3), then the exact decode under
     a budget; with cuDNN's autotuner off (as `generate` leaves it), then on. Peak = everything allocated during the
     stage (the three networks' weights, the 8-channel 512^3 condition until its embedding is computed, the loop's
-    graphs if any, the decode); the first call also page-locks the decode's host memory."""
+    graphs if any, the decode); the first call also page-locks the decode's host memory. condition: "labels" (the
+    uint8 map goes to the device and the ControlNet embeds it, as `from_mask` does) or "bits" (the 8-channel fp16
+    condition is built first, as before session 10)."""
     import fastmaisi.decode as decode_module
     from fastmaisi.decode import decode_latent
     from fastmaisi.nets.blocks import _is_channels_last
-    from fastmaisi.pipelines.from_mask import bit_channels
+    from fastmaisi.pipelines.from_mask import bit_channels, label_ids
     from fastmaisi.pipelines.sampling import image_denoiser, sample
     from fastmaisi.schedulers import build as build_scheduler
     from fastmaisi.variants import RFLOW_SCHEDULER_DEF
@@ -204,7 +206,7 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        cond = bit_channels(label, dev, torch.float16)  # the ControlNet condition, (1, 8, 512, 512, 512)
+        cond = label_ids(label, dev) if condition == "labels" else bit_channels(label, dev, torch.float16)
         denoise = image_denoiser(unet, cnet, spacing=inp["spacing"], class_labels=inp["cls"], condition=cond)
         del cond  # as in `from_mask`: the denoiser keeps only the condition's embedding
         z = sample(denoise, build_scheduler(RFLOW_SCHEDULER_DEF), inp["x"], 30, disable=True, cuda_graph=True)
@@ -218,7 +220,8 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3):
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         decode_peak = torch.cuda.max_memory_allocated()
-        emit({"what": "rflow-ct image stage (30-step loop + exact decode)", "call": i, "cudnn_benchmark": autotune,
+        emit({"what": "rflow-ct image stage (30-step loop + exact decode)", "call": i, "condition": condition,
+              "cudnn_benchmark": autotune,
               "channels_last": cl, "latent": list(z.shape[2:]),
               "decode_budget_GiB": budget_gib, "loop_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
               "s": round(t2 - t0, 3), "peak_alloc_GiB": round(max(loop_peak, decode_peak) / 2**30, 2),

@@ -16,9 +16,13 @@ from fastmaisi.nets import blocks  # noqa: E402
 from fastmaisi.nets.attention import attention, uses_flash_kernel  # noqa: E402
 from fastmaisi.nets.controlnet import ControlNetMaisi  # noqa: E402
 from fastmaisi.nets.kernel_device import kernels_run_on  # noqa: E402
+from fastmaisi.nets.label_conv import label_conv, label_conv_applies  # noqa: E402
 from fastmaisi.nets.unet import DiffusionModelUNetMaisi  # noqa: E402
 
 CL = torch.channels_last_3d
+TRUNK = dict(spatial_dims=3, in_channels=4, num_channels=(8, 16, 16, 32), attention_levels=(False, False, True, True),
+             num_head_channels=(0, 0, 8, 8), norm_num_groups=8, num_res_blocks=2, num_class_embeds=8,
+             resblock_updown=True, include_fc=True)
 
 
 @pytest.fixture
@@ -98,6 +102,35 @@ def test_flash_attention_kernel(interpreted, n):
     assert out.dtype == torch.float16 and (out.float() - ref).abs().max() < 2e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@torch.no_grad()
+def test_label_conv_from_the_uint8_map(interpreted, dtype):
+    """conv_in(bits(label)) + bias, SiLU, straight from the ids: against fp64 on the bit-channels, both samples of a
+    batch, every face of an odd-sized volume (a tap that leaves the volume adds nothing), ids 0 and 255 included."""
+    from fastmaisi.labels import binarize_labels
+
+    g = torch.Generator().manual_seed(1)
+    label = torch.randint(0, 256, (2, 1, 5, 6, 7), generator=g, dtype=torch.uint8)
+    label[0, 0, 0], label[1, 0, :, -1] = 255, 0
+    conv = torch.nn.Conv3d(8, 8, 3, padding=1).to(dtype)
+    assert label_conv_applies(label, conv)
+    y = label_conv(label, conv)
+    pre = F.conv3d(binarize_labels(label, dtype=torch.float64), conv.weight.double(), conv.bias.double(), padding=1)
+    truth = F.silu(pre)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
+    tol = 2e-3 if dtype == torch.float16 else 1e-6
+    assert (y.double() - truth).abs().max() < tol * max(1.0, truth.abs().max().item())
+    assert (label_conv(label, conv, silu=False).double() - pre).abs().max() < tol * max(1.0, pre.abs().max().item())
+    cnet = ControlNetMaisi(**TRUNK, conditioning_embedding_in_channels=8,
+                           conditioning_embedding_num_channels=(8, 16, 16)).eval()
+    big = torch.randint(0, 256, (1, 1, 8, 8, 12), generator=g, dtype=torch.uint8)
+    want = cnet.double().controlnet_cond_embedding(binarize_labels(big, dtype=torch.float64))
+    assert label_conv_applies(big, cnet.float().controlnet_cond_embedding.conv_in.conv)
+    got = cnet.embed_labels(big)  # (the rest of the embedding: cuDNN-free convs + our bias/SiLU pass)
+    assert got.shape == want.shape == (1, 8, 2, 2, 3)
+    assert (got.double() - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item())
+
+
 def test_tiny_controlnet_and_unet_through_the_kernels(monkeypatch):
     """Channels-last fp32 ControlNet + UNet forward through the GroupNorms, bias passes, the fused pool, the skip
     concatenations that add the ControlNet's residuals, the nearest-x2 residual adds: against the same networks in
@@ -106,11 +139,8 @@ def test_tiny_controlnet_and_unet_through_the_kernels(monkeypatch):
     import copy
 
     torch.manual_seed(0)
-    trunk = dict(spatial_dims=3, in_channels=4, num_channels=(8, 16, 16, 32),
-                 attention_levels=(False, False, True, True), num_head_channels=(0, 0, 8, 8), norm_num_groups=8,
-                 num_res_blocks=2, num_class_embeds=8, resblock_updown=True, include_fc=True)
-    unet = DiffusionModelUNetMaisi(**trunk, out_channels=4, include_spacing_input=True).eval().to(memory_format=CL)
-    cnet = ControlNetMaisi(**trunk, conditioning_embedding_in_channels=8,
+    unet = DiffusionModelUNetMaisi(**TRUNK, out_channels=4, include_spacing_input=True).eval().to(memory_format=CL)
+    cnet = ControlNetMaisi(**TRUNK, conditioning_embedding_in_channels=8,
                            conditioning_embedding_num_channels=(8, 16, 16)).eval().to(memory_format=CL)
     with torch.no_grad():  # non-zero ControlNet outputs (its zero convs start at zero)
         for p in cnet.parameters():

@@ -347,6 +347,29 @@ def test_gpu_controlnet_input_conv_plus_embedding_matches_two_adds():
     assert (out.double() - exact).abs().max() <= 1.5 * (twice.double() - exact).abs().max() + 1e-3
 
 
+@cuda
+def test_gpu_embed_labels_is_at_least_as_close_as_the_bit_channel_path():
+    """`embed_labels` (conv_in by table lookups from the uint8 map, bias + SiLU fused, one rounding) against fp64 on
+    the bit-channels, for a batch of two odd-sized maps: no farther than cuDNN's path on the fp16 bit-channels."""
+    from fastmaisi.labels import binarize_labels
+    from fastmaisi.nets.controlnet import ControlNetMaisi
+
+    torch.manual_seed(0)
+    cnet = ControlNetMaisi(spatial_dims=3, in_channels=4, num_channels=(32, 64, 64, 64), num_res_blocks=1,
+                           num_head_channels=(0, 0, 8, 8), conditioning_embedding_in_channels=8,
+                           conditioning_embedding_num_channels=(8, 32, 64)).eval()
+    label = torch.randint(0, 256, (2, 1, 36, 44, 20), dtype=torch.uint8, device="cuda")
+    label[:, :, 10:30, 5:40, 3:17] = 200  # a body-like block as well as noise
+    with torch.no_grad():
+        truth = cnet.double().cuda().controlnet_cond_embedding(binarize_labels(label, dtype=torch.float64))
+        half = cnet.half().to(memory_format=torch.channels_last_3d)
+        got = half.embed_labels(label)
+        bits = half.embed_condition(binarize_labels(label, dtype=torch.float16, channels_last=True))
+    assert got.shape == truth.shape == (2, 64, 9, 11, 5) and got.is_contiguous(memory_format=torch.channels_last_3d)
+    err = lambda y: float((y.double() - truth).abs().max() / truth.abs().max())  # noqa: E731
+    assert err(got) <= 1.5 * err(bits) + 1e-4, (err(got), err(bits))
+
+
 @pytest.mark.parametrize("shape", [(1, 64, 128, 128, 128), (2, 192, 16, 16, 16), (1, 384, 6, 8, 10), (1, 4, 3, 3, 3),
                                    (1, 64, 32, 512, 512)])
 @pytest.mark.parametrize("channels_last", [False, True])

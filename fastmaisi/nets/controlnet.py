@@ -34,6 +34,7 @@ from fastmaisi.nets.blocks import (
     index_resnets,
     time_projections,
 )
+from fastmaisi.nets.label_conv import label_conv, label_conv_applies
 from fastmaisi.nets.unet import autocast_enabled, time_and_class_embedding
 
 
@@ -50,7 +51,10 @@ class ControlNetConditioningEmbedding(nn.Module):
         self.conv_out = Conv(spatial_dims, channels[-1], out_channels, 3, 1, 1)
 
     def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(conditioning)
+        return self.rest(self.conv_in(conditioning))
+
+    def rest(self, h: torch.Tensor) -> torch.Tensor:
+        """Everything after conv_in + Swish."""
         for block in self.blocks:
             h = block(h)
         return self.conv_out(h)
@@ -140,6 +144,20 @@ class ControlNetMaisi(nn.Module):
                 or any(p.requires_grad for p in self.controlnet_cond_embedding.parameters())):
             return checkpoint(self.controlnet_cond_embedding, controlnet_cond, use_reentrant=False)
         return self.controlnet_cond_embedding(controlnet_cond)
+
+    def embed_labels(self, label: torch.Tensor) -> torch.Tensor:
+        """`embed_condition(bits(label))` from an integer label map (B, 1, *(S*4)), for the 8 bit-channel condition.
+        In CUDA inference conv_in reads the uint8 map itself (`nets.label_conv`): the 8-channel full-resolution
+        condition (2 GiB at 512^3 in fp16) is never built."""
+        from fastmaisi.labels import binarize_labels
+
+        emb = self.controlnet_cond_embedding
+        conv = emb.conv_in.conv
+        if conv.in_channels != 8:
+            raise ValueError(f"embed_labels: the condition has {conv.in_channels} channels, not a label map's 8 bits")
+        if label_conv_applies(label, conv) and not autocast_enabled(label.device):
+            return emb.rest(label_conv(label, conv, silu=True))
+        return self.embed_condition(binarize_labels(label, dtype=conv.weight.dtype, channels_last=label.is_cuda))
 
     def clear_condition_cache(self) -> None:
         self._cond_cache = None

@@ -36,6 +36,18 @@ def bit_channels(label: np.ndarray, device, dtype) -> torch.Tensor:
     return binarize_labels(ids.to(device), dtype=dtype, channels_last=torch.device(device).type == "cuda")
 
 
+def label_ids(label: np.ndarray, device) -> torch.Tensor:
+    """Label map (X, Y, Z), ids 0..255 -> (1, 1, X, Y, Z) uint8 on the device: the ControlNet condition in its compact
+    form (128 MiB at 512^3); the ControlNet expands it into the bit-channels itself (`ControlNetMaisi.embed_labels`:
+    on CUDA without ever building them)."""
+    if label.dtype != np.uint8:
+        lo, hi = (int(v) for v in (label.min(), label.max())) if label.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise ValueError(f"label: ids must be in 0..255 for MAISI's 8 bit-channels, got {lo}..{hi}")
+        label = label.astype(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(label))[None, None].to(device)
+
+
 @torch.no_grad()
 def sample_latent_from_mask(models: Models, label: np.ndarray, *, spacing, modality_code: int, steps: int,
                             guidance_scale: float, seed: int, progress: bool = True,
@@ -45,16 +57,16 @@ def sample_latent_from_mask(models: Models, label: np.ndarray, *, spacing, modal
     variant = models.variant
     x = latent_noise(seed, (1, 4, *[s // 4 for s in label.shape]), device, dtype)
     kwargs = dict(spacing=spacing_tensor(spacing, device, dtype), guidance_scale=guidance_scale,
-                  condition=bit_channels(label, device, dtype))
+                  condition=label_ids(label, device))
     if guidance_scale > 0:
-        kwargs["uncond_condition"] = bit_channels(remove_tumours(label), device, dtype)
+        kwargs["uncond_condition"] = label_ids(remove_tumours(label), device)
     if variant.body_region:
         top, bottom = regions_from_label(label)
         kwargs.update(top_region=region_tensor(top, device, dtype), bottom_region=region_tensor(bottom, device, dtype))
     else:
         kwargs["class_labels"] = torch.tensor([modality_code], device=device, dtype=torch.long)
     denoise = image_denoiser(models.diffusion_unet, models.controlnet, **kwargs)
-    del kwargs  # the full-resolution condition: the denoiser keeps only its embedding
+    del kwargs  # the full-resolution label maps: the denoiser keeps only their embedding
     g = torch.Generator(device=device).manual_seed(int(seed) + 1)  # DDPM's per-step noise (RFlow draws none)
     return sample(denoise, build_scheduler(models.scheduler_def), x, steps, generator=g, disable=not progress,
                   desc="image DM", method=sampler, cuda_graph=models.cuda_graphs)

@@ -67,7 +67,8 @@ def image_denoiser(unet, controlnet=None, *, spacing: torch.Tensor, class_labels
 
     With guidance_scale > 0 the batch is doubled: the second half gets class label 0 (the null modality) and, for the
     ControlNet, `uncond_condition` (the tumour-free mask) — the reference's modality / tumour CFG.
-    spacing: (B, 3) mm x 100; regions: (B, 4) one-hot x 100; condition: (B, 8, *image_size) bit channels.
+    spacing: (B, 3) mm x 100; regions: (B, 4) one-hot x 100; condition: (B, 8, *image_size) bit channels, or the
+    integer label map (B, 1, *image_size) they encode (the ControlNet embeds it directly: `embed_labels`).
     """
     cfg = guidance_scale > 0
     if cfg:
@@ -82,7 +83,9 @@ def image_denoiser(unet, controlnet=None, *, spacing: torch.Tensor, class_labels
     if controlnet is not None and condition is not None:
         # the ControlNet's conditioning embedding, once: the loop then holds (B, 64, *latent) instead of the
         # 8-channel full-resolution condition (2 GiB at 512^3 in fp16)
-        cond_embedding, condition = controlnet.embed_condition(condition), None
+        labels = not condition.is_floating_point() and condition.shape[1] == 1
+        embed = controlnet.embed_labels if labels else controlnet.embed_condition
+        cond_embedding, condition = embed(condition), None
     unet_kwargs = dict(spacing_tensor=spacing, class_labels=class_labels)
     if top_region is not None:
         unet_kwargs.update(top_region_index_tensor=top_region, bottom_region_index_tensor=bottom_region)
