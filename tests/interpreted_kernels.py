@@ -17,6 +17,7 @@ from fastmaisi.nets.attention import attention, uses_flash_kernel  # noqa: E402
 from fastmaisi.nets.controlnet import ControlNetMaisi  # noqa: E402
 from fastmaisi.nets.kernel_device import kernels_run_on  # noqa: E402
 from fastmaisi.nets.label_conv import label_conv, label_conv_applies  # noqa: E402
+from fastmaisi.nets.thin_conv import applies as thin_conv_applies, thin_conv  # noqa: E402
 from fastmaisi.nets.unet import DiffusionModelUNetMaisi  # noqa: E402
 
 CL = torch.channels_last_3d
@@ -129,6 +130,23 @@ def test_label_conv_from_the_uint8_map(interpreted, dtype):
     got = cnet.embed_labels(big)  # (the rest of the embedding: cuDNN-free convs + our bias/SiLU pass)
     assert got.shape == want.shape == (1, 8, 2, 2, 3)
     assert (got.double() - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("cin,cout,stride,shape", [(4, 64, 1, (2, 5, 6, 7)), (64, 4, 1, (1, 4, 5, 9)),
+                                                    (8, 8, 1, (1, 6, 5, 7)), (8, 32, 2, (1, 7, 6, 9))])
+@torch.no_grad()
+def test_thin_conv(interpreted, cin, cout, stride, shape):
+    """k3 conv (+ bias, + residual, SiLU) in one pass, both kernel forms (the three kw taps in one dot for few input
+    channels, a dot per tap for 64), stride 1 and 2, a batch of two: one fp16 rounding of the exact value."""
+    conv = torch.nn.Conv3d(cin, cout, 3, stride=stride, padding=1).half()
+    x = torch.randn(shape[0], cin, *shape[1:]).half().contiguous(memory_format=CL)
+    truth = F.conv3d(x.double(), conv.weight.double(), conv.bias.double(), stride=stride, padding=1)
+    r = torch.randn_like(truth).half().contiguous(memory_format=CL)
+    assert thin_conv_applies(x, conv, r) and not thin_conv_applies(x.contiguous(), conv)
+    for y, want in [(thin_conv(x, conv), truth), (thin_conv(x, conv, r=r, silu=True), F.silu(truth + r.double()))]:
+        assert y.shape == want.shape and y.is_contiguous(memory_format=CL)
+        ulp = want.abs().clamp_min(2**-14) * 2**-10  # one fp16 rounding of the exact value, with fp32 sums' slack
+        assert ((y.double() - want).abs() <= ulp * 0.75 + 1e-4).all()
 
 
 def test_tiny_controlnet_and_unet_through_the_kernels(monkeypatch):

@@ -348,6 +348,32 @@ def test_gpu_controlnet_input_conv_plus_embedding_matches_two_adds():
 
 
 @cuda
+@pytest.mark.parametrize("cin,cout,stride", [(4, 64, 1), (64, 4, 1), (8, 8, 1), (8, 32, 2)])
+def test_gpu_thin_conv_is_as_close_as_cudnn(cin, cout, stride):
+    """`thin_conv` (bias and a residual fused, one rounding) against fp64: no farther than cuDNN's conv + bias + add,
+    on an odd-sized batch of two."""
+    from fastmaisi.nets.blocks import add_bias_residual_
+    from fastmaisi.nets.thin_conv import applies, thin_conv
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last_3d
+    conv = torch.nn.Conv3d(cin, cout, 3, stride=stride, padding=1).cuda().half()
+    x = torch.randn(2, cin, 19, 34, 23, device="cuda").half().contiguous(memory_format=fmt)
+    with torch.no_grad():
+        exact = torch.nn.functional.conv3d(x.double(), conv.weight.double(), conv.bias.double(), stride=stride,
+                                           padding=1)
+        r = torch.randn_like(exact).half().contiguous(memory_format=fmt)
+        assert applies(x, conv, r)
+        ours = thin_conv(x, conv, r=r)
+        cudnn = add_bias_residual_(torch.nn.functional.conv3d(x, conv.weight, None, stride=stride, padding=1),
+                                   conv.bias, r)
+    exact = exact + r.double()
+    assert ours.shape == exact.shape and ours.is_contiguous(memory_format=fmt)
+    err = lambda y: float((y.double() - exact).abs().max())  # noqa: E731
+    assert err(ours) <= 1.2 * err(cudnn) + 1e-3, (err(ours), err(cudnn))
+
+
+@cuda
 def test_gpu_embed_labels_is_at_least_as_close_as_the_bit_channel_path():
     """`embed_labels` (conv_in by table lookups from the uint8 map, bias + SiLU fused, one rounding) against fp64 on
     the bit-channels, for a batch of two odd-sized maps: no farther than cuDNN's path on the fp16 bit-channels."""
@@ -358,6 +384,8 @@ def test_gpu_embed_labels_is_at_least_as_close_as_the_bit_channel_path():
     cnet = ControlNetMaisi(spatial_dims=3, in_channels=4, num_channels=(32, 64, 64, 64), num_res_blocks=1,
                            num_head_channels=(0, 0, 8, 8), conditioning_embedding_in_channels=8,
                            conditioning_embedding_num_channels=(8, 32, 64)).eval()
+    with torch.no_grad():  # (its conv_out starts at zero, like MONAI's)
+        cnet.controlnet_cond_embedding.conv_out.conv.weight.normal_(0, 0.02)
     label = torch.randint(0, 256, (2, 1, 36, 44, 20), dtype=torch.uint8, device="cuda")
     label[:, :, 10:30, 5:40, 3:17] = 200  # a body-like block as well as noise
     with torch.no_grad():

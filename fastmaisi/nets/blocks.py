@@ -28,6 +28,7 @@ from torch import nn
 
 from fastmaisi.nets import ops
 from fastmaisi.nets.attention import attention
+from fastmaisi.nets import thin_conv
 from fastmaisi.nets.kernel_device import kernels_run_on
 
 class Conv3d(nn.Conv3d):
@@ -683,6 +684,7 @@ class Conv(nn.Module):
     """MONAI `Convolution` stand-in: the real conv is the child `conv` (keys `<name>.conv.weight/bias`).
 
     act=True appends Swish (x * sigmoid(x) = SiLU), as the ControlNet conditioning embedding's `act="SWISH"`.
+    k3 convs with few channels on one side run as one Triton pass on CUDA (`nets.thin_conv`), bias and Swish fused.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
@@ -693,6 +695,8 @@ class Conv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
+        if thin_conv.applies(x, conv):
+            return thin_conv.thin_conv(x, conv, silu=self.act)
         if self.act and kernels_run_on(x) and conv.bias is not None and not _needs_grad(x, conv.weight, conv.bias):
             return add_bias_(conv._conv_forward(x, conv.weight, None), conv.bias, silu=True)  # bias + SiLU: one pass
         y = conv(x)
@@ -710,6 +714,8 @@ def conv_add_(conv: Conv, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """MONAI's `h = conv(x); h += r` (a ControlNet's input conv plus the condition embedding); on CUDA inference the
     bias and r go in with one pass instead of two."""
     c = conv.conv
+    if thin_conv.applies(x, c, r):
+        return thin_conv.thin_conv(x, c, r=r)
     if c.bias is not None and kernels_run_on(x) and not _needs_grad(x, c.weight, c.bias, r):
         return add_bias_residual_(c._conv_forward(x, c.weight, None), c.bias, r)
     return add_residual_inplace(conv(x), r)
