@@ -348,8 +348,8 @@ def test_gpu_controlnet_input_conv_plus_embedding_matches_two_adds():
 
 
 @cuda
-@pytest.mark.parametrize("cin,cout,stride", [(4, 64, 1), (64, 4, 1), (8, 8, 1), (8, 32, 2)])
-def test_gpu_thin_conv_is_as_close_as_cudnn(cin, cout, stride):
+@pytest.mark.parametrize("cin,cout", [(4, 64), (1, 16), (5, 32)])
+def test_gpu_thin_conv_is_as_close_as_cudnn(cin, cout):
     """`thin_conv` (bias and a residual fused, one rounding) against fp64: no farther than cuDNN's conv + bias + add,
     on an odd-sized batch of two."""
     from fastmaisi.nets.blocks import add_bias_residual_
@@ -357,16 +357,14 @@ def test_gpu_thin_conv_is_as_close_as_cudnn(cin, cout, stride):
 
     torch.manual_seed(0)
     fmt = torch.channels_last_3d
-    conv = torch.nn.Conv3d(cin, cout, 3, stride=stride, padding=1).cuda().half()
+    conv = torch.nn.Conv3d(cin, cout, 3, padding=1).cuda().half()
     x = torch.randn(2, cin, 19, 34, 23, device="cuda").half().contiguous(memory_format=fmt)
     with torch.no_grad():
-        exact = torch.nn.functional.conv3d(x.double(), conv.weight.double(), conv.bias.double(), stride=stride,
-                                           padding=1)
+        exact = torch.nn.functional.conv3d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
         r = torch.randn_like(exact).half().contiguous(memory_format=fmt)
         assert applies(x, conv, r)
         ours = thin_conv(x, conv, r=r)
-        cudnn = add_bias_residual_(torch.nn.functional.conv3d(x, conv.weight, None, stride=stride, padding=1),
-                                   conv.bias, r)
+        cudnn = add_bias_residual_(torch.nn.functional.conv3d(x, conv.weight, None, padding=1), conv.bias, r)
     exact = exact + r.double()
     assert ours.shape == exact.shape and ours.is_contiguous(memory_format=fmt)
     err = lambda y: float((y.double() - exact).abs().max())  # noqa: E731
@@ -393,7 +391,8 @@ def test_gpu_embed_labels_is_at_least_as_close_as_the_bit_channel_path():
         half = cnet.half().to(memory_format=torch.channels_last_3d)
         got = half.embed_labels(label)
         bits = half.embed_condition(binarize_labels(label, dtype=torch.float16, channels_last=True))
-    assert got.shape == truth.shape == (2, 64, 9, 11, 5) and got.is_contiguous(memory_format=torch.channels_last_3d)
+    assert got.shape == truth.shape == (2, 64, 9, 11, 5), got.shape
+    assert got.is_contiguous(memory_format=torch.channels_last_3d), got.stride()
     err = lambda y: float((y.double() - truth).abs().max() / truth.abs().max())  # noqa: E731
     assert err(got) <= 1.5 * err(bits) + 1e-4, (err(got), err(bits))
 
