@@ -2,7 +2,7 @@
 median time, then CUDA time per op and input shape, per conv shape and per kernel, for NCDHW and channels-last
 (diagnostic; no MONAI needed).
 
-Run:  python3 bench/profile_dm_step.py
+Run:  python3 bench/profile_dm_step.py [--channels-last-only]
 """
 import sys, time, torch
 sys.path.insert(0, "bench")
@@ -14,7 +14,8 @@ dev = torch.device("cuda")
 torch.manual_seed(0)
 unet, cnet = build(UNET_DEF).to(dev).half().eval(), build(CNET_DEF).to(dev).half().eval()
 inp = inputs([128, 128, 128])
-for fmt in (torch.contiguous_format, torch.channels_last_3d):
+formats = [torch.channels_last_3d] if "--channels-last-only" in sys.argv else [torch.contiguous_format, torch.channels_last_3d]
+for fmt in formats:
     step = step_fn(unet.to(memory_format=fmt), cnet.to(memory_format=fmt), inp, fmt if fmt != torch.contiguous_format else None)
     with torch.no_grad():
         for _ in range(3): step()
