@@ -142,7 +142,7 @@ def test_thin_conv(interpreted, cin, cout, shape):
     truth = F.conv3d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
     r = torch.randn_like(truth).half().contiguous(memory_format=CL)
     assert thin_conv_applies(x, conv, r) and not thin_conv_applies(x, conv, r[:, :, 1:].contiguous(memory_format=CL))
-    assert thin_conv_applies(x.contiguous(), conv) == (cin == 1)  # (one channel: both layouts are the same memory)
+    torch.testing.assert_close(thin_conv(x.contiguous(), conv), thin_conv(x, conv), rtol=0, atol=0)  # NCDHW x too
     for y, want in [(thin_conv(x, conv), truth), (thin_conv(x, conv, r=r, silu=True), F.silu(truth + r.double()))]:
         assert y.shape == want.shape and y.is_contiguous(memory_format=CL)
         ulp = want.abs().clamp_min(2**-14) * 2**-10  # one fp16 rounding of the exact value, with fp32 sums' slack

@@ -66,7 +66,8 @@ KC = 16  # the dot's K: three kw taps of up to 5 input channels, zero-padded
 
 def applies(x: torch.Tensor, conv: torch.nn.Module, r: torch.Tensor | None = None) -> bool:
     """Whether `thin_conv(x, conv, r)` stands in for conv(x) [+ r]: CUDA inference in fp16/bf16, channels-last 5-D x,
-    a k3 s1 p1 conv (no groups or dilation) with a bias, Cin <= 5 and Cout a power of two in 16..64."""
+    a k3 s1 p1 conv (no groups or dilation) with a bias, Cin <= 5 and Cout a power of two in 16..64. x may be NCDHW
+    (the sampler's latent is): its few channels are copied to channels-last first."""
     if not (ENABLED and isinstance(conv, torch.nn.Conv3d) and kernels_run_on(x) and x.dim() == 5
             and x.dtype in (torch.float16, torch.bfloat16) and conv.weight.dtype == x.dtype and conv.bias is not None
             and not torch.is_grad_enabled()):
@@ -74,7 +75,7 @@ def applies(x: torch.Tensor, conv: torch.nn.Module, r: torch.Tensor | None = Non
     cin, cout = conv.in_channels, conv.out_channels
     if (conv.kernel_size != (3, 3, 3) or conv.padding != (1, 1, 1) or conv.stride != (1, 1, 1)
             or conv.dilation != (1, 1, 1) or conv.groups != 1 or 3 * cin > KC or cout not in (16, 32, 64)
-            or x.shape[1] != cin or not x.is_contiguous(memory_format=torch.channels_last_3d)):
+            or x.shape[1] != cin):
         return False
     if r is not None and not (r.dtype == x.dtype and r.shape == (x.shape[0], cout, *x.shape[2:])
                               and r.is_contiguous(memory_format=torch.channels_last_3d)):
@@ -100,6 +101,7 @@ def thin_conv(x: torch.Tensor, conv: torch.nn.Conv3d, r: torch.Tensor | None = N
               block_m: int = 64, num_warps: int = 4) -> torch.Tensor:
     """conv(x) [+ r] [then SiLU] -> channels-last, one pass (requires `applies(x, conv, r)`)."""
     kernel, cdiv = _kernel()
+    x = x.contiguous(memory_format=torch.channels_last_3d)  # (a copy only for an NCDHW x: 4 channels, 32 MiB at 128^3)
     bsz, cin, d, h, w = x.shape
     cout = conv.out_channels
     y = torch.empty((bsz, cout, d, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
