@@ -201,6 +201,15 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3, condition: s
         return pageable(nbytes)
 
     decode_module._pageable = counting_pageable
+    host_buffer, handed = decode_module._host_buffer, []
+
+    def recording_host_buffer(nbytes):  # which pooled buffer each host-stored activation gets, in order
+        buf = host_buffer(nbytes)
+        handed.append((round(nbytes / 2**30, 2), buf.data_ptr() % 2**32))
+        return buf
+
+    decode_module._host_buffer = recording_host_buffer
+    counters = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
     for i, autotune in [(i, False) for i in range(repeats)] + [(i, True) for i in range(repeats, repeats + 2)]:
         torch.backends.cudnn.benchmark = autotune
         torch.cuda.synchronize()
@@ -216,6 +225,8 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3, condition: s
         loop_peak, before_decode = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         new_host.clear()
+        handed.clear()
+        before = torch.cuda.memory_stats()
         y = decode_latent(vae, z, budget_gib << 30)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -227,7 +238,9 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3, condition: s
               "s": round(t2 - t0, 3), "peak_alloc_GiB": round(max(loop_peak, decode_peak) / 2**30, 2),
               "loop_peak_GiB": round(loop_peak / 2**30, 2),
               "allocated_before_decode_GiB": round(before_decode / 2**30, 2), "decode_peak_GiB": round(decode_peak / 2**30, 2),
-              "host_buffers_pinned_in_call": [round(n / 2**30, 2) for n in new_host], "output": list(y.shape)})
+              "host_buffers_pinned_in_call": [round(n / 2**30, 2) for n in new_host], "output": list(y.shape),
+              "decode_host_buffers_GiB_and_address": handed,
+              "decode_allocator_counts": {c: torch.cuda.memory_stats().get(c, 0) - before.get(c, 0) for c in counters}})
         del z, y
         torch.cuda.empty_cache()
     decode_module._pageable = pageable
