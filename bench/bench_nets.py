@@ -174,14 +174,16 @@ def loop30(unet, cnet, inp, fmt):
         (finals[True].float() - finals[False].float()).abs().max())})
 
 
-def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3, condition: str = "labels"):
+def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3, condition: str = "labels",
+                empty_cache: bool = True):
     """The rflow-ct image stage end to end in one process, as `generate` runs it: the 30-step loop (networks
     channels-last; `sample` records CUDA graphs only for small latents, so eager at 128^3), then the exact decode under
     a budget; with cuDNN's autotuner off (as `generate` leaves it), then on. Peak = everything allocated during the
     stage (the three networks' weights, the 8-channel 512^3 condition until its embedding is computed, the loop's
     graphs if any, the decode); the first call also page-locks the decode's host memory. condition: "labels" (the
     uint8 map goes to the device and the ControlNet embeds it, as `from_mask` does) or "bits" (the 8-channel fp16
-    condition is built first, as before session 10)."""
+    condition is built first, as before session 10). empty_cache: give the caching allocator's blocks back to CUDA
+    after each call, so every call allocates afresh (`generate` does not between samples)."""
     import fastmaisi.decode as decode_module
     from fastmaisi.decode import decode_latent
     from fastmaisi.nets.blocks import _is_channels_last
@@ -232,7 +234,7 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3, condition: s
         t2 = time.perf_counter()
         decode_peak = torch.cuda.max_memory_allocated()
         emit({"what": "rflow-ct image stage (30-step loop + exact decode)", "call": i, "condition": condition,
-              "cudnn_benchmark": autotune,
+              "cudnn_benchmark": autotune, "empty_cache_between_calls": empty_cache,
               "channels_last": cl, "latent": list(z.shape[2:]),
               "decode_budget_GiB": budget_gib, "loop_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
               "s": round(t2 - t0, 3), "peak_alloc_GiB": round(max(loop_peak, decode_peak) / 2**30, 2),
@@ -242,7 +244,8 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3, condition: s
               "decode_host_buffers_GiB_and_address": handed,
               "decode_allocator_counts": {c: torch.cuda.memory_stats().get(c, 0) - before.get(c, 0) for c in counters}})
         del z, y
-        torch.cuda.empty_cache()
+        if empty_cache:
+            torch.cuda.empty_cache()
     decode_module._pageable = pageable
 
 
