@@ -841,13 +841,30 @@ def free_host_memory() -> int:
     return freed
 
 
+_COPY_STREAMS: dict[int, tuple] = {}
+
+
+def _copy_streams(device: torch.device) -> tuple:
+    """The copier's two side streams for `device`, the same ones in every call: the caching allocator keeps freed
+    blocks per stream, so fresh streams (torch hands out the next of its pooled ones) would leave the last call's
+    fetched slabs cached on streams no longer used, and allocate (cudaMalloc) anew in every call, with the reserved
+    memory growing call after call."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _COPY_STREAMS:
+        _COPY_STREAMS[index] = (torch.cuda.Stream(index), torch.cuda.Stream(index))
+    return _COPY_STREAMS[index]
+
+
 class _Copier:
     """Host<->device copies on two side streams, so that they overlap the convolutions: rows a later slab will read
     are fetched while the current slab computes; rows written to the host go while the next slab computes.
     Fetched slabs are allocated on the copy stream and handed to the compute stream with an event."""
 
     def __init__(self, device: torch.device):
-        self.h2d, self.d2h = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        self.h2d, self.d2h = _copy_streams(device)
+        cur = torch.cuda.current_stream(device)
+        self.h2d.wait_stream(cur)  # (the streams outlive the call: order this call's copies after what came before)
+        self.d2h.wait_stream(cur)
         self.fetched: dict[int, list] = {}  # id(store) -> [(lo, hi, tensor, event)]
 
     def new_pass(self) -> None:
