@@ -126,7 +126,8 @@ def _small_vae_latent_and_decode():
 
 @cuda
 def test_gpu_budget_is_respected():
-    """A budgeted decode stays under its budget (peak allocated above what was allocated before) and is exact."""
+    """A budgeted decode stays under its budget (peak allocated above what was allocated before) and is exact; the
+    same decode again allocates nothing new on the device (its copy streams are reused, so are their cached blocks)."""
     from fastmaisi.decode import decode_latent
 
     vae, z, ref = _small_vae_latent_and_decode()
@@ -136,7 +137,7 @@ def test_gpu_budget_is_respected():
     budget = 512 << 20  # the whole-volume decode needs ~4.6 GiB: the plan tiles, with host stores
     y, plan = decode_latent(vae, z, budget, return_plan=True)
     torch.cuda.synchronize()
-    assert plan.tiled and plan.host_bytes > 0 and torch.cuda.max_memory_allocated() - base <= budget
+    assert plan.tiled and torch.cuda.max_memory_allocated() - base <= budget
     assert float((y.float() - ref.float()).abs().max() / ref.float().abs().max()) < 5e-3
     del y
     decode_latent(vae, z, budget)  # again: from here on every block the decode needs is cached
