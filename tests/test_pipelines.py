@@ -121,6 +121,29 @@ def test_from_mask_matches_reference(rflow_nets, scale):
     assert rel(ours, ref) < TOL
 
 
+def test_label_ids_is_the_compact_condition():
+    """The from-mask condition crosses to the device as uint8 ids (1, 1, X, Y, Z), whatever the map's integer dtype;
+    the ControlNet's embedding of them equals its embedding of the 8 bit-channels; ids outside 0..255 are refused."""
+    from fastmaisi.nets.controlnet import ControlNetMaisi
+
+    label = np.array([[[0, 1], [200, 255]], [[7, 128], [64, 3]]], dtype=np.int16)
+    ids = from_mask.label_ids(label, "cpu")
+    assert ids.dtype == torch.uint8 and ids.shape == (1, 1, 2, 2, 2) and torch.equal(ids[0, 0].long(),
+                                                                                       torch.from_numpy(label).long())
+    torch.manual_seed(0)
+    cn = ControlNetMaisi(**{**CNET, "conditioning_embedding_num_channels": (8, 16)}).eval()
+    big = torch.randint(0, 256, (1, 1, 8, 8, 12), dtype=torch.uint8)
+    with torch.no_grad():
+        for p in cn.controlnet_cond_embedding.parameters():  # (its conv_out starts at zero, like MONAI's)
+            p.normal_(0, 0.1)
+        emb = cn.embed_labels(big)
+        assert emb.abs().max() > 0.01
+        torch.testing.assert_close(emb, cn.embed_condition(from_mask.bit_channels(big[0, 0].numpy(), "cpu",
+                                                                                   torch.float32)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="0..255"):
+        from_mask.label_ids(np.array([[[0, 300]]], dtype=np.int16), "cpu")
+
+
 def test_from_mask_ddpm_regions_match_reference():
     from fastmaisi.nets.controlnet import ControlNetMaisi
     from fastmaisi.nets.unet import DiffusionModelUNetMaisi

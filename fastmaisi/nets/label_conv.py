@@ -9,21 +9,10 @@ id 0 does). One Triton pass reads 1 byte per voxel and writes SiLU(conv_in) chan
 
 import torch
 
-from fastmaisi.nets.kernel_device import kernels_run_on
-
-_KERNEL: dict = {}
+from fastmaisi.nets.kernel_device import kernels_run_on, lazy_kernels
 
 
-def _label_conv_kernel():
-    if "k" in _KERNEL or "error" in _KERNEL:
-        return _KERNEL.get("k")
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError as e:
-        _KERNEL["error"] = e
-        return None
-
+def _build(triton, tl):
     @triton.jit
     def label_conv(lab_ptr, tab_ptr, bias_ptr, y_ptr, NV, D, H, W, C: tl.constexpr, SILU: tl.constexpr,
                    BLOCK_V: tl.constexpr):
@@ -48,8 +37,10 @@ def _label_conv_kernel():
             acc = acc * tl.sigmoid(acc)
         tl.store(y_ptr + v[:, None] * C + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=vmask[:, None])
 
-    _KERNEL["k"] = (label_conv, triton.cdiv)
-    return _KERNEL["k"]
+    return label_conv, triton.cdiv
+
+
+_label_conv_kernel = lazy_kernels(_build)
 
 
 def tap_table(weight: torch.Tensor) -> torch.Tensor:

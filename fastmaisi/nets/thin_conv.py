@@ -11,22 +11,12 @@ The same scheme for 64->4 output convs (a dot per tap) and the embedding's 8->8 
 
 import torch
 
-from fastmaisi.nets.kernel_device import kernels_run_on
+from fastmaisi.nets.kernel_device import kernels_run_on, lazy_kernels
 
-_KERNEL: dict = {}
 ENABLED = True  # (benchmarks switch it off to time cuDNN in the same process)
 
 
-def _kernel():
-    if "k" in _KERNEL or "error" in _KERNEL:
-        return _KERNEL.get("k")
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError as e:
-        _KERNEL["error"] = e
-        return None
-
+def _build(triton, tl):
     @triton.jit
     def conv3(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, NV, D, H, W, CIN: tl.constexpr, COUT: tl.constexpr,
               KC: tl.constexpr, RES: tl.constexpr, SILU: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -57,16 +47,18 @@ def _kernel():
             acc = acc * tl.sigmoid(acc)
         tl.store(y_ptr + v[:, None] * COUT + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=vmask[:, None])
 
-    _KERNEL["k"] = (conv3, triton.cdiv)
-    return _KERNEL["k"]
+    return conv3, triton.cdiv
+
+
+_kernel = lazy_kernels(_build)
 
 
 KC = 16  # the dot's K: three kw taps of up to 5 input channels, zero-padded
 
 
 def applies(x: torch.Tensor, conv: torch.nn.Module, r: torch.Tensor | None = None) -> bool:
-    """Whether `thin_conv(x, conv, r)` stands in for conv(x) [+ r]: CUDA inference in fp16/bf16, channels-last 5-D x,
-    a k3 s1 p1 conv (no groups or dilation) with a bias, Cin <= 5 and Cout a power of two in 16..64. x may be NCDHW
+    """Whether `thin_conv(x, conv, r)` stands in for conv(x) [+ r]: CUDA inference in fp16/bf16, a 5-D x, a k3 s1 p1
+    conv (no groups or dilation) with a bias, Cin <= 5 and Cout a power of two in 16..64. x may be NCDHW
     (the sampler's latent is): its few channels are copied to channels-last first."""
     if not (ENABLED and isinstance(conv, torch.nn.Conv3d) and kernels_run_on(x) and x.dim() == 5
             and x.dtype in (torch.float16, torch.bfloat16) and conv.weight.dtype == x.dtype and conv.bias is not None
