@@ -60,15 +60,16 @@ def applies(x: torch.Tensor, conv: torch.nn.Module, r: torch.Tensor | None = Non
     """Whether `thin_conv(x, conv, r)` stands in for conv(x) [+ r]: CUDA inference in fp16/bf16, a 5-D x, a k3 s1 p1
     conv (no groups or dilation) with a bias, Cin <= 5 and Cout a power of two in 16..64. x may be NCDHW
     (the sampler's latent is): its few channels are copied to channels-last first."""
-    if not (ENABLED and isinstance(conv, torch.nn.Conv3d) and kernels_run_on(x) and x.dim() == 5
+    # (asked for every conv of every step: the channel counts, which turn nearly all of them away, come first)
+    if not (isinstance(conv, torch.nn.Conv3d) and 3 * conv.in_channels <= KC and conv.out_channels in (16, 32, 64)
+            and ENABLED and kernels_run_on(x) and x.dim() == 5 and x.shape[1] == conv.in_channels
             and x.dtype in (torch.float16, torch.bfloat16) and conv.weight.dtype == x.dtype and conv.bias is not None
             and not torch.is_grad_enabled()):
         return False
-    cin, cout = conv.in_channels, conv.out_channels
     if (conv.kernel_size != (3, 3, 3) or conv.padding != (1, 1, 1) or conv.stride != (1, 1, 1)
-            or conv.dilation != (1, 1, 1) or conv.groups != 1 or 3 * cin > KC or cout not in (16, 32, 64)
-            or x.shape[1] != cin):
+            or conv.dilation != (1, 1, 1) or conv.groups != 1):
         return False
+    cout = conv.out_channels
     if r is not None and not (r.dtype == x.dtype and r.shape == (x.shape[0], cout, *x.shape[2:])
                               and r.is_contiguous(memory_format=torch.channels_last_3d)):
         return False
