@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -164,7 +165,7 @@ def test_killed_write_leaves_no_final_file(tmp_path):
         gzip.GzipFile.write = slow
         io.write_nifti({str(out / "a.nii.gz")!r}, np.load({str(tmp_path / "image.npy")!r}), (1, 1, 1))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", child], cwd=os.path.dirname(os.path.dirname(io.__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=Path(io.__file__).resolve().parents[2])
     try:
         deadline = time.time() + 30
         while time.time() < deadline and not any(p.stat().st_size for p in out.iterdir()):

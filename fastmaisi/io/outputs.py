@@ -1,0 +1,156 @@
+"""One output set (image, label map, label table, preview, record) written atomically; output-folder checks."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastmaisi.labels import LABEL_NAMES
+from fastmaisi.io.atomic import _remove, _staged, _write_file
+from fastmaisi.io.dicom import _write_dicom_seg, _write_dicom_series
+from fastmaisi.io.nifti import _nifti_image, _write_nifti_to
+from fastmaisi.io.preview import label_color, preview_image
+from fastmaisi.io.record import _dumps, _record_bytes, validate_record
+from fastmaisi.io.volumes import _image_data, _label_data, _spacing, is_ct, ras_affine
+
+LABELS_SCHEMA = "fastmaisi-labels/1"
+
+
+def output_paths(out_dir: str | os.PathLike, stem: str, fmt: str = "nifti") -> dict[str, Path]:
+    """The files of one output set (see the module docstring), by kind."""
+    d = Path(out_dir)
+    names = {"nifti": {"image": f"{stem}_image.nii.gz", "label": f"{stem}_label.nii.gz"},
+             "dicom": {"image": f"{stem}_image_dicom", "label": f"{stem}_label_seg.dcm"}}
+    if fmt not in names:
+        raise ValueError(f"fmt must be one of {sorted(names)}, got {fmt!r}")
+    paths = {k: d / v for k, v in names[fmt].items()}
+    paths.update(labels=d / f"{stem}_labels.json", preview=d / f"{stem}_preview.png", record=d / f"{stem}_record.json")
+    return paths
+
+
+def _check_stem(stem: str) -> None:
+    if not isinstance(stem, str) or not stem or stem.startswith(".") or re.search(r"[/\\\x00]", stem):
+        raise ValueError(f"output name must be a non-empty file name without '/' or a leading '.', got {stem!r}")
+
+
+def _existing(out_dir: Path, stem: str) -> list[Path]:
+    paths = {p for fmt in ("nifti", "dicom") for p in output_paths(out_dir, stem, fmt).values()}
+    return sorted(p for p in paths if p.exists() or p.is_symlink())
+
+
+def check_output_dir(out_dir: str | os.PathLike, stems: Sequence[str], overwrite: bool = False) -> Path:
+    """Create `out_dir` if needed and check, before any compute, that it is writable and that no output of `stems`
+    (in any format) exists unless `overwrite`. Raises ValueError with the reason."""
+    out = Path(out_dir)
+    for stem in stems:
+        _check_stem(stem)
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"output names repeat: {sorted(s for s in set(stems) if list(stems).count(s) > 1)}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".fastmaisi-probe-{os.getpid()}-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"output folder {str(out)!r} is not writable: {exc.strerror or exc}") from exc
+    existing = [p for stem in stems for p in _existing(out, stem)]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 5} more" if len(existing) > 5 else ""
+        shown = ", ".join(p.name for p in existing[:5]) + more
+        raise ValueError(f"outputs already exist in {str(out)!r}: {shown}; pass overwrite=True (--overwrite) to "
+                         "replace them, or choose another folder or name")
+    return out
+
+
+def label_table(label: np.ndarray, spacing: Sequence[float],
+                label_names: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """The `STEM_labels.json` content: every label id present (but 0) with name, colour, voxels and volume (mL)."""
+    counts = np.bincount(label.ravel())
+    ml = float(np.prod(_spacing(spacing))) / 1000.0
+    names = LABEL_NAMES if label_names is None else label_names
+    entries = [{"value": v, "name": names.get(v, f"label_{v}"), "color": list(label_color(v)),
+                "voxels": int(counts[v]), "volume_ml": round(int(counts[v]) * ml, 3)}
+               for v in map(int, np.flatnonzero(counts)) if v != 0]
+    return {"schema": LABELS_SCHEMA, "labels": entries}
+
+
+def write_outputs(out_dir: str | os.PathLike, stem: str, image_hu: Any, label: Any, spacing: Sequence[float],
+                  record: Mapping[str, Any], *, modality: str | int, preview: bool = True, fmt: str = "nifti",
+                  overwrite: bool = False, origin: Sequence[float] | None = None,
+                  label_names: Mapping[int, str] | None = None,
+                  window: str | tuple[float, float] | None = None) -> dict[str, Path]:
+    """Write one output set (image, label map or None, label table, preview, record) atomically; return its paths.
+
+    `image_hu` is int16-compatible (see `hu_from_unit`), `label` uint8-compatible or None (image-only generation);
+    `modality` ("ct", "mr", or a MAISI id) picks the preview window and the DICOM IOD; `label_names` default to the
+    MAISI vocabulary (`fastmaisi.labels.LABEL_NAMES`).
+    The record (see the module docstring) gains "geometry" and "outputs" (file names and SHA-256), and is written
+    last. With `overwrite`, outputs of `stem` in the other format are removed so the folder holds one coherent set.
+    Raises ValueError on bad input or existing outputs, OSError when writing fails (nothing left under final names).
+    """
+    # 1. check everything before writing anything
+    _check_stem(stem)
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise ValueError(f"output folder {str(out)!r} does not exist; call check_output_dir() first")
+    rec = validate_record(record)
+    is_ct(modality)
+    image = _image_data(image_hu)
+    lab = None if label is None else _label_data(label, image.shape)
+    affine = ras_affine(spacing, origin)
+    paths = output_paths(out, stem, fmt)
+    if lab is None:
+        del paths["label"], paths["labels"]
+    elif fmt == "dicom" and not lab.any():
+        raise ValueError("label map is empty (all 0): a DICOM SEG needs a segment; pass label=None")
+    if not preview:
+        del paths["preview"]
+    if not overwrite:
+        existing = _existing(out, stem)
+        if existing:
+            raise ValueError(f"outputs already exist: {', '.join(p.name for p in existing)}; pass overwrite=True "
+                             "(--overwrite) to replace them")
+    # 2. write everything under temporary names, then rename into place (record last)
+    from fastmaisi.weights import sha256_file  # (imports torch)
+
+    outputs: dict[str, Any] = {}
+    with _staged(f"outputs {stem!r} in {str(out)!r}", overwrite=True) as st:  # existing files checked above
+        if fmt == "nifti":
+            for kind, data in (("image", image), ("label", lab)):
+                if data is not None:
+                    tmp = st.path(paths[kind])
+                    _write_nifti_to(tmp, _nifti_image(data, affine, kind), compress=True)
+                    outputs[kind] = {"file": paths[kind].name, "format": "nifti", "dtype": str(data.dtype),
+                                     "sha256": sha256_file(tmp)}
+        else:
+            datasets = _write_dicom_series(st.path(paths["image"]), image, affine, modality, rec)
+            outputs["image"] = {"file": paths["image"].name, "format": "dicom", "files": len(datasets)}
+            if lab is not None:
+                tmp = st.path(paths["label"])
+                _write_dicom_seg(tmp, datasets, lab, label_names)
+                outputs["label"] = {"file": paths["label"].name, "format": "dicom-seg", "sha256": sha256_file(tmp)}
+        if lab is not None:
+            table = (_dumps(label_table(lab, spacing, label_names)) + "\n").encode()
+            _write_file(st.path(paths["labels"]), lambda f: f.write(table))
+            outputs["labels"] = {"file": paths["labels"].name, "format": "json"}
+        if preview:
+            pic = preview_image(image, lab, spacing, modality, window)
+            tmp = st.path(paths["preview"])
+            _write_file(tmp, lambda f: pic.save(f, format="PNG"))
+            outputs["preview"] = {"file": paths["preview"].name, "format": "png"}
+        rec["geometry"] = {"shape": list(image.shape), "spacing": list(_spacing(spacing)),
+                           "origin": affine[:3, 3].tolist(), "orientation": "RAS", "affine": affine.tolist()}
+        rec["outputs"] = outputs
+        data = _record_bytes(rec)
+        _write_file(st.path(paths["record"]), lambda f: f.write(data))
+    if overwrite:  # leftovers of an earlier run in the other format would contradict the record
+        for p in _existing(out, stem):
+            if p not in paths.values():
+                _remove(p)
+    return paths
