@@ -182,8 +182,8 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3, condition: s
     stage (the three networks' weights, the 8-channel 512^3 condition until its embedding is computed, the loop's
     graphs if any, the decode); the first call also page-locks the decode's host memory. condition: "labels" (the
     uint8 map goes to the device and the ControlNet embeds it, as `from_mask` does) or "bits" (the 8-channel fp16
-    condition is built first, as before session 10). empty_cache: give the caching allocator's blocks back to CUDA
-    after each call, so every call allocates afresh (`generate` does not between samples)."""
+    condition is built first, as before `nets.label_conv`). empty_cache: give the caching allocator's blocks back to
+    CUDA after each call, so every call allocates afresh (`generate` does not between samples)."""
     from fastmaisi.decode import execute as decode_executor, host_memory
     from fastmaisi.decode import decode_latent
     from fastmaisi.nets.blocks import _is_channels_last
