@@ -1,4 +1,5 @@
-"""The four MAISI product variants: network definitions, schedulers, weight file names and sampling defaults.
+"""The four MAISI product variants and the built-in demo: network definitions, schedulers, weight file names and
+sampling defaults.
 
 Torch-free: the CLI answers `--help` and validates from here before importing torch. Network definitions are the
 constructor keyword arguments of the MONAI classes (the `*_def` entries of NVIDIA's `config_network_*.json`, with the
