@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_timing import event_ms  # noqa: E402
 from records import jsonl_log  # noqa: E402
 
-from fastmaisi.nets import blocks  # noqa: E402
+from fastmaisi.nets import fused_ops  # noqa: E402
 
 SHAPES = [  # the UNet's GroupNorm inputs at a 128^3 latent (all levels), and decode slabs at 512^2
     (1, 64, 128, 128, 128), (1, 128, 128, 128, 128), (1, 192, 128, 128, 128), (1, 128, 64, 64, 64),
@@ -54,8 +54,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep the stats_cl tiling")
     args = ap.parse_args()
     log = jsonl_log("bench_gn_stats")
-    k = blocks._triton_kernels()
-    default = blocks._stats_cl_config
+    k = fused_ops._triton_kernels()
+    default = fused_ops._stats_cl_config
     configs = [None]
     if args.sweep:
         configs += [dict(block_c=c, block_s=s, num_warps=w, programs=p)
@@ -73,10 +73,10 @@ def main():
         row = {"shape": shape, "GB": round(gb, 3), "copy_ms": round(graph_ms(lambda: x.clone()), 4)}
         scale = torch.rand(B, C, device="cuda") + 0.5
         shift = torch.randn(B, C, device="cuda")
-        row["apply_ms"] = round(graph_ms(lambda: blocks.scale_shift(x, scale, shift, True)), 4)
+        row["apply_ms"] = round(graph_ms(lambda: fused_ops.scale_shift(x, scale, shift, True)), 4)
 
         def old():  # the two-pass kernel, which channels-last tensors used before
-            return blocks._stats_two_pass(x, k)
+            return fused_ops._stats_two_pass(x, k)
 
         def errs(out):
             mean_c, m2_c = merged(*out)
@@ -86,17 +86,17 @@ def main():
         row["old_mean_err"], row["old_m2_relerr"] = errs(old())
         log(row)
         for cfg in configs:
-            blocks._stats_cl_config = default if cfg is None else (lambda n, cfg=cfg: cfg)
+            fused_ops._stats_cl_config = default if cfg is None else (lambda n, cfg=cfg: cfg)
             chosen, cfg = cfg is None, cfg or default(x.numel())
             try:
-                ms = graph_ms(lambda: blocks._stats_tiles(x, k))
-                e = errs(blocks._stats_tiles(x, k))
+                ms = graph_ms(lambda: fused_ops._stats_tiles(x, k))
+                e = errs(fused_ops._stats_tiles(x, k))
             except Exception as err:  # a tiling that does not compile (registers, shared memory)
                 log({"shape": shape, **cfg, "error": str(err)[:200]})
                 continue
             log({"shape": shape, "chosen": chosen, **cfg, "new_ms": round(ms, 4), "TBps": round(gb / ms, 2), "vs_old": round(row["old_ms"] / ms, 2),
                  "mean_err": e[0], "m2_relerr": e[1]})
-        blocks._stats_cl_config = default
+        fused_ops._stats_cl_config = default
 
 
 if __name__ == "__main__":

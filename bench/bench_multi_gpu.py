@@ -123,7 +123,7 @@ class Runner:
         note(f"{name}: {' '.join(cmd[1:])}")
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, env=self.env(nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)  # own process group: a timeout ends all of it
+                                text=True, preexec_fn=os.setsid)  # own process group: a timeout ends all of it
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
             rc = proc.returncode

@@ -182,9 +182,9 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3, condition: s
     stage (the three networks' weights, the 8-channel 512^3 condition until its embedding is computed, the loop's
     graphs if any, the decode); the first call also page-locks the decode's host memory. condition: "labels" (the
     uint8 map goes to the device and the ControlNet embeds it, as `from_mask` does) or "bits" (the 8-channel fp16
-    condition is built first, as before session 10). empty_cache: give the caching allocator's blocks back to CUDA
-    after each call, so every call allocates afresh (`generate` does not between samples)."""
-    import fastmaisi.decode as decode_module
+    condition is built first, as before `nets.label_conv`). empty_cache: give the caching allocator's blocks back to
+    CUDA after each call, so every call allocates afresh (`generate` does not between samples)."""
+    from fastmaisi.decode import execute as decode_executor, host_memory
     from fastmaisi.decode import decode_latent
     from fastmaisi.nets.blocks import _is_channels_last
     from fastmaisi.pipelines.from_mask import bit_channels, label_ids
@@ -196,21 +196,21 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3, condition: s
     cl = _is_channels_last(next(w for w in unet.parameters() if w.dim() == 5))
     inp.pop("cond")  # the stage starts, as `from_mask` does, from a uint8 label map in host memory
     label = label_map([4 * s for s in inp["x"].shape[2:]])
-    pageable, new_host = decode_module._pageable, []
+    pageable, new_host = host_memory._pageable, []
 
     def counting_pageable(nbytes):  # host buffers the decode had to allocate and page-lock in this call
         new_host.append(nbytes)
         return pageable(nbytes)
 
-    decode_module._pageable = counting_pageable
-    host_buffer, handed = decode_module._host_buffer, []
+    host_memory._pageable = counting_pageable
+    host_buffer, handed = decode_executor._host_buffer, []
 
     def recording_host_buffer(nbytes):  # which pooled buffer each host-stored activation gets, in order
         buf = host_buffer(nbytes)
         handed.append((round(nbytes / 2**30, 2), buf.data_ptr() % 2**32))
         return buf
 
-    decode_module._host_buffer = recording_host_buffer
+    decode_executor._host_buffer = recording_host_buffer
     counters = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
     for i, autotune in [(i, False) for i in range(repeats)] + [(i, True) for i in range(repeats, repeats + 2)]:
         torch.backends.cudnn.benchmark = autotune
@@ -246,7 +246,8 @@ def image_stage(unet, cnet, inp, budget_gib: int, repeats: int = 3, condition: s
         del z, y
         if empty_cache:
             torch.cuda.empty_cache()
-    decode_module._pageable = pageable
+    host_memory._pageable = pageable
+    decode_executor._host_buffer = host_buffer
 
 
 def mask_stage(repeats):

@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--fraction", type=float, default=None)
     args = ap.parse_args()
     if args.fraction is not None:
-        D._PLAN_FRACTION = args.fraction
+        D.plan._PLAN_FRACTION = args.fraction
     workspace()
     kw = {k: v for k, v in image_autoencoder_def().items() if not k.startswith("_")}
     vae = AutoencoderKlMaisi(**kw).to(dev).half().eval()
@@ -55,16 +55,16 @@ def main():
         D._shapes(ops, slots, z.shape[2:])
         pl = D._Planner(ops, slots, 1, 1, 2, "cuda")
         peaks = plan._peaks
-        D.TRACE = []
+        D.execute.TRACE = []
         D.decode_latent(vae, z, b)
-        print(f"budget {gib} GiB (fraction {D._PLAN_FRACTION}), depth {args.depth * 4}: plan peak "
+        print(f"budget {gib} GiB (fraction {D.plan._PLAN_FRACTION}), depth {args.depth * 4}: plan peak "
               f"{plan.peak_bytes / 2**30:.2f}", flush=True)
         slabs = {}
-        for e in D.TRACE:
+        for e in D.execute.TRACE:
             if e[0] == "slab":
                 slabs.setdefault(e[1], []).append(e[3])
         last = D._lifetimes(ops, slots, plan._place)
-        for e in D.TRACE:
+        for e in D.execute.TRACE:
             if e[0] == "slab":
                 continue
             k, kind, where, rows, peak, secs = e
@@ -78,7 +78,7 @@ def main():
                   f"{(peaks[k] + extra) / 2**30:6.2f} GiB; allocated after slabs first/max/last "
                   f"{(al[0] - base) / 2**30:.2f}/{(max(al) - base) / 2**30:.2f}/{(al[-1] - base) / 2**30:.2f}; "
                   f"{secs:.3f} s (estimated {est:.3f}, of which convs {conv:.3f})")
-        D.TRACE = None
+        D.execute.TRACE = None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The four MAISI product variants: network definitions, schedulers, weight file names and sampling defaults.
+"""The four MAISI product variants and the built-in demo: network definitions, schedulers, weight file names and
+sampling defaults.
 
 Torch-free: the CLI answers `--help` and validates from here before importing torch. Network definitions are the
 constructor keyword arguments of the MONAI classes (the `*_def` entries of NVIDIA's `config_network_*.json`, with the
@@ -8,6 +9,7 @@ constructor keyword arguments of the MONAI classes (the `*_def` entries of NVIDI
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _AE = "monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi"
 _UNET = "monai.apps.generation.maisi.networks.diffusion_model_unet_maisi.DiffusionModelUNetMaisi"
@@ -125,11 +127,75 @@ CT_FOV_MM = ((250.0, 700.0), (250.0, 700.0), (120.0, 1800.0))
 MR_FOV_MM = ((100.0, 400.0), (100.0, 400.0), (60.0, 400.0))
 
 
-def get_variant(name: str) -> Variant:
-    """A MAISI variant by name, or "demo": the built-in demo networks (`fastmaisi.demo`)."""
-    if name == "demo":
-        from fastmaisi.demo import DEMO_VARIANT
+# ------------------------------------------------------------------------------------------ the built-in demo
+# Narrow networks trained by `scripts/train_demo.py` on the procedural phantoms (`fastmaisi.phantom`), shipped in
+# `fastmaisi/data/demo/`; the helpers that run them are in `fastmaisi.demo`. Grid 64^3 at 4.5 x 4.5 x 4.0 mm; image
+# latent 4 x 16^3; the mask DM works directly on the image grid (mask latent 4 x 16^3, 100 DDPM steps).
+DEMO_WEIGHTS_DIR = Path(__file__).parent / "data" / "demo"  # shipped inside the package
+DEMO_SIZE = (64, 64, 64)
+DEMO_SPACING = (4.5, 4.5, 4.0)
+DEMO_STEPS = 30  # rflow steps of the image DM (ControlNet + UNet)
+DEMO_MASK_STEPS = 100  # DDPM steps of the mask DM (divides 1000)
+DEMO_MASK_LATENT_SHAPE = (4, 16, 16, 16)  # the mask DM's latent: the demo grid / 4
+DEMO_MASK_SPACING = DEMO_SPACING  # the mask VAE decodes straight onto the demo grid
+DEMO_FILES = {"autoencoder": "demo_autoencoder", "diffusion_unet": "demo_diffusion_unet",
+              "controlnet": "demo_controlnet", "mask_autoencoder": "demo_mask_autoencoder",
+              "mask_diffusion": "demo_mask_diffusion_unet"}
+DEMO_ORGAN_SIZES = {"gallbladder": 0.0025, "liver": 0.106, "stomach": 0.0164, "pancreas": 0.0053, "colon": 0.0268}
+"""Default organ sizes of the paired workflow: the training phantoms' medians (organ voxels / labelled voxels,
+`train.data.organ_size_vector`); tumour slots -1 (absent)."""
 
+
+def _demo_ae(in_channels: int, out_channels: int, channels, res_blocks, transposed: bool) -> dict:
+    return dict(_target_=_AE, spatial_dims=3, in_channels=in_channels, out_channels=out_channels, latent_channels=4,
+                num_channels=list(channels), num_res_blocks=list(res_blocks), norm_num_groups=8, norm_eps=1e-6,
+                attention_levels=[False, False, False], with_encoder_nonlocal_attn=False,
+                with_decoder_nonlocal_attn=False, use_checkpointing=False, use_convtranspose=transposed,
+                norm_float16=False, num_splits=1, dim_split=1)
+
+
+def _demo_trunk() -> dict:
+    """Keyword arguments shared by the demo image UNet and its ControlNet (the rflow-ct trunk, narrow)."""
+    return dict(spatial_dims=3, in_channels=4, num_channels=[16, 32, 32, 48],
+                attention_levels=[False, False, True, True], num_head_channels=[0, 0, 16, 16], num_res_blocks=1,
+                norm_num_groups=8, use_flash_attention=True, num_class_embeds=128, resblock_updown=True,
+                include_fc=True)
+
+
+def demo_definitions() -> dict:
+    """Network definitions of the demo, by role (the official `*_def` layout)."""
+    return {
+        "autoencoder": _demo_ae(1, 1, (16, 32, 32), (1, 1, 1), False),
+        "diffusion_unet": dict(_target_=_UNET, out_channels=4, **_demo_trunk(),
+                               include_top_region_index_input=False, include_bottom_region_index_input=False,
+                               include_spacing_input=True),
+        "controlnet": dict(_target_=_CNET, conditioning_embedding_in_channels=8,
+                           conditioning_embedding_num_channels=[8, 16, 16], **_demo_trunk()),
+        "mask_autoencoder": _demo_ae(8, 125, (8, 16, 32), (1, 1, 1), True),
+        "mask_diffusion": dict(_target_=_MASK_UNET, spatial_dims=3, in_channels=4, out_channels=4,
+                               channels=[16, 32, 32, 48], attention_levels=[False, False, True, True],
+                               num_head_channels=[0, 0, 16, 16], num_res_blocks=1, norm_num_groups=8,
+                               use_flash_attention=True, with_conditioning=True, upcast_attention=True,
+                               cross_attention_dim=10),
+    }
+
+
+@dataclass(frozen=True)
+class DemoVariant(Variant):
+    """A `Variant` whose networks are the narrow demo definitions; the mask DM works on the image grid."""
+
+    def definitions(self) -> dict:
+        return {role: d for role, d in demo_definitions().items() if role in self.files}
+
+
+DEMO_VARIANT = DemoVariant("demo", "ct", False, RFLOW_SCHEDULER_DEF, DEMO_STEPS, DEMO_SIZE, DEMO_SPACING, 1, 0.0,
+                           dict(DEMO_FILES), mask_steps=DEMO_MASK_STEPS, mask_latent_shape=DEMO_MASK_LATENT_SHAPE,
+                           mask_spacing=DEMO_MASK_SPACING, default_organ_sizes=dict(DEMO_ORGAN_SIZES))
+
+
+def get_variant(name: str) -> Variant:
+    """A MAISI variant by name, or "demo": the built-in demo networks (DEMO_VARIANT)."""
+    if name == "demo":
         return DEMO_VARIANT
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}, demo")

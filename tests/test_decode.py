@@ -87,7 +87,7 @@ def test_progress_bar_counts_every_slab(vae):
 
     z = torch.randn(2, 4, 6, 5, 7, generator=torch.Generator().manual_seed(4))
     budget = _budget_for_slabs(lambda s, d, b: plan_decode(s, d, b, torch.float32, vae), z.shape)
-    with mock.patch.object(D, "tqdm", Bar):
+    with mock.patch.object(D.execute, "tqdm", Bar):  # the executor draws the bar
         _, plan = decode_latent(vae, z, budget, return_plan=True, progress=True)
         decode_latent(vae, z, budget)
     ops, slots = D._compile(vae.decoder.blocks, vae.latent_channels, vae.post_quant_conv)
@@ -182,7 +182,7 @@ def _unlimited_host_memory(monkeypatch):
     """CUDA plans made here do not depend on this machine's free RAM (one test sets a limit itself)."""
     from fastmaisi import decode as D
 
-    monkeypatch.setattr(D, "_host_available", lambda: None)
+    monkeypatch.setattr(D.plan, "_host_available", lambda: None)
 
 
 def test_planner_keeps_page_locked_memory_within_what_the_host_has(monkeypatch):
@@ -191,18 +191,18 @@ def test_planner_keeps_page_locked_memory_within_what_the_host_has(monkeypatch):
     shape, budget = (1, 4, 128, 128, 128), 12 << 30
     free = plan_decode(shape, "cuda", budget, torch.float16)
     assert free.host_bytes > 6 << 30  # with no limit the plan streams through the host
-    monkeypatch.setattr(D, "_host_available", lambda: 4 << 30)
+    monkeypatch.setattr(D.plan, "_host_available", lambda: 4 << 30)
     held = plan_decode(shape, "cuda", budget, torch.float16)
     assert held.tiled and 0 < held.host_bytes <= 4 << 30 and held.peak_bytes <= budget
     assert held.est_seconds - held.setup_seconds > free.est_seconds - free.setup_seconds  # recomputes instead
     made = []
     make = D._make_plan
-    monkeypatch.setattr(D, "_make_plan", lambda *a: made.append(a[-1]) or make(*a))
-    monkeypatch.setattr(D, "_host_available", lambda: (4 << 30) + (512 << 20))
+    monkeypatch.setattr(D.plan, "_make_plan", lambda *a: made.append(a[-1]) or make(*a))
+    monkeypatch.setattr(D.plan, "_host_available", lambda: (4 << 30) + (512 << 20))
     assert plan_decode(shape, "cuda", budget, torch.float16).host_bytes == held.host_bytes and made == []  # reused
-    monkeypatch.setattr(D, "_host_available", lambda: 3 << 30)
+    monkeypatch.setattr(D.plan, "_host_available", lambda: 3 << 30)
     assert plan_decode(shape, "cuda", budget, torch.float16).host_bytes <= 3 << 30 and made == [3 << 30]
-    monkeypatch.setattr(D, "_host_available", lambda: 0)
+    monkeypatch.setattr(D.plan, "_host_available", lambda: 0)
     with pytest.raises(ValueError, match="page-locked host memory, and 0.0 GiB is available"):
         plan_decode(shape, "cuda", 4 << 30, torch.float16)
 
@@ -213,15 +213,15 @@ def test_a_plan_the_host_limit_did_not_bind_is_kept_when_the_host_frees_memory(m
     from fastmaisi import decode as D
 
     shape, budget = (1, 4, 96, 96, 96), 8 << 30
-    monkeypatch.setattr(D, "_host_available", lambda: 200 << 30)
+    monkeypatch.setattr(D.plan, "_host_available", lambda: 200 << 30)
     first = plan_decode(shape, "cuda", budget, torch.float16)
     assert first.host_bytes > 0 and not D._PLANS[next(k for k in D._PLANS if k[2] == shape)]._host_bound
     made = []
     make = D._make_plan
-    monkeypatch.setattr(D, "_make_plan", lambda *a: made.append(a[-1]) or make(*a))
-    monkeypatch.setattr(D, "_host_available", lambda: 260 << 30)
+    monkeypatch.setattr(D.plan, "_make_plan", lambda *a: made.append(a[-1]) or make(*a))
+    monkeypatch.setattr(D.plan, "_host_available", lambda: 260 << 30)
     assert plan_decode(shape, "cuda", budget, torch.float16).host_bytes == first.host_bytes and made == []
-    monkeypatch.setattr(D, "_host_available", lambda: first.host_bytes // 2)  # now it would bind: search again
+    monkeypatch.setattr(D.plan, "_host_available", lambda: first.host_bytes // 2)  # now it would bind: search again
     assert plan_decode(shape, "cuda", budget, torch.float16).host_bytes <= first.host_bytes // 2
     assert made == [first.host_bytes // 2]
 

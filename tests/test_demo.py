@@ -92,17 +92,14 @@ def test_paired_quality_check(paired_run):
 
 
 def test_generate_cli_runs_the_demo(tmp_path):
-    """`fastmaisi generate -o DIR` on a fresh process: one line says the demo is used, done in <= 60 s."""
+    """`fastmaisi generate -o DIR` in a fresh process: one line says the demo is used (timed by bench/bench_demo.py)."""
     import subprocess
     import sys
-    import time
 
     import nibabel as nib
 
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fastmaisi", "generate", "-o", str(tmp_path), "-q"],
                           capture_output=True, text=True, timeout=300)
-    seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
     notes = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(notes) == 1 and notes[0].startswith("no --weights: the built-in demo networks"), proc.stderr
@@ -111,5 +108,3 @@ def test_generate_cli_runs_the_demo(tmp_path):
     assert np.allclose(np.abs(np.diag(image.affine)[:3]), demo.DEMO_SPACING)
     record = json.loads((tmp_path / "sample_000000_record.json").read_text())
     assert record["variant"] == "demo" and record["quality_check"]["passed"]
-    print(f"fastmaisi generate (demo) took {seconds:.1f} s")
-    assert seconds <= 60.0

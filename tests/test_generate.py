@@ -234,9 +234,9 @@ def test_no_weights_says_what_to_pass(tmp_path, capsys):
 
 def test_no_weights_without_demo_files_fails_cleanly(tmp_path, capsys, monkeypatch):
     """No --weights and the demo weights missing (a trimmed install): exit 2, one line naming the files."""
-    import fastmaisi.demo
+    import fastmaisi.variants
 
-    monkeypatch.setattr(fastmaisi.demo, "DEMO_WEIGHTS_DIR", tmp_path / "empty")
+    monkeypatch.setattr(fastmaisi.variants, "DEMO_WEIGHTS_DIR", tmp_path / "empty")
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
     assert generate_main(["-o", str(out), "-q"]) == 2

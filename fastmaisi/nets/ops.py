@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastmaisi.nets.fused_ops import scale_shift
+
 
 def no_autocast(x: torch.Tensor):
     """A context with autocast off for x's device (none on the meta device, which `--dry-run` plans run on)."""
@@ -73,8 +75,6 @@ class _GroupNormKeepInput(torch.autograd.Function):
             gc = grad.to(xc.dtype).contiguous(memory_format=layout)
             w = weight.to(xc.dtype) if weight is not None else None
             if ctx.silu:
-                from fastmaisi.nets.blocks import scale_shift
-
                 rstd_c = rstd.float().repeat_interleave(C // G, dim=1)  # (N, C)
                 scale = rstd_c * (weight.float() if weight is not None else 1.0)
                 shift = -mean.float().repeat_interleave(C // G, dim=1) * scale

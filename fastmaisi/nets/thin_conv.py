@@ -2,7 +2,7 @@
 Triton implicit GEMM with the bias, a residual (the ControlNet's condition embedding) and SiLU fused.
 
 cuDNN + our bias pass take 1.65 ms for 4->64 at 128^3 on an H200, about ten times the memory traffic's worth; this
-kernel 0.36 ms (`bench/thin_conv.py`). One program computes BLOCK_M output voxels: per (kd, kh) row of taps, the three
+kernel 0.36 ms (docs/performance.md). One program computes BLOCK_M output voxels: per (kd, kh) row of taps, the three
 kw taps' inputs are 3 * Cin contiguous values in channels-last memory, so one [BLOCK_M, 16] load and one tensor-core
 dot cover them (K padded to 16 with zero weights). fp32 accumulation, bias (+ residual) (+ SiLU) in fp32, one rounding.
 The same scheme for 64->4 output convs (a dot per tap) and the embedding's 8->8 convs was slower than cuDNN (1.25 vs

@@ -18,8 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastmaisi.decode import format_seconds
 
 # FLOP/s of a denoiser step on an H200 (fp16, channels-last), by latent voxels: rflow-ct's ControlNet + UNet at 128^3,
-# 31.5 TFLOP counted here in 84.1 ms = 375 TFLOP/s (bench/step_time.py, session 9's GroupNorm statistics and fusions);
-# the mask UNet at 64^3, 1.83 TFLOP in 7.23 ms = 253 TFLOP/s (bench/bench_mask_layout.py, measured before our
+# 31.5 TFLOP counted here in 84.1 ms = 375 TFLOP/s (bench/step_time.py, with the Welford GroupNorm statistics);
+# the mask UNet at 64^3, 1.83 TFLOP in 7.23 ms = 253 TFLOP/s (docs/performance.md, measured before our
 # attention kernel). Elsewhere: the power law through those two.
 CUDA_RATE, CUDA_RATE_VOXELS, CUDA_RATE_EXPONENT = 375e12, 128**3, 0.1893
 # fp32 on a CPU: the demo's ControlNet + UNet on 2 cores of a development machine (4.0 GFLOP in 0.10 s at latent

@@ -283,7 +283,7 @@ def _weights_dir(request: GenerateRequest, variant, roles, opts, dry_run: bool) 
             return None
         raise ValueError(f"no --weights given: pass --weights DIR, a folder with the {variant.name} weight files "
                          "(official .pt or converted .safetensors), or leave out --variant to run the built-in demo")
-    from fastmaisi.demo import DEMO_WEIGHTS_DIR
+    from fastmaisi.variants import DEMO_WEIGHTS_DIR
 
     print(f"no --weights: the built-in demo networks ({'x'.join(map(str, opts['size']))} phantom-trained toys, not "
           "real CT; fastmaisi/data/demo)", file=sys.stderr)

@@ -38,7 +38,7 @@ class Models:
 # On CUDA the diffusion networks run channels-last: cuDNN's 3-D convs take NDHWC natively, so the NCDHW in/out
 # transposes around every conv disappear. H200, CUDA graphs: rflow-ct 512^3 ControlNet + UNet step 0.103 s NCDHW,
 # 0.093 s channels-last (bench/bench_nets.py); mask DM step at 64^3 8.45 ms NCDHW, 7.23 ms channels-last, so the
-# 1000-step mask stage 8.4 -> 7.2 s (bench/bench_mask_layout.py). The VAEs go through `decode`, which picks its own.
+# 1000-step mask stage 8.4 -> 7.2 s (docs/performance.md). The VAEs go through `decode`, which picks its own.
 CHANNELS_LAST_ROLES = ("diffusion_unet", "controlnet", "mask_diffusion")
 
 
