@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastmaisi.nets.derived import reuse_derived_weights
 from fastmaisi.pipelines.common import latent_noise, region_tensor, regions_from_label, spacing_tensor
 from fastmaisi.pipelines.models import Models
 from fastmaisi.pipelines.sampling import image_denoiser, sample
@@ -97,8 +98,9 @@ def sample_latent_from_mask(models: Models, label: np.ndarray, *, spacing, modal
     denoise = image_denoiser(models.diffusion_unet, models.controlnet, **kwargs)
     del kwargs  # the full-resolution label maps: the denoiser keeps only their embedding
     g = torch.Generator(device=device).manual_seed(int(seed) + 1)  # DDPM's per-step noise (RFlow draws none)
-    return sample(denoise, build_scheduler(models.scheduler_def), x, steps, generator=g, disable=not progress,
-                  desc="image DM", method=sampler, cuda_graph=models.cuda_graphs)
+    with reuse_derived_weights(models.diffusion_unet, models.controlnet):
+        return sample(denoise, build_scheduler(models.scheduler_def), x, steps, generator=g, disable=not progress,
+                      desc="image DM", method=sampler, cuda_graph=models.cuda_graphs)
 
 
 def crop_to_body(image_hu: np.ndarray, label: np.ndarray, background: int) -> np.ndarray:
