@@ -20,7 +20,8 @@ def latent_noise(seed: int, shape, device, dtype) -> torch.Tensor:
 
 def spacing_tensor(spacing, device, dtype, fp16_first: bool = False) -> torch.Tensor:
     """Spacing in mm x 100, (1, 3): the reference's conditioning convention. fp16_first: round as the reference's
-    from-mask and paired paths do, fp16(fp16(s) * 100) (0.781 mm -> 78.125, not 78.0625), then cast to `dtype`."""
+    from-mask and paired paths do, fp16(fp16(s) * 100) (0.781 mm -> 78.0625, where fp16(s * 100) is 78.125), then
+    cast to `dtype`."""
     if fp16_first:
         half = torch.tensor([[float(s) for s in spacing]], dtype=torch.float16)
         return (half * 100).to(device=device, dtype=dtype)
