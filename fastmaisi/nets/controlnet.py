@@ -1,22 +1,18 @@
 """MAISI ControlNet with MONAI's state_dict layout (`ControlNetMaisi`).
 
 Same constructor keywords/defaults and forward as MONAI's class; returns (12 down residuals, mid residual) for
-`DiffusionModelUNetMaisi`. Execution tricks are those of `blocks.py`, plus the conditioning-embedding cache:
+`DiffusionModelUNetMaisi`. Execution tricks are those of `blocks.py`.
 
 The conditioning embedding (six convs at full image resolution, e.g. 8 channels at 512^3) depends only on
-`controlnet_cond`, which is the same tensor at every sampling step. Two ways to compute it once:
-- automatic: in eval mode, when autograd does not need it, the embedding of the last `controlnet_cond` is kept and
-  reused when the *same tensor object* comes again unmodified (checked by identity through a weak reference, its
-  version counter, the embedding weights' storage and version counters, and the autocast state). Set
-  `cache_condition_embedding = False` to turn this off; `clear_condition_cache()` frees it. Weights changed through
-  `.data` (which bypasses version counters) are not detected: call `clear_condition_cache()` after doing that.
-- explicit: `emb = net.embed_condition(cond)` once, then `net(x, t, controlnet_cond=None,
-  controlnet_cond_embedding=emb, ...)` every step.
+`controlnet_cond`, which is the same at every sampling step. Compute it once explicitly and pass it every step:
+`emb = net.embed_condition(cond)` (or `net.embed_labels(label_map)`), then `net(x, t, controlnet_cond=None,
+controlnet_cond_embedding=emb, ...)` (what `pipelines.sampling.image_denoiser` does). A forward given
+`controlnet_cond` embeds it at every call, as MONAI's class does: nothing is cached behind the caller's back, so a
+condition refilled in place (through numpy or `.data`) or weights updated through `.data` always take effect.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -109,8 +105,6 @@ class ControlNetMaisi(nn.Module):
         self.use_checkpointing = use_checkpointing
         self.upcast_attention = upcast_attention  # accepted, no effect
         self.use_flash_attention = use_flash_attention  # accepted, SDPA is always used
-        self.cache_condition_embedding = True
-        self._cond_cache = None
 
         self.conv_in = Conv(spatial_dims, in_channels, channels[0], 3, 1, 1)
         embed_dim = channels[0] * 4
@@ -160,24 +154,7 @@ class ControlNetMaisi(nn.Module):
         return self.embed_condition(binarize_labels(label, dtype=conv.weight.dtype, channels_last=label.is_cuda))
 
     def clear_condition_cache(self) -> None:
-        self._cond_cache = None
-
-    def _condition_embedding(self, cond: torch.Tensor) -> torch.Tensor:
-        params = list(self.controlnet_cond_embedding.parameters())
-        if (not self.cache_condition_embedding or self.training
-                or (torch.is_grad_enabled() and (cond.requires_grad or any(p.requires_grad for p in params)))):
-            return self.embed_condition(cond)
-        key = (cond._version, tuple((p.data_ptr(), p._version) for p in params), autocast_enabled(cond.device),
-               torch.get_autocast_dtype(cond.device.type) if hasattr(torch, "get_autocast_dtype") else None,
-               torch.is_inference_mode_enabled())
-        cached = self._cond_cache
-        if cached is not None and cached[0]() is cond and cached[1] == key:
-            return cached[2]
-        self._cond_cache = None  # free the old embedding before computing the new one
-        emb = self.embed_condition(cond)
-        # the detached parameter views pin their storage, so a data_ptr in the key cannot be reused meanwhile
-        self._cond_cache = (weakref.ref(cond), key, emb, [p.detach() for p in params])
-        return emb
+        """Nothing to clear: the condition embedding is never cached implicitly (kept so older callers run)."""
 
     # ---------------------------------------------------------------------------------------------------- forward
     def forward(
@@ -195,7 +172,7 @@ class ControlNetMaisi(nn.Module):
         if controlnet_cond_embedding is None:
             if controlnet_cond is None:
                 raise ValueError("give controlnet_cond (or a precomputed controlnet_cond_embedding)")
-            controlnet_cond_embedding = self._condition_embedding(controlnet_cond)
+            controlnet_cond_embedding = self.embed_condition(controlnet_cond)
         emb = time_and_class_embedding(self, x, timesteps, class_labels)
         temb = time_projections(self._resnets, emb)
 

@@ -193,23 +193,24 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 def upsample_conv(x: torch.Tensor, conv: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
     """conv(nearest_x2(x)) for a k3 p1 s1 conv as one transposed conv on the coarse grid (same math, no upsampled
     copy; cuDNN runs the 2^d phases with 2^d taps each: 8/27 of the FLOPs in 3D). x: (B, Cin, *N) -> (B, Cout, *2N)."""
+    from fastmaisi.nets.derived import derived_weight
+
     d = x.dim() - 2
     w = conv.weight
-    key = (w.data_ptr(), w._version, w.dtype, w.device, _is_channels_last(x))
-    cached = getattr(conv, "_upsample_weight", None)
-    if cached is not None and cached[0] == key and not _needs_grad(w):
-        wt = cached[1]  # inference: derived once per weight version (no work, no host copy, inside CUDA graphs too)
-    else:
+    channels_last = _is_channels_last(x)
+
+    def transposed_weight() -> torch.Tensor:
         taps = w.new_zeros(len(_UP_TAPS), 3, dtype=torch.float32)  # filled on w's device: no host-to-device copy
         for t, row in enumerate(_UP_TAPS):
             for k, used in enumerate(row):
                 if used:
                     taps[t, k] = 1.0
         wt = torch.einsum(_UP_EINSUM[d], *([taps] * d), w.float()).to(w.dtype)  # (Cin, Cout, 4, .., 4)
-        if key[-1]:
-            wt = wt.contiguous(memory_format=torch.channels_last_3d)
-        if not _needs_grad(w):
-            conv._upsample_weight = (key, wt)
+        return wt.contiguous(memory_format=torch.channels_last_3d) if channels_last else wt
+
+    # derived at every call (never stale); once per loop inside `nets.derived.reuse_derived_weights`
+    wt = transposed_weight() if _needs_grad(w) else derived_weight(conv, ("upsample", channels_last),
+                                                                   transposed_weight)
     if bias is not None and kernels_run_on(x) and not _needs_grad(x, bias):
         return add_bias_(_CONV_T[d](x, wt, None, stride=2, padding=1), bias)
     return _CONV_T[d](x, wt, bias, stride=2, padding=1)

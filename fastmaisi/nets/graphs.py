@@ -8,7 +8,8 @@ result is bit-identical to the eager call it recorded (checked on the GPU by the
 
 What the captured function must respect (true of our networks and denoisers): no host synchronisation (`.item()`,
 data-dependent Python branches), no new host-to-device copies, the same shapes every call, and state that does not
-change between calls except through the inputs (the ControlNet's condition cache is filled by the warm-up calls).
+change between calls except through the inputs (weight-derived tensors come from `nets.derived`, filled by the
+warm-up call inside the pipelines' `reuse_derived_weights` block).
 """
 
 from __future__ import annotations

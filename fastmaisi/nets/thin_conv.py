@@ -77,17 +77,18 @@ def applies(x: torch.Tensor, conv: torch.nn.Module, r: torch.Tensor | None = Non
 
 
 def _packed(conv: torch.nn.Conv3d) -> torch.Tensor:
-    """The weight as (9 rows of taps, KC, Cout) for the kernel, cached on the module until the weight changes."""
-    w = conv.weight
-    key = (w.data_ptr(), w._version, w.dtype, w.device)
-    cached = getattr(conv, "_thin_conv_pack", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    cout, cin = w.shape[:2]
-    pack = torch.zeros(9, KC, cout, dtype=w.dtype, device=w.device)
-    pack[:, : 3 * cin] = w.detach().permute(2, 3, 4, 1, 0).reshape(9, 3 * cin, cout)  # (kd kh, kw cin, cout)
-    conv._thin_conv_pack = (key, pack)
-    return pack
+    """The weight as (9 rows of taps, KC, Cout) for the kernel: packed at every call, once per loop inside
+    `nets.derived.reuse_derived_weights`."""
+    from fastmaisi.nets.derived import derived_weight
+
+    def pack() -> torch.Tensor:
+        w = conv.weight
+        cout, cin = w.shape[:2]
+        out = torch.zeros(9, KC, cout, dtype=w.dtype, device=w.device)
+        out[:, : 3 * cin] = w.detach().permute(2, 3, 4, 1, 0).reshape(9, 3 * cin, cout)  # (kd kh, kw cin, cout)
+        return out
+
+    return derived_weight(conv, ("thin_conv",), pack)
 
 
 def thin_conv(x: torch.Tensor, conv: torch.nn.Conv3d, r: torch.Tensor | None = None, silu: bool = False,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fastmaisi.pipelines.models import Models
 
@@ -19,8 +18,13 @@ def latent_noise(seed: int, shape, device, dtype) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
-def spacing_tensor(spacing, device, dtype) -> torch.Tensor:
-    """Spacing in mm x 100, (1, 3): the reference's conditioning convention."""
+def spacing_tensor(spacing, device, dtype, fp16_first: bool = False) -> torch.Tensor:
+    """Spacing in mm x 100, (1, 3): the reference's conditioning convention. fp16_first: round as the reference's
+    from-mask and paired paths do, fp16(fp16(s) * 100) (0.781 mm -> 78.0625, where fp16(s * 100) is 78.125), then
+    cast to `dtype`."""
+    if fp16_first:
+        half = torch.tensor([[float(s) for s in spacing]], dtype=torch.float16)
+        return (half * 100).to(device=device, dtype=dtype)
     return torch.tensor([[float(s) * 100.0 for s in spacing]], device=device, dtype=dtype)
 
 
@@ -47,30 +51,42 @@ def regions_from_label(label: np.ndarray) -> tuple[str, str]:
 @torch.no_grad()
 def decode_to_unit(models: Models, latent: torch.Tensor, memory_budget_bytes: int | None = None,
                    progress: bool = False) -> torch.Tensor:
-    """Exact whole-volume decode of z / scale_factor, clipped to the autoencoder's [0, 1] range. -> (B, 1, *S) fp32."""
+    """Exact whole-volume decode of z / scale_factor -> (B, 1, *S) fp32, clipped as the reference does: CT to the
+    autoencoder's [0, 1], MR at 0 only (MR intensities above the nominal 1.0 are kept)."""
     from fastmaisi.decode import decode_latent
+    from fastmaisi.nets.derived import reuse_derived_weights
 
     z = latent / models.scale_factor
-    image = decode_latent(models.autoencoder, z.to(models.dtype), memory_budget_bytes=memory_budget_bytes,
-                          progress=progress)
-    return image.float().clamp_(0.0, 1.0)
+    with reuse_derived_weights(models.autoencoder):
+        image = decode_latent(models.autoencoder, z.to(models.dtype), memory_budget_bytes=memory_budget_bytes,
+                              progress=progress)
+    return image.float().clamp_(0.0, 1.0 if models.variant.modality == "ct" else None)
 
 
 def resample_label(label: np.ndarray, spacing, size, new_spacing) -> np.ndarray:
-    """Nearest-neighbour resample to `new_spacing`, then centre pad/crop to `size` (reference: Spacing + ResizeWithPadOrCrop)."""
-    shape = [max(1, int(round(n * s / ns))) for n, s, ns in zip(label.shape, spacing, new_spacing)]
-    t = torch.from_numpy(np.ascontiguousarray(label)).to(torch.int16)[None, None].float()
-    if list(t.shape[2:]) != shape:
-        t = F.interpolate(t, size=shape, mode="nearest")
-    out = t[0, 0].to(torch.int16).numpy()
-    result = np.zeros(tuple(size), dtype=np.int16)
+    """A label map (X, Y, Z) at `spacing` mm -> `size` at `new_spacing` mm, int16, by the reference's rule (MONAI
+    `Spacing(pixdim=new_spacing, mode="nearest")` then `ResizeWithPadOrCrop(size)`), for every label map we resample.
+
+    Per axis: the resampled length is round((n - 1) * s / ns) + 1 and output voxel i takes source voxel
+    round(i * ns / s) (voxel 0 stays at voxel 0, ties to even); then centre crop (start m // 2 - size // 2) or centre
+    pad with 0 (before (size - m) // 2).
+    """
+    label = np.asarray(label)
+    out = label
+    if tuple(float(s) for s in spacing) != tuple(float(s) for s in new_spacing):
+        index = []
+        for n, s, ns in zip(label.shape, spacing, new_spacing):
+            m = int(np.rint((n - 1) * float(s) / float(ns) + 1))
+            index.append(np.clip(np.rint(np.arange(m) * (float(ns) / float(s))).astype(np.intp), 0, n - 1))
+        out = label[np.ix_(*index)]
+    result = np.zeros(tuple(int(v) for v in size), dtype=np.int16)
     src, dst = [], []
-    for n, m in zip(out.shape, size):
-        if n >= m:  # crop centre
-            a = (n - m) // 2
-            src.append(slice(a, a + m)), dst.append(slice(0, m))
-        else:  # pad centre
-            a = (m - n) // 2
-            src.append(slice(0, n)), dst.append(slice(a, a + n))
+    for m, k in zip(out.shape, result.shape):
+        if m >= k:  # centre crop
+            a = m // 2 - k // 2
+            src.append(slice(a, a + k)), dst.append(slice(0, k))
+        else:  # centre pad
+            a = (k - m) // 2
+            src.append(slice(0, m)), dst.append(slice(a, a + m))
     result[tuple(dst)] = out[tuple(src)]
     return result

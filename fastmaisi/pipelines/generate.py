@@ -32,6 +32,7 @@ class GenerateRequest:
     mask_db: str | None = None  # folder of candidate label maps (the reference's mask database path)
     strict_mask: bool = False
     organ_sizes: dict = field(default_factory=dict)
+    anatomy_size_db: str | None = None  # NVIDIA's all_anatomy_size_conditions.json (default: looked up by --weights)
     steps: int | None = None
     mask_steps: int | None = None  # None: the variant's (1000; the demo's 100)
     guidance_scale: float | None = None
@@ -65,7 +66,7 @@ class GenerateRequest:
 
 def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     """Fill variant defaults and check every input; raise ValueError (one clear line) before any compute."""
-    from fastmaisi.labels import anatomy_size_vector, modality_code
+    from fastmaisi.labels import modality_code
 
     variant = get_variant(request.variant_name)
     size = tuple(request.size or variant.size)
@@ -93,7 +94,7 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     if request.workflow == "paired" and not organ_sizes:
         raise ValueError(f"the paired workflow needs organ sizes: --organ-size NAME=FRACTION (variant {variant.name} "
                          "has no defaults)")
-    anatomy = anatomy_size_vector(organ_sizes) if organ_sizes else None
+    anatomy, anatomy_db = _anatomy_sizes(request, organ_sizes) if organ_sizes else (None, None)
     steps = request.steps or variant.steps
     if steps < 1 or (variant.scheduler["_target_"].endswith("DDPMScheduler") and 1000 % steps):
         raise ValueError(f"--steps {steps}: must be >= 1 (and divide 1000 for DDPM)")
@@ -106,7 +107,21 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     if mask_steps < 1 or 1000 % mask_steps:
         raise ValueError(f"--mask-steps {mask_steps}: must divide 1000 (DDPM)")
     return variant, dict(size=size, spacing=spacing, modality_code=code, steps=steps, guidance_scale=guidance,
-                         anatomy=anatomy, mask_steps=mask_steps, sampler=request.sampler)
+                         anatomy=anatomy, anatomy_size_db=anatomy_db, mask_steps=mask_steps, sampler=request.sampler)
+
+
+def _anatomy_sizes(request: GenerateRequest, organ_sizes) -> tuple[list[float], dict | None]:
+    """The anatomy-size vector, unset slots filled from NVIDIA's database when there is one (else -1, said once)."""
+    from fastmaisi.labels import anatomy_size_vector
+    from fastmaisi.pipelines.anatomy_db import DB_NAME, complete_anatomy_sizes, find_anatomy_size_db
+
+    anatomy_size_vector(organ_sizes)  # checks names and values first
+    db = find_anatomy_size_db(request.anatomy_size_db, request.weights)
+    vector, info = complete_anatomy_sizes(organ_sizes, db)
+    if db is None and len(organ_sizes) < len(vector):
+        print(f"organ sizes not given stay -1: no {DB_NAME} in --weights (NVIDIA fills them from its closest entry; "
+              "pass --anatomy-size-db FILE)", file=sys.stderr)
+    return vector, info
 
 
 def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = False) -> list[dict]:

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-mask", action="store_true", help="refuse a mask without the body label 200")
     p.add_argument("--organ-size", type=_organ_size, action="append", default=[], metavar="NAME=FRACTION",
                    help="paired workflow: organ size in [0,1] or -1 (repeatable)")
+    p.add_argument("--anatomy-size-db", metavar="FILE",
+                   help="NVIDIA's all_anatomy_size_conditions.json: organ sizes not given come from its closest entry "
+                        "(default: looked for in --weights, its datasets/ and ../datasets/; without it they stay -1)")
     p.add_argument("--workflow", choices=["image", "from-mask", "paired"], help="default: from the options given")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: the variant's)")
     p.add_argument("--mask-steps", type=_positive_int,
@@ -91,7 +94,7 @@ def request_from_args(args):
         output_dir=args.output, variant=args.variant, weights=args.weights, network_config=args.network_config,
         size=tuple(args.size) if args.size else None, spacing=tuple(args.spacing) if args.spacing else None,
         modality=args.modality, body_region=tuple(args.body_region), mask=args.mask, mask_db=args.mask_db, strict_mask=args.strict_mask,
-        organ_sizes=dict(args.organ_size), workflow_name=args.workflow, steps=args.steps, mask_steps=args.mask_steps,
+        organ_sizes=dict(args.organ_size), anatomy_size_db=args.anatomy_size_db, workflow_name=args.workflow, steps=args.steps, mask_steps=args.mask_steps,
         guidance_scale=args.guidance_scale, seed=args.seed, num_samples=args.num_samples,
         max_retries=args.max_retries, device=args.device, memory_budget_gb=args.memory_budget_gb,
         overwrite=args.overwrite, fmt=args.format, sampler=args.sampler,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fastmaisi.nets.derived import reuse_derived_weights
 from fastmaisi.pipelines.common import latent_noise, region_tensor, spacing_tensor
 from fastmaisi.pipelines.models import Models
 from fastmaisi.pipelines.sampling import image_denoiser, sample
@@ -26,5 +27,6 @@ def sample_image_latent(models: Models, *, size, spacing, modality_code: int, st
         kwargs["class_labels"] = torch.tensor([modality_code], device=device, dtype=torch.long)
     denoise = image_denoiser(models.diffusion_unet, **kwargs)
     g = torch.Generator(device=device).manual_seed(int(seed) + 1)  # DDPM's per-step noise (RFlow draws none)
-    return sample(denoise, build_scheduler(models.scheduler_def), x, steps, generator=g, disable=not progress,
-                  desc="image DM", method=sampler, cuda_graph=models.cuda_graphs)
+    with reuse_derived_weights(models.diffusion_unet):
+        return sample(denoise, build_scheduler(models.scheduler_def), x, steps, generator=g, disable=not progress,
+                      desc="image DM", method=sampler, cuda_graph=models.cuda_graphs)

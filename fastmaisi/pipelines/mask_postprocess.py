@@ -1,19 +1,24 @@
-"""Clean-up of a generated label map, as the reference does after the mask DM (general_mask_generation_post_process).
+"""Clean-up of a generated label map, with the reference's rules (`general_mask_generation_post_process`).
 
 A decoded mask carries stray islands (a piece of liver beside the spleen, body specks in the air); the ControlNet
-then paints tissue there. The steps, in the reference's order (shared/reference/pipeline.md, paired workflow 6):
+then paints tissue there. The steps, in the reference's order (all morphology 3^3 cubes, outside the volume = 0;
+"closing-fill of L": dilate then erode the mask of L twice and write L over whatever the result covers, any label):
 
-1. the body: erode (3^3), keep the largest piece, dilate back; everything outside becomes background (0);
-2. tumours other than the requested one (the last tumour slot of the organ-size vector that is not -1) go back to
-   their host organ (lung tumour -> right lung lower lobe, pancreatic -> pancreas, hepatic -> liver, colon -> colon,
-   bone lesion -> body);
-3. the requested tumour is closed twice (3^3); lung / pancreatic / colon tumours keep their largest piece;
-4. the solid organs, lung lobes and vessels, the vertebrae (unless a bone lesion was asked for) and the bowel keep
-   their largest piece; the other pieces become body (200); then each is closed (3^3) into body voxels it encloses;
-5. hepatic vessels become liver, the airway and the requested tumour are put back.
+1. body: erode (label > 0), keep the largest piece, dilate back; everything outside becomes background (0);
+2. tumours other than the requested one (the last tumour slot of the organ-size vector that is not -1) go to their
+   host (lung tumour 23 -> right lung lower lobe 28, pancreatic 24 -> pancreas 4, hepatic 26 -> liver 1, colon 27 ->
+   colon 62, bone lesion 128 -> body 200); the requested one gets two closing-fills, and keeps its largest piece
+   unless it is hepatic or a bone lesion (other pieces -> 200);
+3. organs (1, 4, 10, 12, 3, lung lobes 28-32, 5, 14, 13, 6-9, 10 again) and vertebrae 33-59 (unless a bone lesion
+   was asked for) keep their largest piece (others -> 200); of stomach, duodenum, small bowel and colon together the
+   largest piece is kept, small bowel and colon outside it -> 200; then each organ of the list gets a closing-fill;
+4. tumour refills: lung tumour (lobe ring, tumour regrowth into removed voxels, lobes closed 3x), hepatic tumour
+   (liver and spleen regrowth into removed voxels, tumour regrowth, liver closed 3x), colon tumour (regrowth);
+5. hepatic vessels (25) become liver and the airway (132) comes back, both wherever they were in the input; the
+   requested tumour is written back.
 
-Left out: the reference's tumour-specific refills (the lobe ring around a lung tumour, liver/spleen refill, kidney
-closing for label 129).
+"Largest piece" is the reference's rule: 26-connected pieces, and of the piece map (background included) the two
+most frequent values are kept, which is the background and the largest piece unless a piece outnumbers the rest.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from fastmaisi.labels import ANATOMY_SIZE_TUMOURS, BODY
 
 TUMOUR_LABELS = (23, 24, 26, 27, 128)  # the tumour slots of the organ-size vector, in slot order
 TUMOUR_HOSTS = {23: 28, 24: 4, 26: 1, 27: 62, 128: BODY}
-TUMOURS_ONE_PIECE = (23, 24, 27)  # hepatic tumours and bone lesions may have several
-ORGANS = (1, 4, 10, 12, 3, 28, 29, 30, 31, 32, 5, 14, 13, 6, 7, 8, 9)
+TUMOURS_SEVERAL_PIECES = (26, 128)  # hepatic tumours and bone lesions keep every piece
+ORGANS = (1, 4, 10, 12, 3, 28, 29, 30, 31, 32, 5, 14, 13, 6, 7, 8, 9, 10)  # (10 twice, as the reference's list)
 VERTEBRAE = tuple(range(33, 60))
 BOWEL = (12, 13, 19, 62)
-HEPATIC_VESSEL, AIRWAY = 25, 132
+LUNG_LOBES = (28, 29, 30, 31, 32)
+LIVER, SPLEEN, HEPATIC_VESSEL, AIRWAY = 1, 3, 25, 132
 _CUBE = np.ones((3, 3, 3), bool)
 
 
@@ -39,75 +45,158 @@ def target_tumour(anatomy_sizes) -> int | None:
     return wanted[-1] if wanted else None
 
 
-def _largest(mask: np.ndarray) -> np.ndarray:
+def bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
+    """The smallest box holding `mask`'s voxels, grown by `pad` (clipped to the volume); empty slices if none."""
+    out = []
+    for axis in range(mask.ndim):
+        hit = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0]
+        n = mask.shape[axis]
+        out.append(slice(max(hit[0] - pad, 0), min(hit[-1] + 1 + pad, n)) if hit.size else slice(0, 0))
+    return tuple(out)
+
+
+def _dilate(mask: np.ndarray, times: int = 1) -> np.ndarray:
     from scipy import ndimage
 
-    pieces, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(pieces.ravel())
-    sizes[0] = 0
-    return pieces == sizes.argmax()
+    for _ in range(times):
+        mask = ndimage.binary_dilation(mask, _CUBE)
+    return mask
 
 
-def _boxes(label: np.ndarray, ids, pad: int = 0) -> dict[int, tuple]:
-    """id -> its bounding box grown by `pad` voxels (ids absent from `label` left out)."""
+def _removed_by_largest_rule(sub: np.ndarray, box: tuple[slice, ...] | None = None,
+                             shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """Full-volume mask of the voxels the reference's largest-piece rule drops, for a mask given whole (`sub`) or
+    as its part `sub` inside `box` of a volume of `shape` (every mask voxel inside the box). None when nothing is
+    dropped. Includes non-mask voxels when a piece outnumbers the background, as in the reference."""
     from scipy import ndimage
 
-    found = ndimage.find_objects(label.astype(np.int32, copy=False))
-    out = {}
-    for i in ids:
-        if i <= len(found) and found[i - 1] is not None:
-            out[i] = tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(found[i - 1], label.shape))
+    shape = sub.shape if box is None else tuple(shape)
+    pieces, n = ndimage.label(sub, _CUBE)
+    if n < 1:
+        return None
+    counts = np.bincount(pieces.ravel(), minlength=n + 1)
+    counts[0] += int(np.prod(shape)) - sub.size  # the rest of the volume is background too
+    values = np.nonzero(counts)[0]
+    keep = values[np.argsort(counts[values])[::-1][:2]]
+    if len(values) <= len(keep):
+        return None
+    drop_background = 0 not in keep
+    out = np.full(shape, drop_background, dtype=bool)
+    out[box if box is not None else ...] = ~np.isin(pieces, keep)
     return out
 
 
-def _keep_largest_piece(label: np.ndarray, ids, rest: int) -> None:
-    for i, box in _boxes(label, ids).items():
-        sub = label[box]
-        mask = sub == i
-        sub[mask & ~_largest(mask)] = rest
-
-
-def _close_into_body(label: np.ndarray, ids) -> None:
-    """Each organ's 3^3 closing claims the body voxels it encloses (the reference's closing-fill)."""
+def _keep_largest(label: np.ndarray, ids, fill: int) -> np.ndarray:
+    """The reference's `supress_non_largest_components`: pieces are found on `label` as given, then every dropped
+    voxel of every id becomes `fill`. Returns a new array."""
     from scipy import ndimage
 
-    for i, box in _boxes(label, ids, pad=2).items():
-        sub = label[box]
-        closed = ndimage.binary_closing(sub == i, _CUBE)
-        sub[closed & (sub == BODY)] = i
+    found = ndimage.find_objects(label.astype(np.int32, copy=False))
+    dropped = np.zeros(label.shape, bool)
+    for i in dict.fromkeys(ids):
+        if i > len(found) or found[i - 1] is None:
+            continue
+        removed = _removed_by_largest_rule(label[found[i - 1]] == i, found[i - 1], label.shape)
+        if removed is not None:
+            dropped |= removed
+    out = label.copy()
+    out[dropped] = fill
+    return out
+
+
+def _closing_fill(label: np.ndarray, i: int, box: tuple[slice, ...] | None = None, times: int = 1) -> None:
+    """The reference's `organ_fill_by_closing`, `times` times: the mask of `i`, dilated and eroded twice, is written
+    as `i` over any label. `box`: a box known to hold every voxel of `i` (found when None)."""
+    from scipy import ndimage
+
+    for _ in range(times):
+        if box is None:
+            box = bounding_box(label == i)
+        if any(s.stop <= s.start for s in box):
+            return
+        grown = tuple(slice(max(s.start - 3, 0), min(s.stop + 3, n)) for s, n in zip(box, label.shape))
+        sub = label[grown]
+        closed = ndimage.binary_closing(ndimage.binary_closing(sub == i, _CUBE), _CUBE)
+        sub[closed] = i
+        box = tuple(slice(max(s.start - 2, 0), min(s.stop + 2, n)) for s, n in zip(box, label.shape))
+
+
+def _regrow(label: np.ndarray, i: int, where: np.ndarray) -> None:
+    """The reference's `organ_fill_by_removed_mask`: voxels of `where` within 3 voxels of `i` become `i`."""
+    label[_dilate(label == i, 3) & where] = i
+
+
+def _ring_mode(label: np.ndarray, tumour: np.ndarray) -> int | None:
+    """Most frequent non-zero label in the 1-voxel ring around `tumour` (smallest on ties); None if none."""
+    values = label[_dilate(tumour) & ~tumour]
+    values = values[values != 0].astype(np.int64)
+    return int(np.bincount(values).argmax()) if values.size else None
 
 
 def postprocess_mask(label: np.ndarray, anatomy_sizes) -> np.ndarray:
     """A generated label map (X, Y, Z), 132-label vocabulary -> the cleaned map (same shape and dtype)."""
     from scipy import ndimage
 
-    out = label.copy()
-    vessel, airway = out == HEPATIC_VESSEL, out == AIRWAY
+    vessel, airway = label == HEPATIC_VESSEL, label == AIRWAY
     # 1. body: one piece
-    body = ndimage.binary_erosion(out > 0, _CUBE)
-    body = ndimage.binary_dilation(_largest(body), _CUBE) if body.any() else body
-    out[~body] = 0
-    # 2-3. tumours
+    body = ndimage.binary_erosion(label > 0, _CUBE)
+    removed = _removed_by_largest_rule(body)
+    if removed is not None:
+        body &= ~removed
+    out = np.where(ndimage.binary_dilation(body, _CUBE), label, 0).astype(label.dtype)
+    # 2. tumours: the others to their host, the requested one closed and (most) in one piece
     target = target_tumour(anatomy_sizes)
-    for tumour, host in TUMOUR_HOSTS.items():
+    for tumour in TUMOUR_LABELS:
         if tumour != target:
-            out[out == tumour] = host
-    tumour_mask = None
-    if target is not None and (out == target).any():
-        tumour_mask = ndimage.binary_closing(ndimage.binary_closing(out == target, _CUBE), _CUBE) & body
-        if target in TUMOURS_ONE_PIECE:
-            tumour_mask = _largest(tumour_mask)
-            out[(out == target) & ~tumour_mask] = BODY
-    # 4. organs, vertebrae and bowel in one piece, then closed
-    one_piece = ORGANS + (VERTEBRAE if target != 128 else ())
-    _keep_largest_piece(out, one_piece, BODY)
-    _keep_largest_piece(out, BOWEL, BODY)
-    _close_into_body(out, tuple(dict.fromkeys(one_piece + BOWEL)))
-    # 5. vessels -> liver; airway and the target tumour back
-    out[vessel & body] = 1
-    out[airway & body] = AIRWAY
-    if tumour_mask is not None:
-        out[tumour_mask] = target
-    return out
+            out[out == tumour] = TUMOUR_HOSTS[tumour]
+        else:
+            _closing_fill(out, tumour, times=2)
+    if target is not None and target not in TUMOURS_SEVERAL_PIECES:
+        out = _keep_largest(out, [target], BODY)
+    target_mask = out == target if target is not None else None
+    # 3. organs and vertebrae in one piece, the bowel in one piece, then each organ closed
+    organs = ORGANS + (VERTEBRAE if target != 128 else ())
+    data = _keep_largest(out, organs, BODY)
+    organ_removed = out != data
+    bowel = np.isin(data, BOWEL)
+    dropped = _removed_by_largest_rule(bowel)
+    bowel_removed = np.zeros(data.shape, bool) if dropped is None else dropped & np.isin(data, (19, 62))
+    data[bowel_removed] = BODY
+    found = ndimage.find_objects(data.astype(np.int32, copy=False))
+    boxes = {i: found[i - 1] for i in set(organs) if i <= len(found) and found[i - 1] is not None}
+    for organ in organs:
+        if organ in boxes:
+            _closing_fill(data, organ, boxes[organ])
+            boxes[organ] = tuple(slice(max(s.start - 2, 0), min(s.stop + 2, n)) for s, n in zip(boxes[organ],
+                                                                                              data.shape))
+    # 4. the requested tumour's refills
+    if target == 23 and target_mask.any():
+        tumour = data == 23
+        ring = _dilate(tumour)
+        mode = _ring_mode(data, tumour)
+        if mode in LUNG_LOBES:
+            ring = _dilate(ring)
+            _regrow(data, mode, ring & ~tumour)
+        ring = _dilate(ring)
+        _regrow(data, 23, ring & organ_removed)
+        for lobe in LUNG_LOBES:
+            _closing_fill(data, lobe, times=3)
+    elif target == 26 and target_mask.any():
+        for _ in range(2):
+            _regrow(data, LIVER, bowel_removed)
+        for _ in range(2):
+            _regrow(data, SPLEEN, organ_removed)
+        _regrow(data, 26, _dilate(data == 26, 2) & organ_removed)
+        # The reference then keeps the largest piece of "tumour + vessel + liver" through a test (sum of the three
+        # disjoint masks > 1) that no voxel passes: nothing becomes body, and the tumour mask it restores at the end
+        # is empty. Reproduced: the hepatic tumour is not written back.
+        target_mask = np.zeros(data.shape, bool)
+        _closing_fill(data, LIVER, times=3)
+    elif target == 27 and target_mask.any():
+        _regrow(data, 27, _dilate(data == 27, 2) & organ_removed)
+    # 5. vessels -> liver; airway and the requested tumour back
+    data[vessel] = LIVER
+    data[airway] = AIRWAY
+    if target_mask is not None:
+        data[target_mask] = target
+    return data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastmaisi.nets.derived import reuse_derived_weights
 from fastmaisi.pipelines.common import latent_noise
 from fastmaisi.pipelines.models import Models
 from fastmaisi.pipelines.sampling import mask_denoiser, sample
@@ -31,9 +32,10 @@ def sample_mask_latent(models: Models, anatomy_sizes: list[float], *, seed: int,
     g = torch.Generator(device=device).manual_seed(int(seed) + 1)  # DDPM's per-step noise, drawn on the device
     scheduler = build_scheduler(DDPM_SCHEDULER_DEF if steps == DDPM_SCHEDULER_DEF["num_train_timesteps"]
                                 else DDIM_SCHEDULER_DEF)
-    return sample(mask_denoiser(models.mask_diffusion, context), scheduler, x, steps, generator=g,
-                  disable=not progress, desc="mask DM", cuda_graph=models.cuda_graphs,
-                  eta=1.0 if isinstance(scheduler, DDIMScheduler) else 0.0)
+    with reuse_derived_weights(models.mask_diffusion):
+        return sample(mask_denoiser(models.mask_diffusion, context), scheduler, x, steps, generator=g,
+                      disable=not progress, desc="mask DM", cuda_graph=models.cuda_graphs,
+                      eta=1.0 if isinstance(scheduler, DDIMScheduler) else 0.0)
 
 
 @torch.no_grad()
@@ -43,7 +45,8 @@ def decode_mask(models: Models, latent: torch.Tensor, memory_budget_bytes: int |
     from fastmaisi.decode import decode_latent
     from fastmaisi.labels import remap_mask_labels
 
-    logits = decode_latent(models.mask_autoencoder, (latent / models.mask_scale_factor).to(models.dtype),
-                           memory_budget_bytes=memory_budget_bytes, progress=progress)
+    with reuse_derived_weights(models.mask_autoencoder):
+        logits = decode_latent(models.mask_autoencoder, (latent / models.mask_scale_factor).to(models.dtype),
+                               memory_budget_bytes=memory_budget_bytes, progress=progress)
     raw = logits.argmax(dim=1)[0].to(torch.int16).cpu().numpy()
     return remap_mask_labels(raw)
