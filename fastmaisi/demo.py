@@ -70,12 +70,31 @@ def demo_definitions() -> dict:
     }
 
 
+DEMO_MASK_V2_FILE = "demo_mask_diffusion_unet_v2"
+
+
+def demo_mask_v2_definition() -> dict:
+    """The demo's v2 mask generator: NVIDIA's AdaGN UNet narrowed like the demo's v1 mask UNet (19-number condition,
+    spacing input), on the 16^3 demo mask latent."""
+    from fastmaisi.variants import MASK_DIFFUSION_V2_DEF
+
+    return dict(MASK_DIFFUSION_V2_DEF, num_channels=[16, 32, 32, 48], num_head_channels=[0, 0, 16, 16],
+                num_res_blocks=1, norm_num_groups=8, adagn_context_embed_dim=64)
+
+
 @dataclass(frozen=True)
 class DemoVariant(Variant):
     """A `Variant` whose networks are the narrow demo definitions; the mask DM works on the image grid."""
 
     def definitions(self) -> dict:
-        return {role: d for role, d in demo_definitions().items() if role in self.files}
+        defs = {role: d for role, d in demo_definitions().items() if role in self.files}
+        if self.mask_generator == "v2":
+            defs["mask_diffusion"] = demo_mask_v2_definition()
+        return defs
+
+    @property
+    def v2_mask_file(self) -> str:
+        return DEMO_MASK_V2_FILE
 
 
 DEMO_VARIANT = DemoVariant("demo", "ct", False, RFLOW_SCHEDULER_DEF, DEMO_STEPS, DEMO_SIZE, DEMO_SPACING, 1, 0.0,

@@ -15,6 +15,8 @@ TUMOUR_SLOT_LABELS = (23, 24, 26, 27, 128)  # MAISI label of each tumour slot, i
 DEMOGRAPHICS = ("age", "sex", "weight", "bmi", "height")  # slots 14-18
 CONDITION_DIM = len(SIZE_SLOTS) + len(DEMOGRAPHICS)  # 19
 UNSET = -1.0
+V2_STEPS = 100  # NVIDIA's mask_generation_num_inference_steps for rflow-mask
+V2_GUIDANCE_SCALE = 2.0  # NVIDIA's mask_generation_cfg_guidance_scale
 
 DEMOGRAPHIC_MAX = {"age": 120.0, "weight": 200.0, "bmi": 75.0, "height": 200.0}  # value / max -> slot
 DEMOGRAPHIC_UNITS = {"age": "years", "weight": "kg", "bmi": "kg/m^2", "height": "cm"}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastmaisi.mask_conditions import CONDITION_DIM, TUMOUR_SLOTS, UNSET
+from fastmaisi.mask_conditions import CONDITION_DIM, TUMOUR_SLOTS, UNSET, V2_GUIDANCE_SCALE, V2_STEPS
 from fastmaisi.pipelines.common import latent_noise
 from fastmaisi.pipelines.models import Models
 from fastmaisi.pipelines.sampling import GRAPH_MAX_VOXELS, guided
@@ -20,8 +20,8 @@ from fastmaisi.pipelines.sampling import GRAPH_MAX_VOXELS, guided
 MASK_V2_SCHEDULER_DEF = dict(_target_="monai.networks.schedulers.rectified_flow.RFlowScheduler",
                              num_train_timesteps=1000, use_discrete_timesteps=False, use_timestep_transform=True,
                              sample_method="uniform", scale=1.0)  # config `mask_generation_noise_scheduler`
-MASK_V2_STEPS = 100
-MASK_V2_GUIDANCE = 2.0
+MASK_V2_STEPS = V2_STEPS
+MASK_V2_GUIDANCE = V2_GUIDANCE_SCALE
 MASK_V2_SPACING_MM = (1.5, 1.5, 1.5)  # the spacing input of every mask step (the mask grid)
 
 
