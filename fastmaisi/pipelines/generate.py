@@ -137,17 +137,13 @@ def _mask_generator(request: GenerateRequest, variant) -> tuple:
 
     paired = request.workflow == "paired"
     choice = request.mask_generator
-    if choice is None and paired and "mask_diffusion" in variant.files:
-        folder = Path(request.weights) if request.weights else None
-        if folder is None and variant.name == "demo":
-            from fastmaisi.demo import DEMO_WEIGHTS_DIR
-
-            folder = DEMO_WEIGHTS_DIR
-        found = folder is not None and any((folder / f"{variant.v2_mask_file}{ext}").is_file()
-                                           for ext in (".pt", ".safetensors"))
+    auto = choice is None and paired and "mask_diffusion" in variant.files and bool(request.weights)
+    if auto:  # (the built-in demo keeps v1 unless asked: its v2 generator is a quick CPU-trained toy)
+        found = any((Path(request.weights) / f"{variant.v2_mask_file}{ext}").is_file()
+                    for ext in (".pt", ".safetensors"))
         choice = "v2" if found else "v1"
-        print(f"mask generator: {choice} ({variant.v2_mask_file} {'found' if found else 'not found'} in the "
-              "weights; --mask-generator picks)", file=sys.stderr)
+        print(f"mask generator: {choice} ({variant.v2_mask_file} {'found' if found else 'not found'} in --weights; "
+              "--mask-generator picks)", file=sys.stderr)
     choice = choice or "v1"
     if choice == "v1":
         if request.demographics:
@@ -159,7 +155,11 @@ def _mask_generator(request: GenerateRequest, variant) -> tuple:
         raise ValueError(f"--mask-generator v2: variant {variant.name} has no mask generator (a CT variant has)")
     organ_sizes = dict(request.organ_sizes)
     demographics = {k: mc.parse_demographic(k, v) for k, v in request.demographics.items()}
-    for message in mc.check_conditions(organ_sizes, demographics):
+    try:
+        messages = mc.check_conditions(organ_sizes, demographics)
+    except ValueError as err:
+        raise ValueError(f"{err}{' (or --mask-generator v1)' if auto else ''}") from None
+    for message in messages:
         warnings.warn(message, stacklevel=3)
     guidance = mc.V2_GUIDANCE_SCALE if request.mask_guidance_scale is None else request.mask_guidance_scale
     if guidance < 0:

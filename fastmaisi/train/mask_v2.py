@@ -79,9 +79,14 @@ def draw_condition(sizes: list[float], demographics: dict, rng: np.random.Genera
     return mc.condition_vector(target, kept)
 
 
+def _latents(mask_ae, batch: dict, recipe: Recipe) -> torch.Tensor:
+    """The batch's mask latents: encoded at load time (--latent mean) or now (sampled z)."""
+    return upcast(batch["latent"]) if "latent" in batch else mask_latents(mask_ae, batch, recipe.latent)
+
+
 def mask_diffusion_v2_loss(model, batch: dict, *, mask_ae, scheduler, extra: dict, recipe: Recipe):
     """Rectified flow on mask latents; the condition drives both AdaGN and the cross-attention."""
-    x0 = mask_latents(mask_ae, batch, recipe.latent) * extra["scale_factor"]
+    x0 = _latents(mask_ae, batch, recipe) * extra["scale_factor"]
     noise, t = noise_and_timesteps(scheduler, x0, batch["seed"])
     out = model(x=scheduler.add_noise(x0, noise, t), timesteps=t, context=batch["context"],
                 spacing_tensor=batch["spacing"])
@@ -114,16 +119,18 @@ def setup_mask_diffusion_v2(recipe: Recipe, cfg: TrainConfig, dist: Dist) -> Tas
         out = load(item)
         out["sizes"] = size_slots(out["label"][0].numpy())
         out["demographics"] = item_demographics(item)
+        if recipe.latent == "mean":  # deterministic: encoded once here (with --cache, once per map for the run)
+            batch = {"label": out.pop("label")[None].to(dist.device)}
+            out["latent"] = mask_latents(mask_ae, batch, "mean")[0].cpu()
         return out
 
     def make(decoded: dict, rng: np.random.Generator) -> dict:
         cond = draw_condition(decoded["sizes"], decoded["demographics"], rng)
-        return {"label": decoded["label"], "context": torch.tensor([cond], dtype=torch.float32),
-                "spacing": spacing.clone()}
+        key = "latent" if "latent" in decoded else "label"
+        return {key: decoded[key], "context": torch.tensor([cond], dtype=torch.float32), "spacing": spacing.clone()}
 
     dataset = D.SampleDataset(label_items(recipe), load_with_sizes, make, recipe.cache, recipe.max_bad_fraction)
-    extra = {"scale_factor": _scale_factor(recipe, meta, dataset, cfg, dist,
-                                           lambda b: mask_latents(mask_ae, b, recipe.latent))}
+    extra = {"scale_factor": _scale_factor(recipe, meta, dataset, cfg, dist, lambda b: _latents(mask_ae, b, recipe))}
     return Task("mask-diffusion", unet,
                 lambda m, b: mask_diffusion_v2_loss(m, b, mask_ae=mask_ae, scheduler=scheduler, extra=extra,
                                                     recipe=recipe),
