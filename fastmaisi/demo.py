@@ -25,7 +25,8 @@ import numpy as np
 from fastmaisi.evaluation.organ_dice import LUNG_LOBES, dice, organ_dice, organs_by_hu  # noqa: F401
 from fastmaisi.variants import (DEMO_FILES, DEMO_MASK_LATENT_SHAPE, DEMO_MASK_SPACING,  # noqa: F401
                                 DEMO_MASK_STEPS, DEMO_ORGAN_SIZES, DEMO_SIZE, DEMO_SPACING, DEMO_STEPS, DEMO_VARIANT,
-                                DEMO_WEIGHTS_DIR, DemoVariant, demo_definitions)
+                                DEMO_WEIGHTS_DIR, DEMO_MASK_V2_FILE, DemoVariant,
+                                demo_definitions, demo_mask_v2_definition)
 
 
 def load_demo_models(roles=tuple(DEMO_FILES), device="cpu"):

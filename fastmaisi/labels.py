@@ -254,7 +254,8 @@ def validate_label_map(label) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ body envelope
 def add_body_envelope(label, image_hu=None, spacing=None, rule: str | None = None, margin_mm: float = 20.0,
-                      hu_threshold: float = -800.0, table_mm: float = 5.0, body_label: int = BODY) -> np.ndarray:
+                      hu_threshold: float = -800.0, table_mm: float = 5.0, body_label: int = BODY,
+                      table_fraction: float | None = 0.05, seg_has_lung: bool | None = None) -> np.ndarray:
     """Fill the body envelope: unlabelled voxels inside the body get `body_label` (200); other voxels are unchanged.
 
     MAISI's ControlNet expects every body voxel that no organ claims to carry 200 (its generator sets everything
@@ -270,6 +271,11 @@ def add_body_envelope(label, image_hu=None, spacing=None, rule: str | None = Non
       connected component and a dilation back remove a CT table that touches the body only thinly. Enclosed air
       (lungs, bowel gas) stays inside. Our variant of the reference's HU rule (which takes the largest air
       component and removes table-sized air pockets); Dice > 0.99 on our phantoms.
+      Then table removal (NVIDIA's step 8, July 2026): every connected piece of body-label voxels that is air
+      (HU < `hu_threshold`) and at least `table_fraction` (default 0.05) of the body-label voxels goes back to 0 (a
+      CT table or bed the envelope took in; legitimate enclosed air is far smaller). Only when the segmentation
+      labels the lungs (`seg_has_lung`; None: any lung lobe 28-32 present), since unlabelled lung air would
+      otherwise be removed too. `table_fraction` None or 0 turns it off.
 
     Args:
         label: (X, Y, Z) integer label map (numpy or torch), RAS index order (axis 2 = inferior -> superior).
@@ -312,7 +318,34 @@ def add_body_envelope(label, image_hu=None, spacing=None, rule: str | None = Non
         raise ValueError(f'rule {rule!r}: choose "hull" (labels only) or "hu" (needs the CT image)')
     out = lab.copy()
     out[body & ~fg] = body_label
+    if rule == "hu" and table_fraction:
+        if seg_has_lung is None:
+            seg_has_lung = bool(np.isin(lab, LUNG_LOBE_LABELS).any())
+        if seg_has_lung:
+            remove_table(out, img, hu_threshold, table_fraction, body_label)
     return out
+
+
+LUNG_LOBE_LABELS = (28, 29, 30, 31, 32)
+
+
+def remove_table(out: np.ndarray, image_hu: np.ndarray, hu_threshold: float = -800.0, fraction: float = 0.05,
+                 body_label: int = BODY) -> int:
+    """In place: body-label voxels that are air and form a piece >= `fraction` of the body-label voxels -> 0 (a CT
+    table or bed inside the envelope). Returns the number of voxels removed."""
+    from scipy import ndimage
+
+    body = out == body_label
+    n_body = int(body.sum())
+    air = body & (image_hu < hu_threshold)
+    if not n_body or not air.any():
+        return 0
+    pieces, n = ndimage.label(air)
+    sizes = np.bincount(pieces.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    table = np.isin(pieces, np.nonzero(sizes >= fraction * n_body)[0]) if n else np.zeros_like(air)
+    out[table] = 0
+    return int(table.sum())
 
 
 def _ellipsoid_structure(radius) -> np.ndarray:

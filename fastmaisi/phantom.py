@@ -500,6 +500,15 @@ def write_dataset(out_dir, n: int, shape=(96, 96, 64), spacing=(3.0, 3.0, 4.0), 
     return path
 
 
+def synthetic_demographics(seed: int) -> dict:
+    """A weight (kg) that follows phantom `seed`'s drawn body size (72 kg at the mean torso cross-section and
+    height, in proportion to their product): what the demo's v2 mask generator learns as its one demographic. The
+    phantoms have no age or sex."""
+    p = _draw(np.random.default_rng([int(seed), 0]))
+    ratio = (p["half_width"] / 124.0) * (p["half_depth"] / 92.0) * p["height"]
+    return {"weight": round(72.0 * ratio, 1)}
+
+
 def _write_one(job) -> dict:
     import nibabel as nib
 

@@ -57,6 +57,16 @@ MASK_DIFFUSION_DEF = dict(
     _target_=_MASK_UNET, spatial_dims=3, in_channels=4, out_channels=4, channels=[64, 128, 256, 512],
     attention_levels=[False, False, True, True], num_head_channels=[0, 0, 32, 32], num_res_blocks=2,
     use_flash_attention=True, with_conditioning=True, upcast_attention=True, cross_attention_dim=10)
+# NVIDIA's v2 mask generator (`rflow-mask`, config_network_rflow.json since 2026-10): the MAISI UNet with adaptive
+# GroupNorm, conditioned on 19 numbers (`fastmaisi.mask_conditions`), 100 rectified-flow steps with guidance 2.0
+MASK_DIFFUSION_V2_DEF = dict(
+    _target_="scripts.adagn_unet.DiffusionModelUNetMaisiAdaGN", spatial_dims=3, in_channels=4, out_channels=4,
+    num_channels=[64, 128, 256, 512], attention_levels=[False, False, True, True], num_head_channels=[0, 0, 32, 32],
+    num_res_blocks=2, use_flash_attention=True, with_conditioning=True, upcast_attention=True, include_fc=True,
+    cross_attention_dim=19, include_spacing_input=True, include_top_region_index_input=False,
+    include_bottom_region_index_input=False, adagn_condition_dim=19, adagn_context_embed_dim=256)
+MASK_V2_FILE = "mask_generation_diffusion_unet_v2"  # its official file stem
+MASK_GENERATORS = ("v1", "v2")
 RFLOW_SCHEDULER_DEF = dict(_target_=_RFLOW, num_train_timesteps=1000, use_discrete_timesteps=False,
                            use_timestep_transform=True, sample_method="uniform", scale=1.4)
 DDPM_SCHEDULER_DEF = dict(_target_=_DDPM, num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
@@ -89,6 +99,7 @@ class Variant:
     mask_latent_shape: tuple = MASK_LATENT_SHAPE
     mask_spacing: tuple = (1.5, 1.5, 1.5)  # mm per voxel of the decoded mask (reference: 256^3 at 1.5 mm)
     default_organ_sizes: dict | None = None  # set: with no --mask / --organ-size, run the paired workflow with these
+    mask_generator: str = "v1"  # "v2": the mask_diffusion role is NVIDIA's AdaGN rflow-mask net (`with_mask_generator`)
 
     @property
     def has_controlnet(self) -> bool:
@@ -101,8 +112,25 @@ class Variant:
             defs["controlnet"] = controlnet_def(self.body_region)
         if "mask_autoencoder" in self.files:
             defs["mask_autoencoder"] = dict(MASK_AUTOENCODER_DEF)
-            defs["mask_diffusion"] = dict(MASK_DIFFUSION_DEF)
+            defs["mask_diffusion"] = dict(MASK_DIFFUSION_V2_DEF if self.mask_generator == "v2" else MASK_DIFFUSION_DEF)
         return defs
+
+    def with_mask_generator(self, generator: str) -> "Variant":
+        """This variant with the v1 (DDPM, 10 organ sizes) or v2 (rflow-mask, 19 numbers) mask generator."""
+        from dataclasses import replace
+
+        if generator not in MASK_GENERATORS:
+            raise ValueError(f"--mask-generator {generator!r}: choose v1 or v2")
+        if generator == self.mask_generator or "mask_diffusion" not in self.files:
+            return self
+        if self.mask_generator == "v2":
+            raise ValueError(f"variant {self.name} is already set to the v2 mask generator")
+        return replace(self, mask_generator=generator, files={**self.files, "mask_diffusion": self.v2_mask_file})
+
+    @property
+    def v2_mask_file(self) -> str:
+        """The file stem of the v2 mask generator's weights."""
+        return MASK_V2_FILE
 
 
 _CT_MASK_FILES = {"mask_autoencoder": "mask_generation_autoencoder", "mask_diffusion": "mask_generation_diffusion_unet"}
@@ -180,12 +208,29 @@ def demo_definitions() -> dict:
     }
 
 
+DEMO_MASK_V2_FILE = "demo_mask_diffusion_unet_v2"
+
+
+def demo_mask_v2_definition() -> dict:
+    """The demo's v2 mask generator: NVIDIA's AdaGN UNet narrowed like the demo's v1 mask UNet (19-number condition,
+    spacing input), on the 16^3 demo mask latent."""
+    return dict(MASK_DIFFUSION_V2_DEF, num_channels=[16, 32, 32, 48], num_head_channels=[0, 0, 16, 16],
+                num_res_blocks=1, norm_num_groups=8, adagn_context_embed_dim=64)
+
+
 @dataclass(frozen=True)
 class DemoVariant(Variant):
     """A `Variant` whose networks are the narrow demo definitions; the mask DM works on the image grid."""
 
     def definitions(self) -> dict:
-        return {role: d for role, d in demo_definitions().items() if role in self.files}
+        defs = {role: d for role, d in demo_definitions().items() if role in self.files}
+        if self.mask_generator == "v2":
+            defs["mask_diffusion"] = demo_mask_v2_definition()
+        return defs
+
+    @property
+    def v2_mask_file(self) -> str:
+        return DEMO_MASK_V2_FILE
 
 
 DEMO_VARIANT = DemoVariant("demo", "ct", False, RFLOW_SCHEDULER_DEF, DEMO_STEPS, DEMO_SIZE, DEMO_SPACING, 1, 0.0,

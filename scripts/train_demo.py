@@ -31,11 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fastmaisi import demo  # noqa: E402
+from fastmaisi.pipelines.paired_v2 import MASK_V2_SCHEDULER_DEF  # noqa: E402
 from fastmaisi.variants import DDPM_SCHEDULER_DEF, RFLOW_SCHEDULER_DEF  # noqa: E402
 
 DATA_SEED = 0  # phantom i has seed DATA_SEED + i; held-out seeds for evaluation start at 1000
 NUM_PHANTOMS = 120
-MASK_CHAIN = ("mask-vae", "mask-vae-volume", "mask-diffusion")
+MASK_CHAIN = ("mask-vae", "mask-vae-volume", "mask-diffusion", "mask-diffusion-v2")
 _PATCH = dict(patch_size=(32, 32, 32), adv_weight=0.0, recon_loss="l1")
 # stage -> (trainer, data ("phantoms" or "latents"), steps, batch size, peak lr, seed, extra Recipe fields, init
 # stage). The VAEs train on 32^3 patches, then on whole 64^3 volumes: generation normalises (GroupNorm) over the
@@ -56,20 +57,30 @@ PLAN = {
                         "mask-vae"),
     "mask-diffusion": ("mask-diffusion", "phantoms", 2000, 4, 5e-4, 5,
                        dict(spacing=demo.DEMO_SPACING, size=demo.DEMO_SIZE, loss="l1", latent="mean"), None),
+    # the v2 mask generator (NVIDIA's AdaGN rflow-mask UNet, narrow): 19-number condition = one size slot of the map
+    # + a synthetic weight that follows the phantom's body size (phantom.synthetic_demographics); rectified flow
+    "mask-diffusion-v2": ("mask-diffusion-v2", "phantoms-v2", 2000, 4, 5e-4, 8,
+                          dict(spacing=demo.DEMO_SPACING, size=demo.DEMO_SIZE, loss="l1", latent="mean"), None),
 }
 # stage -> (official checkpoint file it writes, demo role): the shipped networks
 OUTPUTS = {"vae-volume": ("autoencoder.pt", "autoencoder"), "diffusion": ("diffusion_unet.pt", "diffusion_unet"),
            "controlnet": ("controlnet.pt", "controlnet"),
            "mask-vae-volume": ("mask_generation_autoencoder.pt", "mask_autoencoder"),
-           "mask-diffusion": ("mask_generation_diffusion_unet.pt", "mask_diffusion")}
+           "mask-diffusion": ("mask_generation_diffusion_unet.pt", "mask_diffusion"),
+           "mask-diffusion-v2": ("mask_generation_diffusion_unet_v2.pt", "mask_diffusion_v2")}
+# shipped role -> (file stem, network definition)
+SHIPPED = {**{role: (stem, demo.demo_definitions()[role]) for role, stem in demo.DEMO_FILES.items()},
+           "mask_diffusion_v2": (demo.DEMO_MASK_V2_FILE, demo.demo_mask_v2_definition())}
 # what a stage reads from earlier stages (Recipe field -> stage, file)
 INPUTS = {"controlnet": {"diffusion": ("diffusion", "diffusion_unet.pt")},
-          "mask-diffusion": {"mask_autoencoder": ("mask-vae-volume", "mask_generation_autoencoder.pt")}}
+          "mask-diffusion": {"mask_autoencoder": ("mask-vae-volume", "mask_generation_autoencoder.pt")},
+          "mask-diffusion-v2": {"mask_autoencoder": ("mask-vae-volume", "mask_generation_autoencoder.pt")}}
 
 
 def run_stage(name: str, work: Path, scale: float, device: str = "cpu") -> dict:
     """Train one stage into work/<name>; returns its log summary."""
     from fastmaisi.train.loop import Dist, TrainConfig, train
+    from fastmaisi.train.mask_v2 import setup_mask_diffusion_v2
     from fastmaisi.train.trainers import TRAINERS, Recipe
 
     trainer, data, steps, batch, lr, seed, extra, init = PLAN[name]
@@ -78,17 +89,23 @@ def run_stage(name: str, work: Path, scale: float, device: str = "cpu") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(out_dir=out, steps=steps, batch_size=batch, lr=lr, warmup_steps=min(50, steps // 10),
                       lr_power=1.0, precision="fp32", log_every=10, seed=seed, progress=False)
-    scheduler = DDPM_SCHEDULER_DEF if trainer == "mask-diffusion" else RFLOW_SCHEDULER_DEF
+    scheduler = {"mask-diffusion": DDPM_SCHEDULER_DEF, "mask-diffusion-v2": MASK_V2_SCHEDULER_DEF}.get(
+        trainer, RFLOW_SCHEDULER_DEF)
     paths = {key: work / stage / file for key, (stage, file) in INPUTS.get(name, {}).items()}
+    if name == "mask-diffusion-v2" and not paths["mask_autoencoder"].is_file():  # retrained alone: the shipped VAE
+        paths["mask_autoencoder"] = demo.DEMO_WEIGHTS_DIR / f"{demo.DEMO_FILES['mask_autoencoder']}.safetensors"
     if init is not None:
         paths["init"] = work / init / OUTPUTS[name][0]
-    source = work / "phantoms" / "datalist.json" if data == "phantoms" else work / "latents"
-    recipe = Recipe(data=source, definitions=demo.demo_definitions(), scheduler=dict(scheduler), cache=True,
-                    **extra, **paths)
+    source = {"phantoms": work / "phantoms" / "datalist.json", "phantoms-v2": work / "phantoms" / "datalist_v2.json",
+              "latents": work / "latents"}[data]
+    definitions = demo.demo_definitions()
+    definitions["mask_diffusion"] = demo.demo_mask_v2_definition() if trainer == "mask-diffusion-v2" \
+        else definitions["mask_diffusion"]
+    recipe = Recipe(data=source, definitions=definitions, scheduler=dict(scheduler), cache=True, **extra, **paths)
     torch.manual_seed(seed)  # the initial weights
     t0, cpu0 = time.time(), time.process_time()
     dist = Dist(device=torch.device(device))
-    task = TRAINERS[trainer](recipe, cfg, dist)
+    task = (setup_mask_diffusion_v2 if trainer == "mask-diffusion-v2" else TRAINERS[trainer])(recipe, cfg, dist)
     history = train(task, cfg, dist)
     seconds, cpu_seconds = time.time() - t0, time.process_time() - cpu0
     tail = [r["loss"] for r in history[-10:]]
@@ -102,6 +119,17 @@ def run_stage(name: str, work: Path, scale: float, device: str = "cpu") -> dict:
     print(f"{name}: {steps} steps in {seconds:.0f} s, loss {history[0]['loss']:.4g} -> {history[-1]['loss']:.4g}",
           flush=True)
     return summary
+
+
+def write_v2_datalist(datalist: Path) -> Path:
+    """datalist_v2.json beside `datalist`: the same phantoms, each with its synthetic weight (kg)."""
+    from fastmaisi.phantom import synthetic_demographics
+
+    entries = json.loads(datalist.read_text())["training"]
+    entries = [{**e, **synthetic_demographics(e["seed"])} for e in entries]
+    path = datalist.with_name("datalist_v2.json")
+    path.write_text(json.dumps({"training": entries}, indent=1) + "\n")
+    return path
 
 
 def encode(work: Path, datalist: Path, device: str = "cpu") -> dict:
@@ -202,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if not datalist.is_file():
         write_dataset(work / "phantoms", NUM_PHANTOMS, demo.DEMO_SIZE, demo.DEMO_SPACING, seed=DATA_SEED,
                       tumour="mixed", workers=args.threads)
+    write_v2_datalist(datalist)
     # 2. image VAE -> encode -> diffusion UNet -> ControlNet; mask VAE -> mask diffusion UNet (the two chains are
     # independent: with --parallel the mask chain trains in a second process on the same device)
     worker, mine = None, todo
@@ -231,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {}
     for name in [n for n in todo if n in OUTPUTS]:
         file, role = OUTPUTS[name]
-        target = args.out / f"{demo.DEMO_FILES[role]}.safetensors"
-        convert(work / name / file, target, defs[role])
+        stem, definition = SHIPPED[role]
+        target = args.out / f"{stem}.safetensors"
+        convert(work / name / file, target, definition)
         sidecar = target.with_name(target.name + ".json")
         meta = json.loads(sidecar.read_text())
         meta.pop("source_sha256", None)  # the scratch .pt is not shipped

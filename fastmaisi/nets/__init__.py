@@ -13,6 +13,8 @@ _REGISTRY = {
     "DiffusionModelUNetMaisi": ("fastmaisi.nets.unet", "DiffusionModelUNetMaisi"),
     "DiffusionModelUNet": ("fastmaisi.nets.unet", "DiffusionModelUNet"),
     "ControlNetMaisi": ("fastmaisi.nets.controlnet", "ControlNetMaisi"),
+    # NVIDIA's v2 mask generator (`scripts.adagn_unet`, config_network_rflow.json since 2026-10)
+    "DiffusionModelUNetMaisiAdaGN": ("fastmaisi.nets.adagn_unet", "DiffusionModelUNetMaisiAdaGN"),
 }
 
 

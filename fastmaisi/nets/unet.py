@@ -168,11 +168,15 @@ class _UNetBase(nn.Module):
             parts.append(run_mlp(mlp, value))
         return torch.cat(parts, dim=1) if len(parts) > 1 else emb
 
+    def _time_projections(self, emb: torch.Tensor) -> list[torch.Tensor]:
+        """Each resnet's projection of the embedding, indexed by `temb_index` (AdaGN nets project to 2 x Cout)."""
+        return time_projections(self._resnets, emb)
+
     def _forward(self, x, timesteps, context, class_labels, down_res, mid_res, extras) -> torch.Tensor:
         if context is not None and not self.with_conditioning:
             raise ValueError("context was given but the network was built with with_conditioning=False")
         emb = self._embedding(x, timesteps, class_labels, extras)
-        temb = time_projections(self._resnets, emb)
+        temb = self._time_projections(emb)
 
         h = self.conv_in(x)
         skips = [h]

@@ -126,9 +126,17 @@ def sampling_plan(variant, workflow: str, opts: dict, device: torch.device) -> s
             mask_unet = build(defs["mask_diffusion"]).to(dtype).eval()
         shape = variant.mask_latent_shape
         context = torch.ones(1, 1, defs["mask_diffusion"].get("cross_attention_dim", 10), device=meta, dtype=dtype)
-        mask_cost = call_cost(lambda: mask_denoiser(mask_unet, context)(
-            torch.empty(1, *shape, device=meta, dtype=dtype), torch.ones(1, device=meta)))
-        lines.insert(0, _stage_line(f"Mask: {opts['mask_steps']} steps of the mask UNet at latent "
+        mask_den, what = mask_denoiser(mask_unet, context), "mask UNet"
+        if opts.get("mask_generator") == "v2":  # NVIDIA's rflow-mask: guided, batch [cond, uncond]
+            from fastmaisi.pipelines.paired_v2 import v2_denoiser
+
+            spacing = torch.ones(1, 3, device=meta, dtype=dtype)
+            mask_den = v2_denoiser(mask_unet, context, spacing, opts["mask_guidance_scale"])
+            what = "v2 mask UNet (rflow-mask" + (", batch 2 for guidance)" if opts["mask_guidance_scale"] > 0
+                                                 else ")")
+        mask_cost = call_cost(lambda: mask_den(torch.empty(1, *shape, device=meta, dtype=dtype),
+                                               torch.ones(1, device=meta)))
+        lines.insert(0, _stage_line(f"Mask: {opts['mask_steps']} steps of the {what} at latent "
                                     f"{'x'.join(map(str, shape[1:]))}", opts["mask_steps"], mask_cost,
                                     weight_bytes(mask_unet, dtype=dtype), _rate(device, shape[1:]), where))
     if device.type == "cuda":

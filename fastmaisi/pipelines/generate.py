@@ -36,6 +36,11 @@ class GenerateRequest:
     steps: int | None = None
     mask_steps: int | None = None  # None: the variant's (1000; the demo's 100)
     guidance_scale: float | None = None
+    modality_guidance_scale: float | None = None  # image-only workflow's CFG (NVIDIA cfg_guidance_scale_modality)
+    tumour_guidance_scale: float | None = None  # mask workflows' CFG (NVIDIA cfg_guidance_scale_tumor)
+    mask_generator: str | None = None  # "v1" or "v2"; None: v2 when its weights are in the weights folder
+    demographics: dict = field(default_factory=dict)  # v2 mask generator: age, sex, weight, bmi, height
+    mask_guidance_scale: float | None = None  # v2 mask generator's CFG (default 2.0)
     seed: int = 0
     num_samples: int = 1
     max_retries: int = 2
@@ -59,7 +64,7 @@ class GenerateRequest:
             return self.workflow_name
         if self.mask or self.mask_db:
             return "from-mask"
-        if self.organ_sizes or get_variant(self.variant_name).default_organ_sizes:
+        if self.organ_sizes or self.demographics or get_variant(self.variant_name).default_organ_sizes:
             return "paired"
         return "image"
 
@@ -90,24 +95,28 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
         raise ValueError(f"--sampler {request.sampler!r}: choose euler or ab2")
     if request.sampler == "ab2" and not variant.scheduler["_target_"].endswith("RFlowScheduler"):
         raise ValueError(f"--sampler ab2 is for rectified-flow variants; {variant.name} uses DDPM")
-    organ_sizes = request.organ_sizes or (variant.default_organ_sizes if request.workflow == "paired" else None)
-    if request.workflow == "paired" and not organ_sizes:
-        raise ValueError(f"the paired workflow needs organ sizes: --organ-size NAME=FRACTION (variant {variant.name} "
-                         "has no defaults)")
-    anatomy, anatomy_db = _anatomy_sizes(request, organ_sizes) if organ_sizes else (None, None)
+    variant, mask_opts = _mask_generator(request, variant)
+    if mask_opts["mask_generator"] == "v2":
+        anatomy, anatomy_db = None, None
+    else:
+        organ_sizes = request.organ_sizes or (variant.default_organ_sizes if request.workflow == "paired" else None)
+        if request.workflow == "paired" and not organ_sizes:
+            raise ValueError(f"the paired workflow needs organ sizes: --organ-size NAME=FRACTION (variant "
+                             f"{variant.name} has no defaults)")
+        anatomy, anatomy_db = _anatomy_sizes(request, organ_sizes) if organ_sizes else (None, None)
     steps = request.steps or variant.steps
     if steps < 1 or (variant.scheduler["_target_"].endswith("DDPMScheduler") and 1000 % steps):
         raise ValueError(f"--steps {steps}: must be >= 1 (and divide 1000 for DDPM)")
     if request.num_samples < 1 or request.max_retries < 0:
         raise ValueError("--num-samples must be >= 1 and --max-retries >= 0")
-    guidance = variant.guidance_scale if request.guidance_scale is None else request.guidance_scale
+    guidance = _guidance_scale(request, variant)
     for w in fov_warnings(variant, size, spacing):
         warnings.warn(w, stacklevel=2)
-    mask_steps = request.mask_steps or variant.mask_steps
-    if mask_steps < 1 or 1000 % mask_steps:
+    mask_steps = request.mask_steps or mask_opts.pop("default_mask_steps", None) or variant.mask_steps
+    if mask_opts["mask_generator"] == "v1" and (mask_steps < 1 or 1000 % mask_steps):
         raise ValueError(f"--mask-steps {mask_steps}: must divide 1000 (DDPM)")
     return variant, dict(size=size, spacing=spacing, modality_code=code, steps=steps, guidance_scale=guidance,
-                         anatomy=anatomy, anatomy_size_db=anatomy_db, mask_steps=mask_steps, sampler=request.sampler)
+                         anatomy=anatomy, anatomy_size_db=anatomy_db, mask_steps=mask_steps, sampler=request.sampler, **mask_opts)
 
 
 def _anatomy_sizes(request: GenerateRequest, organ_sizes) -> tuple[list[float], dict | None]:
@@ -122,6 +131,57 @@ def _anatomy_sizes(request: GenerateRequest, organ_sizes) -> tuple[list[float], 
         print(f"organ sizes not given stay -1: no {DB_NAME} in --weights (NVIDIA fills them from its closest entry; "
               "pass --anatomy-size-db FILE)", file=sys.stderr)
     return vector, info
+
+
+def _guidance_scale(request: GenerateRequest, variant) -> float:
+    """The workflow's one CFG scale: --modality-guidance-scale (image only) or --tumour-guidance-scale (mask
+    workflows), else --guidance-scale, else the variant's."""
+    purpose = request.modality_guidance_scale if request.workflow == "image" else request.tumour_guidance_scale
+    for scale in (purpose, request.guidance_scale):
+        if scale is not None:
+            if scale < 0:
+                raise ValueError(f"guidance scale {scale}: must be >= 0 (0: off)")
+            return float(scale)
+    return variant.guidance_scale
+
+
+def _mask_generator(request: GenerateRequest, variant) -> tuple:
+    """(variant set to the chosen mask generator, its options for `opts`). Default: v2 when its weights are in the
+    weights folder (said in one line), else v1. v2 inputs are checked as NVIDIA's `check_input_ct` does."""
+    from fastmaisi import mask_conditions as mc
+
+    paired = request.workflow == "paired"
+    choice = request.mask_generator
+    auto = choice is None and paired and "mask_diffusion" in variant.files and bool(request.weights)
+    if auto:  # (the built-in demo keeps v1 unless asked: its v2 generator is a quick CPU-trained toy)
+        found = any((Path(request.weights) / f"{variant.v2_mask_file}{ext}").is_file()
+                    for ext in (".pt", ".safetensors"))
+        choice = "v2" if found else "v1"
+        print(f"mask generator: {choice} ({variant.v2_mask_file} {'found' if found else 'not found'} in --weights; "
+              "--mask-generator picks)", file=sys.stderr)
+    choice = choice or "v1"
+    if choice == "v1":
+        if request.demographics:
+            raise ValueError("--demographic needs the v2 mask generator (--mask-generator v2)")
+        if request.mask_guidance_scale is not None:
+            raise ValueError("--mask-guidance-scale is for the v2 mask generator (--mask-generator v2)")
+        return variant, {"mask_generator": "v1"}
+    if "mask_diffusion" not in variant.files:
+        raise ValueError(f"--mask-generator v2: variant {variant.name} has no mask generator (a CT variant has)")
+    organ_sizes = dict(request.organ_sizes)
+    demographics = {k: mc.parse_demographic(k, v) for k, v in request.demographics.items()}
+    try:
+        messages = mc.check_conditions(organ_sizes, demographics)
+    except ValueError as err:
+        raise ValueError(f"{err}{' (or --mask-generator v1)' if auto else ''}") from None
+    for message in messages:
+        warnings.warn(message, stacklevel=3)
+    guidance = mc.V2_GUIDANCE_SCALE if request.mask_guidance_scale is None else request.mask_guidance_scale
+    if guidance < 0:
+        raise ValueError(f"--mask-guidance-scale {guidance}: must be >= 0 (0: off)")
+    return variant.with_mask_generator("v2"), {
+        "mask_generator": "v2", "mask_condition": mc.condition_vector(organ_sizes, demographics),
+        "mask_guidance_scale": float(guidance), "default_mask_steps": mc.V2_STEPS}
 
 
 def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = False) -> list[dict]:
@@ -199,7 +259,18 @@ def one_volume(models, workflow, opts, seed, user_label, budget, progress):
     timings = {}
     t = time.perf_counter()
     label = user_label
-    if workflow == "paired":
+    if workflow == "paired" and opts.get("mask_generator") == "v2":
+        # 2. mask (v2): 19 numbers -> guided rflow-mask -> mask VAE -> 132-label map, cleaned for the set tumour
+        from fastmaisi.pipelines import paired_v2
+
+        z = paired_v2.sample_mask_latent_v2(models, opts["mask_condition"], seed=seed,
+                                            latent_shape=models.mask_latent_shape, steps=opts["mask_steps"],
+                                            guidance_scale=opts["mask_guidance_scale"], progress=progress)
+        raw = paired_v2.postprocess_v2(paired.decode_mask(models, z, budget, progress), opts["mask_condition"])
+        label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"])
+        timings["mask_s"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+    elif workflow == "paired":
         # 2. mask: organ sizes -> mask DM -> mask VAE -> 132-label map on the mask grid -> requested grid
         z = paired.sample_mask_latent(models, opts["anatomy"], seed=seed, latent_shape=models.mask_latent_shape,
                                       steps=opts["mask_steps"], progress=progress)

@@ -21,6 +21,11 @@ def _organ_size(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--organ-size {text!r}: {value!r} is not a number") from None
 
 
+def _demographic(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not value.strip():
+        raise argparse.ArgumentTypeError(f"--demographic {text!r}: expected NAME=VALUE, e.g. age=55 or sex=F")
+    return name.strip().lower(), value.strip()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,20 +55,35 @@ def build_parser() -> argparse.ArgumentParser:
                    "each quality-check retry (the reference's mask database path)")
     p.add_argument("--strict-mask", action="store_true", help="refuse a mask without the body label 200")
     p.add_argument("--organ-size", type=_organ_size, action="append", default=[], metavar="NAME=FRACTION",
-                   help="paired workflow: organ size in [0,1] or -1 (repeatable)")
+                   help="paired workflow: organ size in [0,1] or -1 (repeatable; v2: at most one, slots "
+                        "liver spleen stomach pancreas colon left_kidney right_kidney lung gallbladder lung_tumor "
+                        "pancreatic_tumor hepatic_tumor colon_cancer_primaries bone_lesion)")
     p.add_argument("--anatomy-size-db", metavar="FILE",
                    help="NVIDIA's all_anatomy_size_conditions.json: organ sizes not given come from its closest entry "
                         "(default: looked for in --weights, its datasets/ and ../datasets/; without it they stay -1)")
+    p.add_argument("--mask-generator", choices=["v1", "v2"],
+                   help="v1: DDPM mask DM (10 organ sizes); v2: NVIDIA's rflow-mask (one size target + "
+                        "demographics). Default: v2 when mask_generation_diffusion_unet_v2 is in --weights, else v1")
+    p.add_argument("--demographic", type=_demographic, action="append", default=[], metavar="NAME=VALUE",
+                   help="v2 mask generator: age (years), sex (M/F), weight (kg), bmi or height (cm); repeatable")
+    p.add_argument("--mask-guidance-scale", type=float, help="v2 mask generator's guidance scale (default 2.0)")
     p.add_argument("--workflow", choices=["image", "from-mask", "paired"], help="default: from the options given")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: the variant's)")
     p.add_argument("--mask-steps", type=_positive_int,
-                   help="mask DM steps: 1000 = the reference's DDPM, fewer = DDIM at eta 1 (default 1000; demo 100)")
+                   help="mask DM steps. v1: 1000 = the reference's DDPM, fewer = DDIM at eta 1 (default 1000; demo "
+                        "100); v2: rectified-flow steps (default 100)")
     p.add_argument("--sampler", choices=["euler", "ab2"], default="euler",
                    help="euler: the reference's; ab2: 2nd-order, more accurate per step (rflow only, not bit-compatible)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch every step's kernels from Python instead of replaying a CUDA graph (same result; "
                         "latents above 2x64^3 voxels run eagerly anyway)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (0: off)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (0: off) of the workflow")
+    p.add_argument("--modality-guidance-scale", type=float,
+                   help="image-only workflow's guidance scale (NVIDIA cfg_guidance_scale_modality); wins over "
+                        "--guidance-scale there")
+    p.add_argument("--tumour-guidance-scale", "--tumor-guidance-scale", type=float,
+                   help="mask workflows' guidance scale (NVIDIA cfg_guidance_scale_tumor); wins over "
+                        "--guidance-scale there")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=_positive_int, default=1)
     p.add_argument("--max-retries", type=int, default=2, help="quality-check retries with a new seed")
@@ -94,11 +114,24 @@ def request_from_args(args):
         output_dir=args.output, variant=args.variant, weights=args.weights, network_config=args.network_config,
         size=tuple(args.size) if args.size else None, spacing=tuple(args.spacing) if args.spacing else None,
         modality=args.modality, body_region=tuple(args.body_region), mask=args.mask, mask_db=args.mask_db, strict_mask=args.strict_mask,
-        organ_sizes=dict(args.organ_size), anatomy_size_db=args.anatomy_size_db, workflow_name=args.workflow, steps=args.steps, mask_steps=args.mask_steps,
-        guidance_scale=args.guidance_scale, seed=args.seed, num_samples=args.num_samples,
+        organ_sizes=dict(args.organ_size), anatomy_size_db=args.anatomy_size_db,
+        workflow_name=args.workflow, steps=args.steps, mask_steps=args.mask_steps,
+        guidance_scale=args.guidance_scale, modality_guidance_scale=args.modality_guidance_scale,
+        tumour_guidance_scale=args.tumour_guidance_scale, mask_generator=args.mask_generator,
+        demographics=_demographics(args.demographic), mask_guidance_scale=args.mask_guidance_scale,
+        seed=args.seed, num_samples=args.num_samples,
         max_retries=args.max_retries, device=args.device, memory_budget_gb=args.memory_budget_gb,
         overwrite=args.overwrite, fmt=args.format, sampler=args.sampler,
         cuda_graphs=args.cuda_graphs)
+
+
+def _demographics(pairs) -> dict:
+    seen = {}
+    for name, value in pairs:
+        if name in seen:
+            raise ValueError(f"--demographic {name} given twice")
+        seen[name] = value
+    return seen
 
 
 def generate_main(argv: list[str]) -> int:

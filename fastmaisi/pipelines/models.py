@@ -69,7 +69,10 @@ def network_definitions(variant: Variant, network_config: Path | None) -> dict:
     from fastmaisi.config import resolve_network_definition
 
     config = json.loads(Path(network_config).read_text())
-    return {role: resolve_network_definition(config, ROLE_CONFIG_KEYS[role]) for role in defs}
+    out = {role: resolve_network_definition(config, ROLE_CONFIG_KEYS[role]) for role in defs}
+    if variant.mask_generator == "v2" and not out["mask_diffusion"]["_target_"].endswith("AdaGN"):
+        out["mask_diffusion"] = defs["mask_diffusion"]  # a config from before 2026-10: its mask DM is v1's
+    return out
 
 
 def load_models(variant: Variant, weights_dir: str | Path, roles, device: torch.device | str = "cpu",

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
              "diffusion": "latent diffusion UNet on `fastmaisi encode` latents",
              "controlnet": "ControlNet on latents + label maps, with a frozen diffusion UNet",
              "mask-vae": "mask autoencoder: 8 bit-channels in, 125 classes out",
-             "mask-diffusion": "mask diffusion UNet conditioned on organ sizes"}
+             "mask-diffusion": "mask diffusion UNet conditioned on organ sizes (v2: + demographics)"}
     for name in RECIPES:
         p = sub.add_parser(name, help=helps[name], description=helps[name])
         _common(p)
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--loss", choices=["l1", "mse"], default="l1")
             p.add_argument("--latent", choices=["sample", "mean"], default="sample",
                            help="mask-VAE latent: sampled z (default) or the mean")
+            p.add_argument("--mask-generator", choices=["v1", "v2"], default="v1",
+                           help="v1: DDPM UNet on 10 organ sizes (default); v2: NVIDIA's AdaGN rflow-mask UNet on "
+                                "19 numbers (sizes + the datalist's age/sex/weight/bmi/height), rectified flow")
     return parser
 
 
@@ -147,9 +150,12 @@ def _definitions(args, roles) -> tuple[dict, dict]:
 
     variant = variants.get_variant(args.variant)
     mask = args.recipe == "mask-diffusion"
+    v2 = mask and getattr(args, "mask_generator", "v1") == "v2"
     scheduler = variants.DDPM_SCHEDULER_DEF if mask else variant.scheduler
+    if v2:
+        from fastmaisi.pipelines.paired_v2 import MASK_V2_SCHEDULER_DEF as scheduler
     builtin = {**variant.definitions(), "mask_autoencoder": variants.MASK_AUTOENCODER_DEF,
-               "mask_diffusion": variants.MASK_DIFFUSION_DEF}
+               "mask_diffusion": variants.MASK_DIFFUSION_V2_DEF if v2 else variants.MASK_DIFFUSION_DEF}
     if args.network_config is None:
         return {r: dict(builtin[r]) for r in roles}, dict(scheduler)
     from fastmaisi.config import resolve_network_definition
@@ -200,7 +206,10 @@ def train_main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.manual_seed(args.seed)  # the same initial weights on every process and in every run
-        task = TRAINERS[args.recipe](recipe, cfg, dist)
+        setup = TRAINERS[args.recipe]
+        if getattr(args, "mask_generator", "v1") == "v2":
+            from fastmaisi.train.mask_v2 import setup_mask_diffusion_v2 as setup
+        task = setup(recipe, cfg, dist)
         history = train(task, cfg, dist)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"fastmaisi train {args.recipe}: error: {' '.join(str(e).split())}", file=sys.stderr)
