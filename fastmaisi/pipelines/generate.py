@@ -115,6 +115,9 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     mask_steps = request.mask_steps or mask_opts.pop("default_mask_steps", None) or variant.mask_steps
     if mask_opts["mask_generator"] == "v1" and (mask_steps < 1 or 1000 % mask_steps):
         raise ValueError(f"--mask-steps {mask_steps}: must divide 1000 (DDPM)")
+    note = mask_opts.pop("note")
+    if note:
+        print(note, file=sys.stderr)
     return variant, dict(size=size, spacing=spacing, modality_code=code, steps=steps, guidance_scale=guidance,
                          anatomy=anatomy, anatomy_size_db=anatomy_db, mask_steps=mask_steps, sampler=request.sampler, **mask_opts)
 
@@ -127,7 +130,7 @@ def _anatomy_sizes(request: GenerateRequest, organ_sizes) -> tuple[list[float], 
     anatomy_size_vector(organ_sizes)  # checks names and values first
     db = find_anatomy_size_db(request.anatomy_size_db, request.weights)
     vector, info = complete_anatomy_sizes(organ_sizes, db)
-    if db is None and len(organ_sizes) < len(vector):
+    if db is None and len(organ_sizes) < len(vector) and request.weights:  # (the demo has no such database)
         print(f"organ sizes not given stay -1: no {DB_NAME} in --weights (NVIDIA fills them from its closest entry; "
               "pass --anatomy-size-db FILE)", file=sys.stderr)
     return vector, info
@@ -152,20 +155,21 @@ def _mask_generator(request: GenerateRequest, variant) -> tuple:
 
     paired = request.workflow == "paired"
     choice = request.mask_generator
+    note = None  # the automatic choice, said once every input has passed its checks
     auto = choice is None and paired and "mask_diffusion" in variant.files and bool(request.weights)
     if auto:  # (the built-in demo keeps v1 unless asked: its v2 generator is a quick CPU-trained toy)
         found = any((Path(request.weights) / f"{variant.v2_mask_file}{ext}").is_file()
                     for ext in (".pt", ".safetensors"))
         choice = "v2" if found else "v1"
-        print(f"mask generator: {choice} ({variant.v2_mask_file} {'found' if found else 'not found'} in --weights; "
-              "--mask-generator picks)", file=sys.stderr)
+        note = (f"mask generator: {choice} ({variant.v2_mask_file} {'found' if found else 'not found'} in --weights; "
+                "--mask-generator picks)")
     choice = choice or "v1"
     if choice == "v1":
         if request.demographics:
             raise ValueError("--demographic needs the v2 mask generator (--mask-generator v2)")
         if request.mask_guidance_scale is not None:
             raise ValueError("--mask-guidance-scale is for the v2 mask generator (--mask-generator v2)")
-        return variant, {"mask_generator": "v1"}
+        return variant, {"mask_generator": "v1", "note": note}
     if "mask_diffusion" not in variant.files:
         raise ValueError(f"--mask-generator v2: variant {variant.name} has no mask generator (a CT variant has)")
     organ_sizes = dict(request.organ_sizes)
@@ -181,7 +185,7 @@ def _mask_generator(request: GenerateRequest, variant) -> tuple:
         raise ValueError(f"--mask-guidance-scale {guidance}: must be >= 0 (0: off)")
     return variant.with_mask_generator("v2"), {
         "mask_generator": "v2", "mask_condition": mc.condition_vector(organ_sizes, demographics),
-        "mask_guidance_scale": float(guidance), "default_mask_steps": mc.V2_STEPS}
+        "mask_guidance_scale": float(guidance), "default_mask_steps": mc.V2_STEPS, "note": note}
 
 
 def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = False) -> list[dict]:
