@@ -98,8 +98,12 @@ def step_fn(unet, cnet, inp, memory_format=None):
     if memory_format is not None:
         x, cond = x.contiguous(memory_format=memory_format), cond.contiguous(memory_format=memory_format)
 
+    with torch.no_grad():  # the condition embedded once, as `image_denoiser` does (the ControlNet caches nothing)
+        emb = cnet.embed_condition(cond)
+
     def step():
-        down, mid = cnet(x=x, timesteps=inp["t"], controlnet_cond=cond, class_labels=inp["cls"])
+        down, mid = cnet(x=x, timesteps=inp["t"], controlnet_cond=None, controlnet_cond_embedding=emb,
+                         class_labels=inp["cls"])
         return unet(x=x, timesteps=inp["t"], spacing_tensor=inp["spacing"], class_labels=inp["cls"],
                     down_block_additional_residuals=down, mid_block_additional_residual=mid)
 

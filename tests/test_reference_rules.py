@@ -160,12 +160,14 @@ def test_unset_organ_sizes_come_from_the_closest_database_entry(tmp_path, capsys
 
 
 def test_without_the_database_unset_sizes_stay_minus_one_and_say_so(tmp_path, capsys):
-    from fastmaisi.pipelines.generate import resolve
+    from fastmaisi.pipelines.generate import generate, resolve
 
     _, opts = resolve(_request(tmp_path, weights=str(tmp_path)))
     assert opts["anatomy"] == [-1, 0.45, -1, -1, -1, -1, -1, -1, -1, -1] and opts["anatomy_size_db"] is None
-    err = capsys.readouterr().err
-    assert "stay -1" in err and len(err.strip().splitlines()) == 1
+    assert capsys.readouterr().err == ""  # said once the run is known to go ahead
+    generate(_request(tmp_path), progress=False, dry_run=True)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "stay -1" in err[0]
 
 
 def test_bad_anatomy_size_db_is_one_line_exit_2(tmp_path, capsys):

@@ -123,17 +123,23 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
 
 
 def _anatomy_sizes(request: GenerateRequest, organ_sizes) -> tuple[list[float], dict | None]:
-    """The anatomy-size vector, unset slots filled from NVIDIA's database when there is one (else -1, said once)."""
+    """The anatomy-size vector, unset slots filled from NVIDIA's database when there is one (else -1)."""
     from fastmaisi.labels import anatomy_size_vector
-    from fastmaisi.pipelines.anatomy_db import DB_NAME, complete_anatomy_sizes, find_anatomy_size_db
+    from fastmaisi.pipelines.anatomy_db import complete_anatomy_sizes, find_anatomy_size_db
 
     anatomy_size_vector(organ_sizes)  # checks names and values first
-    db = find_anatomy_size_db(request.anatomy_size_db, request.weights)
-    vector, info = complete_anatomy_sizes(organ_sizes, db)
-    if db is None and len(organ_sizes) < len(vector) and request.weights:  # (the demo has no such database)
+    return complete_anatomy_sizes(organ_sizes, find_anatomy_size_db(request.anatomy_size_db, request.weights))
+
+
+def _say_sizes_left_unset(request: GenerateRequest, opts: dict) -> None:
+    """One line when sizes the user left out stay -1 for want of NVIDIA's database (after all checks passed)."""
+    from fastmaisi.pipelines.anatomy_db import DB_NAME
+
+    anatomy = opts.get("anatomy")  # (None for the v2 mask generator, which takes one size target)
+    if request.organ_sizes and anatomy is not None and opts["anatomy_size_db"] is None \
+            and len(request.organ_sizes) < len(anatomy):
         print(f"organ sizes not given stay -1: no {DB_NAME} in --weights (NVIDIA fills them from its closest entry; "
               "pass --anatomy-size-db FILE)", file=sys.stderr)
-    return vector, info
 
 
 def _guidance_scale(request: GenerateRequest, variant) -> float:
@@ -205,6 +211,7 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     if workflow == "paired":
         roles += ["mask_autoencoder", "mask_diffusion"]
     weights_dir = _weights_dir(request, variant, roles, opts, dry_run)
+    _say_sizes_left_unset(request, opts)
     user_label, user_mask_info, candidates = None, None, []
     if request.mask:
         user_label, user_mask_info = _load_user_mask(request, opts, request.mask)

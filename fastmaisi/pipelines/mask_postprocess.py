@@ -63,27 +63,24 @@ def _dilate(mask: np.ndarray, times: int = 1) -> np.ndarray:
     return mask
 
 
-def _removed_by_largest_rule(sub: np.ndarray, box: tuple[slice, ...] | None = None,
-                             shape: tuple[int, ...] | None = None) -> np.ndarray | None:
-    """Full-volume mask of the voxels the reference's largest-piece rule drops, for a mask given whole (`sub`) or
-    as its part `sub` inside `box` of a volume of `shape` (every mask voxel inside the box). None when nothing is
-    dropped. Includes non-mask voxels when a piece outnumbers the background, as in the reference."""
+def _dropped_pieces(sub: np.ndarray, volume_size: int | None = None) -> tuple[np.ndarray | None, bool]:
+    """What the reference's largest-piece rule drops from a mask given whole (`sub`) or as the box `sub` of a
+    volume of `volume_size` voxels holding every mask voxel: (voxels of `sub` dropped, or None when none; whether
+    the background goes too, which happens only when a piece outnumbers it)."""
     from scipy import ndimage
 
-    shape = sub.shape if box is None else tuple(shape)
     pieces, n = ndimage.label(sub, _CUBE)
     if n < 1:
-        return None
+        return None, False
     counts = np.bincount(pieces.ravel(), minlength=n + 1)
-    counts[0] += int(np.prod(shape)) - sub.size  # the rest of the volume is background too
+    counts[0] += (volume_size or sub.size) - sub.size  # the rest of the volume is background too
     values = np.nonzero(counts)[0]
     keep = values[np.argsort(counts[values])[::-1][:2]]
     if len(values) <= len(keep):
-        return None
-    drop_background = 0 not in keep
-    out = np.full(shape, drop_background, dtype=bool)
-    out[box if box is not None else ...] = ~np.isin(pieces, keep)
-    return out
+        return None, False
+    kept = pieces == keep[0]
+    kept |= pieces == keep[1]
+    return ~kept, bool(0 not in keep)
 
 
 def _keep_largest(label: np.ndarray, ids, fill: int) -> np.ndarray:
@@ -96,9 +93,14 @@ def _keep_largest(label: np.ndarray, ids, fill: int) -> np.ndarray:
     for i in dict.fromkeys(ids):
         if i > len(found) or found[i - 1] is None:
             continue
-        removed = _removed_by_largest_rule(label[found[i - 1]] == i, found[i - 1], label.shape)
-        if removed is not None:
-            dropped |= removed
+        box = found[i - 1]
+        sub_dropped, background_too = _dropped_pieces(label[box] == i, label.size)
+        if sub_dropped is not None:
+            dropped[box] |= sub_dropped
+        if background_too:  # (outside the box: all background of this id)
+            outside = np.ones(label.shape, bool)
+            outside[box] = False
+            dropped |= outside
     out = label.copy()
     out[dropped] = fill
     return out
@@ -140,7 +142,7 @@ def postprocess_mask(label: np.ndarray, anatomy_sizes) -> np.ndarray:
     vessel, airway = label == HEPATIC_VESSEL, label == AIRWAY
     # 1. body: one piece
     body = ndimage.binary_erosion(label > 0, _CUBE)
-    removed = _removed_by_largest_rule(body)
+    removed, _ = _dropped_pieces(body)
     if removed is not None:
         body &= ~removed
     out = np.where(ndimage.binary_dilation(body, _CUBE), label, 0).astype(label.dtype)
@@ -158,9 +160,9 @@ def postprocess_mask(label: np.ndarray, anatomy_sizes) -> np.ndarray:
     organs = ORGANS + (VERTEBRAE if target != 128 else ())
     data = _keep_largest(out, organs, BODY)
     organ_removed = out != data
-    bowel = np.isin(data, BOWEL)
-    dropped = _removed_by_largest_rule(bowel)
-    bowel_removed = np.zeros(data.shape, bool) if dropped is None else dropped & np.isin(data, (19, 62))
+    bowel = (data == BOWEL[0]) | (data == BOWEL[1]) | (data == BOWEL[2]) | (data == BOWEL[3])
+    dropped, _ = _dropped_pieces(bowel)
+    bowel_removed = np.zeros(data.shape, bool) if dropped is None else dropped & ((data == 19) | (data == 62))
     data[bowel_removed] = BODY
     found = ndimage.find_objects(data.astype(np.int32, copy=False))
     boxes = {i: found[i - 1] for i in set(organs) if i <= len(found) and found[i - 1] is not None}
