@@ -115,9 +115,6 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     mask_steps = request.mask_steps or mask_opts.pop("default_mask_steps", None) or variant.mask_steps
     if mask_opts["mask_generator"] == "v1" and (mask_steps < 1 or 1000 % mask_steps):
         raise ValueError(f"--mask-steps {mask_steps}: must divide 1000 (DDPM)")
-    note = mask_opts.pop("note")
-    if note:
-        print(note, file=sys.stderr)
     return variant, dict(size=size, spacing=spacing, modality_code=code, steps=steps, guidance_scale=guidance,
                          anatomy=anatomy, anatomy_size_db=anatomy_db, mask_steps=mask_steps, sampler=request.sampler, **mask_opts)
 
@@ -175,7 +172,7 @@ def _mask_generator(request: GenerateRequest, variant) -> tuple:
             raise ValueError("--demographic needs the v2 mask generator (--mask-generator v2)")
         if request.mask_guidance_scale is not None:
             raise ValueError("--mask-guidance-scale is for the v2 mask generator (--mask-generator v2)")
-        return variant, {"mask_generator": "v1", "note": note}
+        return variant, {"mask_generator": "v1", "mask_generator_note": note}
     if "mask_diffusion" not in variant.files:
         raise ValueError(f"--mask-generator v2: variant {variant.name} has no mask generator (a CT variant has)")
     organ_sizes = dict(request.organ_sizes)
@@ -191,7 +188,7 @@ def _mask_generator(request: GenerateRequest, variant) -> tuple:
         raise ValueError(f"--mask-guidance-scale {guidance}: must be >= 0 (0: off)")
     return variant.with_mask_generator("v2"), {
         "mask_generator": "v2", "mask_condition": mc.condition_vector(organ_sizes, demographics),
-        "mask_guidance_scale": float(guidance), "default_mask_steps": mc.V2_STEPS, "note": note}
+        "mask_guidance_scale": float(guidance), "default_mask_steps": mc.V2_STEPS, "mask_generator_note": note}
 
 
 def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = False) -> list[dict]:
@@ -212,6 +209,8 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         roles += ["mask_autoencoder", "mask_diffusion"]
     weights_dir = _weights_dir(request, variant, roles, opts, dry_run)
     _say_sizes_left_unset(request, opts)
+    if opts.get("mask_generator_note"):
+        print(opts["mask_generator_note"], file=sys.stderr)
     user_label, user_mask_info, candidates = None, None, []
     if request.mask:
         user_label, user_mask_info = _load_user_mask(request, opts, request.mask)
