@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastmaisi.nets.derived import reuse_derived_weights
 from fastmaisi.mask_conditions import CONDITION_DIM, TUMOUR_SLOTS, UNSET, V2_GUIDANCE_SCALE, V2_STEPS
 from fastmaisi.pipelines.common import latent_noise
 from fastmaisi.pipelines.models import Models
@@ -71,9 +72,10 @@ def sample_mask_latent_v2(models: Models, condition: list[float], *, seed: int, 
     cond = torch.tensor(condition, dtype=torch.float32).view(1, 1, -1).to(device=device, dtype=dtype)
     spacing = (torch.tensor(MASK_V2_SPACING_MM, dtype=torch.float32).view(1, 3) * 100).to(device=device, dtype=dtype)
     x = latent_noise(seed, (1, *latent_shape), device, dtype)
-    return rflow_mask_loop(models.mask_diffusion, build_scheduler(MASK_V2_SCHEDULER_DEF), x, cond, spacing,
-                           steps=steps, guidance_scale=guidance_scale, progress=progress,
-                           cuda_graph=models.cuda_graphs)
+    with reuse_derived_weights(models.mask_diffusion):  # weight-derived tensors once, outside the CUDA graph
+        return rflow_mask_loop(models.mask_diffusion, build_scheduler(MASK_V2_SCHEDULER_DEF), x, cond, spacing,
+                               steps=steps, guidance_scale=guidance_scale, progress=progress,
+                               cuda_graph=models.cuda_graphs)
 
 
 def postprocess_v2(label: np.ndarray, condition: list[float]) -> np.ndarray:
