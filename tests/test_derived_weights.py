@@ -91,3 +91,18 @@ def test_block_reuses_then_forgets_and_leaves_nothing_on_the_network(nets, tmp_p
     with torch.no_grad():
         assert torch.equal(_run(loaded, inp), a) and torch.equal(_run(clone, inp), a)
     assert not any(k.startswith("_upsample") or k.startswith("_thin") for m in ours.modules() for k in vars(m))
+
+
+def test_thin_conv_pack_follows_data_updates_and_inference_mode():
+    """thin_conv's packed weight (its CUDA kernel's operand): packed afresh outside a block, so `.data` updates and
+    inference-mode weights (no version counter) are always seen; reused inside a block."""
+    from fastmaisi.nets.thin_conv import _packed
+
+    with torch.inference_mode():
+        conv = torch.nn.Conv3d(4, 16, 3, padding=1)
+        first = _packed(conv).clone()
+        assert torch.equal(first[:, :12], conv.weight.permute(2, 3, 4, 1, 0).reshape(9, 12, 16))
+    conv.weight.data.mul_(2.0)
+    assert torch.equal(_packed(conv), 2 * first)
+    with reuse_derived_weights(conv):
+        assert _packed(conv) is _packed(conv)
