@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
-from fastmaisi.decode.program import _compile, _shapes
+from fastmaisi.decode.execute import _execute
 from fastmaisi.decode.host_memory import free_host_memory
 from fastmaisi.decode.plan import _default_budget, plan_decode, plan_encode
-from fastmaisi.decode.execute import _execute
+from fastmaisi.decode.program import _compile, _shapes
+from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
 
 
 

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastmaisi.nets.blocks import add_bias_, add_bias_residual_, group_moments, scale_shift, upsample_trilinear_x2
-from fastmaisi.decode.program import _Op, _in_rows
 from fastmaisi.decode.host_memory import _host_buffer, _host_release
 from fastmaisi.decode.plan import DecodePlan, GPU, RECOMPUTE, _PAD_OUT, _Planner, _fusable, _fused, _lifetimes
+from fastmaisi.decode.program import _Op, _in_rows
+from fastmaisi.nets.blocks import add_bias_, add_bias_residual_, group_moments, scale_shift, upsample_trilinear_x2
 
 
 

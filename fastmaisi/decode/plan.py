@@ -11,9 +11,9 @@ from typing import Sequence
 
 import torch
 
-from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
-from fastmaisi.decode.program import _CUDA_WORKSPACE, _GiB, _MiB, _Op, _Slot, _compile, _in_rows_of, _shapes
 from fastmaisi.decode.host_memory import _HOST_POOL
+from fastmaisi.decode.program import _CUDA_WORKSPACE, _GiB, _MiB, _Op, _Slot, _compile, _in_rows_of, _shapes
+from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
 
 
 

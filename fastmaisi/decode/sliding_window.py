@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
 from fastmaisi.decode.exact import _check
+from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
 
 
 
