@@ -45,11 +45,11 @@ def detect_vocabulary(ids: Sequence[int], where: str, option: str = "--vocabular
     if ids[-1] > TOTALSEGMENTATOR_MAX_ID and not placeholders:
         return "maisi", (f"ids up to {ids[-1]} (above TotalSegmentator's 117) and none of MAISI's placeholders: "
                          "MAISI ids (also NV-Segment-CT's and VISTA3D's, which agree on these)")
-    if placeholders:
-        raise ValueError(f"{where}: ids {_short(placeholders)} are placeholders in MAISI but classes in VISTA3D "
-                         f"(2 kidney, 20 lung, 21 bone, ...): cannot tell which tool wrote it; {choices}")
-    raise ValueError(f"{where}: ids {ids[0]}..{ids[-1]} without body 200 could be TotalSegmentator's (liver 5) or "
-                     f"MAISI's (liver 1, right kidney 5): cannot tell which; {choices}")
+    if ids[-1] <= TOTALSEGMENTATOR_MAX_ID and BODY not in ids:
+        raise ValueError(f"{where}: ids {ids[0]}..{ids[-1]} without body 200 could be TotalSegmentator's (liver 5) or "
+                         f"MAISI's (liver 1, right kidney 5): cannot tell which; {choices}")
+    raise ValueError(f"{where}: ids {_short(placeholders)} are placeholders in MAISI but classes in VISTA3D "
+                     f"(2 kidney, 20 lung, 21 bone, ...): cannot tell which tool wrote it; {choices}")
 
 
 def _short(values, n: int = 10) -> str:
@@ -109,7 +109,9 @@ def convert_segmentation(paths, vocabulary: str | Sequence[str] = "auto", *, add
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
         raise ValueError("no segmentation given")
-    vocabs = [vocabulary] * len(paths) if isinstance(vocabulary, str) else list(vocabulary)
+    if isinstance(vocabulary, str):
+        vocabulary = vocabulary.split(",") if "," in vocabulary else [vocabulary] * len(paths)
+    vocabs = [v.strip() for v in vocabulary]
     if len(vocabs) != len(paths):
         raise ValueError(f"{option}: give one vocabulary, or one per input ({len(paths)})")
     for v in vocabs:
