@@ -362,3 +362,23 @@ def test_labels_list_prints_a_vocabulary(capsys):
 
     assert re.search(r"^ +5  liver +1  liver$", text, re.M) and re.search(r"^ +7  pancreas +4  pancreas$", text, re.M)
     assert cli("list", "--vocabulary", "nope") == 2
+
+
+def test_write_outputs_with_an_lps_affine_nifti_as_given_dicom_and_preview_in_ras(tmp_path):
+    pytest.importorskip("highdicom")
+    from fastmaisi import io
+
+    lps = np.diag([-2.0, -2.0, 3.0, 1.0])
+    lps[:3, 3] = [100.0, 120.0, -300.0]
+    image = np.zeros((16, 12, 8), np.int16)
+    image[2:6, 3:5, 1:4] = 500
+    label = (image > 0).astype(np.uint8)
+    record = {"variant": "demo", "request": {}, "seed": 0}
+    paths = io.write_outputs(tmp_path, "n", image, label, (2, 2, 3), record, modality="ct", affine=lps)
+    img = nib.load(paths["image"])
+    assert np.allclose(img.affine, lps) and np.array_equal(np.asarray(img.dataobj), image)
+    assert json.loads(paths["record"].read_text())["geometry"]["orientation"] == "LPS"
+    paths = io.write_outputs(tmp_path, "d", image, label, (2, 2, 3), record, modality="ct", affine=lps, fmt="dicom")
+    series, _, ras_aff = io.read_label_map(paths["image"])  # the DICOM series read back, RAS
+    np.testing.assert_array_equal(series, image[::-1, ::-1, :])
+    assert np.allclose(ras_aff @ [15, 11, 0, 1.0], lps @ [0, 0, 0, 1.0])  # same world point
