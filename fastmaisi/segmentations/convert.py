@@ -57,14 +57,23 @@ def _short(values, n: int = 10) -> str:
     return "[" + ", ".join(str(v) for v in values[:n]) + (" ..." if len(values) > n else "") + "]"
 
 
+def id_counts(a: np.ndarray, chunk: int = 1 << 24) -> np.ndarray:
+    """Voxel count per id (index = id), in slabs: no int64 copy of a whole 512^3 map."""
+    flat = a.reshape(-1)
+    counts = np.zeros(int(flat.max()) + 1 if flat.size else 1, np.int64)
+    for start in range(0, flat.size, chunk):
+        part = np.bincount(flat[start:start + chunk], minlength=counts.size)
+        counts += part
+    return counts
+
+
 def _voxel_ml(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
 
 
 def _class_mapping(seg: Segmentation, vocabulary: str, option: str) -> tuple[dict, dict]:
     """(input id -> (class name, MAISI id or None), decision) for one input."""
-    present = [int(i) for i in np.flatnonzero(np.bincount(seg.array.ravel().astype(np.int64))) if i != 0] \
-        if seg.array.size else []
+    present = [int(i) for i in np.flatnonzero(id_counts(seg.array)) if i != 0]
     if seg.class_names is not None:  # the input names its classes: map by name whatever vocabulary was given
         mapping = {}
         for i, name in seg.class_names.items():
@@ -193,12 +202,13 @@ def _volumes(segs, out: np.ndarray, affine: np.ndarray) -> list[dict]:
     ml = _voxel_ml(affine)
     rows = []
     for seg, ids, mapping in segs:
-        counts = np.bincount(ids.ravel(), minlength=256)
-        lut = np.zeros(256, np.int16)
+        counts = np.pad(id_counts(ids), (0, 256))[:256]
+        lut = np.zeros(256, np.uint8)
         for i, (_, m) in mapping.items():
-            lut[i] = -1 if m is None else m
+            lut[i] = 0 if m is None else m
         target = lut[ids]
-        kept = np.bincount(ids[(target > 0) & (out.astype(np.int16) == target)].ravel(), minlength=256)
+        kept = id_counts(np.where((target > 0) & (out == target), ids, 0).astype(np.uint8))
+        kept = np.pad(kept, (0, 256))[:256]
         for i, (name, m) in sorted(mapping.items()):
             if counts[i] == 0:
                 continue

@@ -86,8 +86,8 @@ def _read_class_folder(folder: Path, files: list[Path]) -> Segmentation:
     overlap = 0
     for i, f in enumerate(files, start=1):
         mask, aff = _read_nifti(f)
-        values = np.unique(mask)
-        if values.size > 2 or int(values.max()) > 1:
+        if mask.size and int(mask.max()) > 1:  # (values are >= 0: checked by _read_nifti)
+            values = np.unique(mask)
             shown = ", ".join(str(int(v)) for v in values[:6]) + (" ..." if values.size > 6 else "")
             raise ValueError(f"{str(f)!r} is not a binary class mask (values {shown}); a folder input holds one 0/1 "
                              "mask per class, named by class (TotalSegmentator's default output)")
@@ -175,6 +175,8 @@ def _read_dicom_seg(path: Path) -> Segmentation:
     if max(numbers) > 255:
         raise ValueError(f"{str(path)!r} has {len(numbers)} segments; at most 255 can be read")
     names = {n: _segment_name(seg.get_segment_description(n)) for n in numbers}
-    vol = seg.get_volume(combine_segments=True, dtype=np.uint8)
-    img = vol.to_nibabel()
+    try:
+        img = seg.get_volume(combine_segments=True, dtype=np.uint8).to_nibabel()
+    except Exception as exc:  # highdicom refuses SEGs whose frames do not form one regular volume
+        raise ValueError(f"{str(path)!r}: cannot assemble the SEG's frames into a volume ({exc})") from None
     return Segmentation(str(path), "dicom-seg", np.asarray(img.dataobj).astype(np.uint8), np.asarray(img.affine), names)
