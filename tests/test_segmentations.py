@@ -382,3 +382,11 @@ def test_write_outputs_with_an_lps_affine_nifti_as_given_dicom_and_preview_in_ra
     series, _, ras_aff = io.read_label_map(paths["image"])  # the DICOM series read back, RAS
     np.testing.assert_array_equal(series, image[::-1, ::-1, :])
     assert np.allclose(ras_aff @ [15, 11, 0, 1.0], lps @ [0, 0, 0, 1.0])  # same world point
+
+
+def test_fastmaisi_labels_is_a_command(capsys):
+    from fastmaisi.cli import main
+
+    assert main(["labels", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "total_mr" in out and "vista3d" in out and "nv_segment_ct" in out

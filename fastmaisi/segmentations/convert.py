@@ -84,8 +84,9 @@ def _class_mapping(seg: Segmentation, vocabulary: str, option: str) -> tuple[dic
             raise ValueError(f"{seg.path}: none of its class names ({', '.join(unknown[:5])}"
                              f"{' ...' if len(unknown) > 5 else ''}) is a TotalSegmentator, NV-Segment, VISTA3D or "
                              "MAISI class: not a segmentation this converter knows")
-        return mapping, {"vocabulary": "by class name", "reason": f"{seg.kind}: each class named by its "
-                         f"{'file name' if seg.kind in ('folder', 'class-file') else 'coded anatomy'}"}
+        by = "file name" if seg.kind in ("folder", "class-file") else "coded anatomy"
+        return mapping, {"vocabulary": "by class name",
+                         "reason": f"each class named by its {by}{_best_task(seg.class_names.values())}"}
     if vocabulary == "auto":
         name, reason = detect_vocabulary(present, seg.path, option)
     else:
@@ -100,6 +101,18 @@ def _class_mapping(seg: Segmentation, vocabulary: str, option: str) -> tuple[dic
         raise ValueError(f"{seg.path}: id {refused[0]}: {vocab.refused[refused[0]]}")
     mapping = {i: (vocab.classes[i], vocab.to_maisi[i]) for i in present}
     return mapping, {"vocabulary": vocab.name, "reason": reason, **_vocab_notes(vocab, present)}
+
+
+def _best_task(names) -> str:
+    """", the names of TotalSegmentator's `total` (117 of 117)": the vocabulary holding most of `names`."""
+    names = set(names)
+    best, hits = None, 0
+    for vocab_name in NAMES:
+        vocab = get_vocabulary(vocab_name)
+        n = len(names & set(vocab.classes.values()))
+        if n > hits:
+            best, hits = vocab, n
+    return f"; {hits} of {len(names)} are class names of {best.name} ({best.title})" if best else ""
 
 
 def _vocab_notes(vocab: Vocabulary, present) -> dict:
