@@ -297,6 +297,10 @@ def test_dicom_seg_segments_mapped_by_coded_anatomy(tmp_path):
     counts = {int(v): int((label == v).sum()) for v in np.unique(label)}
     assert counts[3] == counts[1] == 4 * 6 * 6  # segment 1 coded Spleen -> MAISI 3 (not "liver"), 2 Liver -> 1
     assert report["inputs"][0]["kind"] == "dicom-seg"
+    from fastmaisi.io import read_label_map
+
+    again, _, _ = read_label_map(tmp_path / "seg.dcm")  # the generic reader maps by coded anatomy too
+    assert sorted(np.unique(again).tolist()) == [0, 1, 3] and (again == 3).sum() == 4 * 6 * 6
 
 
 # ------------------------------------------------------------------------------------------------------ refusals

@@ -123,43 +123,9 @@ def _read_dicom_folder(folder: Path) -> Segmentation:
     return Segmentation(str(folder), "dicom-series", array, affine)
 
 
-GENERIC_CODE_MEANINGS = {"anatomical structure", "tissue", "organ", "body structure", "structure"}
-
-
-def _segment_name(desc) -> str:
-    """The anatomy a DICOM SEG segment is coded as: its property type (plus laterality), else its label."""
-    candidates = []
-    try:
-        meaning = str(desc.segmented_property_type.meaning)
-    except Exception:  # a malformed item: fall back to the segment label
-        meaning = ""
-    if meaning and meaning.lower() not in GENERIC_CODE_MEANINGS:
-        lateral = ""
-        for seq in ("SegmentedPropertyTypeModifierCodeSequence", "AnatomicRegionModifierSequence"):
-            for item in getattr(desc, seq, None) or []:
-                m = str(getattr(item, "CodeMeaning", "")).lower()
-                if m in ("right", "left"):
-                    lateral = m
-        if lateral and lateral not in meaning.lower():
-            candidates.append(f"{lateral} {meaning}")
-        candidates.append(meaning)
-    label = str(getattr(desc, "SegmentLabel", "") or "")
-    if label:
-        candidates.append(label)
-    m = re.fullmatch(r"label (\d+)", str(getattr(desc, "TrackingID", "") or ""))
-    if m:  # fastmaisi's own SEGs: the MAISI id
-        from fastmaisi.labels import LABEL_NAMES
-
-        candidates.append(LABEL_NAMES.get(int(m.group(1)), ""))
-    for name in candidates:
-        if name and maisi_id_of_name(name)[0]:
-            return name
-    return candidates[0] if candidates else f"segment {desc.segment_number}"
-
-
 def _read_dicom_seg(path: Path) -> Segmentation:
     """Segment numbers become ids; each id is named by the segment's coded anatomy (never by its number)."""
-    from fastmaisi.io.dicom import _require_dicom
+    from fastmaisi.io.dicom import _require_dicom, segment_anatomy_name
 
     pydicom = _require_dicom()
     try:
@@ -174,7 +140,7 @@ def _read_dicom_seg(path: Path) -> Segmentation:
     numbers = [int(n) for n in seg.segment_numbers]
     if max(numbers) > 255:
         raise ValueError(f"{str(path)!r} has {len(numbers)} segments; at most 255 can be read")
-    names = {n: _segment_name(seg.get_segment_description(n)) for n in numbers}
+    names = {n: segment_anatomy_name(seg.get_segment_description(n)) for n in numbers}
     try:
         img = seg.get_volume(combine_segments=True, dtype=np.uint8).to_nibabel()
     except Exception as exc:  # highdicom refuses SEGs whose frames do not form one regular volume
