@@ -67,6 +67,10 @@ def id_counts(a: np.ndarray, chunk: int = 1 << 24) -> np.ndarray:
     return counts
 
 
+def _present(ids: np.ndarray) -> set[int]:
+    return {int(i) for i in np.flatnonzero(id_counts(ids)) if i != 0}
+
+
 def _voxel_ml(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
 
@@ -141,8 +145,7 @@ def convert_segmentation(paths, vocabulary: str | Sequence[str] = "auto", *, add
             get_vocabulary(v)  # raises with the list of names
     out = affine = None
     body_from_task = None
-    inputs, per_class = [], []
-    segs = []
+    inputs, segs = [], []
     for path, vocab_name in zip(paths, vocabs):
         seg = read_segmentation(path)
         mapping, decision = _class_mapping(seg, vocab_name, option)
@@ -165,7 +168,8 @@ def convert_segmentation(paths, vocabulary: str | Sequence[str] = "auto", *, add
                 out[body & (out == 0)] = BODY  # a map's own body label
             body_from_task = body if body_from_task is None else (body_from_task | body)
         segs.append((seg, ids, mapping))
-        inputs.append({"path": str(path), "kind": seg.kind, **decision, **({"notes": seg.notes} if seg.notes else {})})
+        notes = [*seg.notes, *decision.pop("notes", [])]
+        inputs.append({"path": str(path), "kind": seg.kind, **decision, **({"notes": notes} if notes else {})})
     # body 200: from TotalSegmentator's body task, a MAISI map's own, else the envelope rule
     has_body = bool((out == BODY).any())
     organs = int(np.count_nonzero((out != 0) & (out != BODY)))
@@ -176,7 +180,8 @@ def convert_segmentation(paths, vocabulary: str | Sequence[str] = "auto", *, add
     if organs < MIN_ORGAN_VOXELS:
         raise ValueError(f"{', '.join(map(str, paths))}: only {organs} organ voxel(s) after mapping to MAISI ids "
                          f"(at least {MIN_ORGAN_VOXELS} needed): not a segmentation to condition on")
-    unmapped = sorted({name for _, _, mapping in segs for name, m in mapping.values() if m is None})
+    unmapped = sorted({mapping[i][0] for _, ids, mapping in segs for i in _present(ids)
+                       if i in mapping and mapping[i][1] is None})
     if body_from_task is not None and not has_body:
         out[body_from_task & (out == 0)] = BODY
         body = {"added": True, "method": "TotalSegmentator body task (body_trunc + body_extremities) where no organ"}
