@@ -19,6 +19,8 @@ COMMANDS = {
     "train": ("fastmaisi.train.cli", "train_main", "train vae | diffusion | controlnet | mask-vae | mask-diffusion"),
     "encode": ("fastmaisi.train.cli", "encode_main", "encode images to latents (+ sidecar JSON) for diffusion training"),
     "eval": ("fastmaisi.evaluation.cli", "eval_main", "evaluate: 2.5D FID, VAE reconstruction, HU quality check"),
+    "labels": ("fastmaisi.segmentations.cli", "labels_main",
+               "TotalSegmentator / NV-Segment / VISTA3D label maps -> MAISI ids (convert, list)"),
     "bench": ("fastmaisi.bench", "bench_main", "time and memory of ours vs the MONAI reference on this GPU"),
 }
 

@@ -19,7 +19,8 @@ Right, y toward Anterior, z toward Superior. The affine is diag(spacing) with th
 (0, 0, 0), 0 by default) as translation; qform and sform both carry it (code 1, scanner), units mm. DICOM uses LPS:
 the series is written as standard axial slices (ImageOrientationPatient 1\\0\\0\\0\\1\\0, so rows run anterior to
 posterior and columns patient-right to patient-left), which is the RAS volume flipped in x and y; the world positions
-are the same points. Every file is written under a temporary hidden name in its final folder and renamed into place
+are the same points. Outputs made from a user's mask (`generate --mask`) keep that mask's world geometry: NIfTI in
+its axis orientation (LPS stays LPS) with the origin of the generated grid; DICOM and the preview as above. Every file is written under a temporary hidden name in its final folder and renamed into place
 only when the whole set is written, so an interrupted or failed run never leaves a file that looks complete.
 
 Record schema (`fastmaisi-record/1`). `write_record` fills schema, version and time, and sets every documented key
@@ -35,14 +36,16 @@ the required keys; `fastmaisi generate --from-record FILE` reruns `request` with
     workflow             "image" | "from-mask" | "paired"
     resolved             the inputs after defaults: size [X, Y, Z], spacing [sx, sy, sz] mm, modality_code, steps,
                          guidance_scale, anatomy (organ-size vector), mask_steps
-    mask                 the user's mask: {"path", "sha256", "spacing", "shape", "body_added"} or null
+    mask                 the user's mask: {"path", "sha256", "spacing", "shape", "body_added", "vocabulary",
+                         "conversion" (mapping, unmapped, body, per-class volumes in mL), "geometry"} or null
     weights              {role: {"path", "sha256"}} of every checkpoint used; scale_factor: the latent scale
     device, dtype        e.g. "cuda:0 (NVIDIA H100 80GB HBM3)", "torch.float16"
     decode_plan          how the VAE decode was tiled / the memory plan
     attempts             [{"seed", "quality_check", "seconds", "timings": {stage: s}}], one per try, last = this one
     quality_check        the last attempt's {"passed", "failed", "medians"} (CT with a label map) or null
     retries              attempts that failed the quality check before this one
-    geometry             (write_outputs) {"shape", "spacing", "origin", "orientation": "RAS", "affine"}
+    geometry             (write_outputs) {"shape", "spacing", "origin", "orientation" (axis codes: "RAS", or the
+                         user's mask's, e.g. "LPS"), "affine"}
     outputs              (write_outputs) {kind: {"file", "format", "sha256" (files) or "files" (DICOM folder)}}
 """
 

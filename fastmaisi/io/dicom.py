@@ -203,12 +203,49 @@ def _read_dicom_seg(path: Path) -> tuple[np.ndarray, np.ndarray]:
     seg = hd.seg.Segmentation.from_dataset(ds)
     numbers = list(seg.segment_numbers)
     ids = {}
-    for n in numbers:
+    for n in numbers:  # coded anatomy first (a segment coded Spleen is MAISI 3 whatever its number)
+        from fastmaisi.vocabularies import maisi_id_of_name
+
+        known, maisi = maisi_id_of_name(segment_anatomy_name(seg.get_segment_description(n)))
         m = re.fullmatch(r"label (\d+)", str(seg.get_segment_description(n).tracking_id or ""))
-        ids[n] = int(m.group(1)) if m else n
+        ids[n] = maisi if known and maisi else int(m.group(1)) if m else n
     vol = seg.get_volume(combine_segments=True, dtype=np.int32)
     lut = np.zeros(max(numbers) + 1, np.int32)
     for n, v in ids.items():
         lut[n] = v
     img = vol.with_array(lut[vol.array]).to_nibabel()
     return np.asanyarray(img.dataobj), img.affine
+
+
+GENERIC_CODE_MEANINGS = {"anatomical structure", "tissue", "organ", "body structure", "structure"}
+
+
+def segment_anatomy_name(desc) -> str:
+    """The anatomy a DICOM SEG segment is coded as: its property type (plus laterality), else its label."""
+    candidates = []
+    try:
+        meaning = str(desc.segmented_property_type.meaning)
+    except Exception:  # a malformed item: fall back to the segment label
+        meaning = ""
+    if meaning and meaning.lower() not in GENERIC_CODE_MEANINGS:
+        lateral = ""
+        for seq in ("SegmentedPropertyTypeModifierCodeSequence", "AnatomicRegionModifierSequence"):
+            for item in getattr(desc, seq, None) or []:
+                m = str(getattr(item, "CodeMeaning", "")).lower()
+                if m in ("right", "left"):
+                    lateral = m
+        if lateral and lateral not in meaning.lower():
+            candidates.append(f"{lateral} {meaning}")
+        candidates.append(meaning)
+    label = str(getattr(desc, "SegmentLabel", "") or "")
+    if label:
+        candidates.append(label)
+    m = re.fullmatch(r"label (\d+)", str(getattr(desc, "TrackingID", "") or ""))
+    if m:  # fastmaisi's own SEGs: the MAISI id
+        candidates.append(LABEL_NAMES.get(int(m.group(1)), ""))
+    from fastmaisi.vocabularies import maisi_id_of_name
+
+    for name in candidates:
+        if name and maisi_id_of_name(name)[0]:
+            return name
+    return candidates[0] if candidates else f"segment {desc.segment_number}"

@@ -15,7 +15,8 @@ def read_label_map(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, fl
     """Read a label map, reoriented to RAS: (array (X, Y, Z) of uint8, or int32 for ids > 255; spacing; 4x4 affine).
 
     Accepts a NIfTI file (.nii/.nii.gz), a folder holding one DICOM image series, or a DICOM SEG file
-    (segments become their `label N` tracking ids, else their segment numbers). Raises ValueError for anything that
+    (each segment becomes the MAISI id of its coded anatomy, else its `label N` tracking id, else its
+    segment number). Raises ValueError for anything that
     is not a single-channel map of non-negative whole numbers.
     """
     path = Path(path)

@@ -84,12 +84,15 @@ def write_outputs(out_dir: str | os.PathLike, stem: str, image_hu: Any, label: A
                   record: Mapping[str, Any], *, modality: str | int, preview: bool = True, fmt: str = "nifti",
                   overwrite: bool = False, origin: Sequence[float] | None = None,
                   label_names: Mapping[int, str] | None = None,
-                  window: str | tuple[float, float] | None = None) -> dict[str, Path]:
+                  window: str | tuple[float, float] | None = None,
+                  affine: np.ndarray | None = None) -> dict[str, Path]:
     """Write one output set (image, label map or None, label table, preview, record) atomically; return its paths.
 
     `image_hu` is int16-compatible (see `hu_from_unit`), `label` uint8-compatible or None (image-only generation);
     `modality` ("ct", "mr", or a MAISI id) picks the preview window and the DICOM IOD; `label_names` default to the
-    MAISI vocabulary (`fastmaisi.labels.LABEL_NAMES`).
+    MAISI vocabulary (`fastmaisi.labels.LABEL_NAMES`). `affine`: the arrays' full 4x4 world affine in any
+    axis-aligned orientation (e.g. a user's LPS mask's), used instead of `spacing`/`origin`; NIfTI keeps it as given
+    (qform = sform), DICOM and the preview see the arrays reoriented to RAS.
     The record (see the module docstring) gains "geometry" and "outputs" (file names and SHA-256), and is written
     last. With `overwrite`, outputs of `stem` in the other format are removed so the folder holds one coherent set.
     Raises ValueError on bad input or existing outputs, OSError when writing fails (nothing left under final names).
@@ -103,7 +106,12 @@ def write_outputs(out_dir: str | os.PathLike, stem: str, image_hu: Any, label: A
     is_ct(modality)
     image = _image_data(image_hu)
     lab = None if label is None else _label_data(label, image.shape)
-    affine = ras_affine(spacing, origin)
+    if affine is None:
+        affine = ras_affine(spacing, origin)
+        ras_image, ras_lab, ras_aff = image, lab, affine
+    else:
+        affine, ras_image, ras_lab, ras_aff = _oriented(affine, image, lab)
+        spacing = tuple(float(s) for s in np.diag(ras_aff)[:3])
     paths = output_paths(out, stem, fmt)
     if lab is None:
         del paths["label"], paths["labels"]
@@ -129,23 +137,24 @@ def write_outputs(out_dir: str | os.PathLike, stem: str, image_hu: Any, label: A
                     outputs[kind] = {"file": paths[kind].name, "format": "nifti", "dtype": str(data.dtype),
                                      "sha256": sha256_file(tmp)}
         else:
-            datasets = _write_dicom_series(st.path(paths["image"]), image, affine, modality, rec)
+            datasets = _write_dicom_series(st.path(paths["image"]), ras_image, ras_aff, modality, rec)
             outputs["image"] = {"file": paths["image"].name, "format": "dicom", "files": len(datasets)}
             if lab is not None:
                 tmp = st.path(paths["label"])
-                _write_dicom_seg(tmp, datasets, lab, label_names)
+                _write_dicom_seg(tmp, datasets, ras_lab, label_names)
                 outputs["label"] = {"file": paths["label"].name, "format": "dicom-seg", "sha256": sha256_file(tmp)}
         if lab is not None:
             table = (_dumps(label_table(lab, spacing, label_names)) + "\n").encode()
             _write_file(st.path(paths["labels"]), lambda f: f.write(table))
             outputs["labels"] = {"file": paths["labels"].name, "format": "json"}
         if preview:
-            pic = preview_image(image, lab, spacing, modality, window)
+            pic = preview_image(ras_image, ras_lab, spacing, modality, window)
             tmp = st.path(paths["preview"])
             _write_file(tmp, lambda f: pic.save(f, format="PNG"))
             outputs["preview"] = {"file": paths["preview"].name, "format": "png"}
         rec["geometry"] = {"shape": list(image.shape), "spacing": list(_spacing(spacing)),
-                           "origin": affine[:3, 3].tolist(), "orientation": "RAS", "affine": affine.tolist()}
+                           "origin": affine[:3, 3].tolist(), "orientation": _axcodes(affine),
+                           "affine": affine.tolist()}
         rec["outputs"] = outputs
         data = _record_bytes(rec)
         _write_file(st.path(paths["record"]), lambda f: f.write(data))
@@ -154,3 +163,26 @@ def write_outputs(out_dir: str | os.PathLike, stem: str, image_hu: Any, label: A
             if p not in paths.values():
                 _remove(p)
     return paths
+
+
+def _axcodes(affine: np.ndarray) -> str:
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(affine))
+
+
+def _oriented(affine: Any, image: np.ndarray, lab: np.ndarray | None):
+    """(affine, image and label in RAS index order, their RAS affine) for an axis-aligned `affine` of the arrays."""
+    import nibabel as nib
+
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
+        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {aff.shape}")
+    cols = aff[:3, :3] / np.linalg.norm(aff[:3, :3], axis=0)
+    if np.abs(cols).max(axis=0).min() < 1 - 1e-6:
+        raise ValueError("affine is oblique: outputs are written on axis-aligned grids only")
+    ornt = nib.orientations.io_orientation(aff)
+    ras_aff = aff @ nib.orientations.inv_ornt_aff(ornt, image.shape)
+    ras_aff[np.abs(ras_aff) < 1e-9] = 0.0
+    flip = (lambda a: None if a is None else np.ascontiguousarray(nib.orientations.apply_orientation(a, ornt)))
+    return aff, flip(image), flip(lab), ras_aff

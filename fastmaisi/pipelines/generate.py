@@ -9,7 +9,6 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from fastmaisi.variants import Variant, fov_warnings, get_variant
 
@@ -28,7 +27,8 @@ class GenerateRequest:
     spacing: tuple[float, float, float] | None = None
     modality: str | int | None = None
     body_region: tuple[str, str] = ("chest", "abdomen")
-    mask: str | None = None
+    mask: str | list[str] | None = None  # a label map, per-class folder, DICOM SEG or folder; several are merged
+    mask_vocabulary: str = "auto"  # vocabulary of --mask: auto, maisi, total, total_mr, vista3d, ... (labels list)
     mask_db: str | None = None  # folder of candidate label maps (the reference's mask database path)
     strict_mask: bool = False
     organ_sizes: dict = field(default_factory=dict)
@@ -211,9 +211,9 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     _say_sizes_left_unset(request, opts)
     if opts.get("mask_generator_note"):
         print(opts["mask_generator_note"], file=sys.stderr)
-    user_label, user_mask_info, candidates = None, None, []
+    user_label, user_mask_info, candidates, out_affine = None, None, [], None
     if request.mask:
-        user_label, user_mask_info = _load_user_mask(request, opts, request.mask)
+        user_label, user_mask_info, out_affine = _load_user_mask(request, opts, request.mask)
     elif request.mask_db:
         from fastmaisi.pipelines.mask_db import rank_candidates
 
@@ -243,7 +243,8 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
             seed = request.seed + i + k * RETRY_SEED_STRIDE
             t0 = time.perf_counter()
             if candidates:  # mask database: sample i starts at the i-th best mask; each retry takes the next one
-                user_label, user_mask_info = _load_user_mask(request, opts, candidates[(i + k) % len(candidates)])
+                user_label, user_mask_info, out_affine = _load_user_mask(request, opts,
+                                                                         candidates[(i + k) % len(candidates)], "maisi")
             image_hu, label, timings = one_volume(models, workflow, opts, seed, user_label, budget, progress)
             # 6. check: per-organ median HU (CT only); a failed check retries with a new seed
             qc = _quality(variant, image_hu, label)
@@ -254,8 +255,13 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         # 7. write: int16 image, uint8 label, record, preview — atomically
         record = _record(request, variant, opts, models, attempts, plan, device, user_mask_info)
         record["rank"], record["world_size"] = rank, world
+        if out_affine is not None:  # made from a user's mask: its world geometry (origin, axis directions)
+            from fastmaisi.segmentations.geometry import from_ras
+
+            image_hu, label = from_ras(image_hu, out_affine), from_ras(label, out_affine)
         paths = io.write_outputs(request.output_dir, stem, image_hu, label, opts["spacing"], record,
-                                 fmt=request.fmt, overwrite=request.overwrite, modality=variant.modality)
+                                 fmt=request.fmt, overwrite=request.overwrite, modality=variant.modality,
+                                 affine=out_affine)
         results.append({"paths": paths, "record": record})
     return results
 
@@ -317,24 +323,13 @@ def _quality(variant, image_hu, label):
             "medians": {k: (None if v is None else float(v)) for k, v in result.medians.items()}}
 
 
-def _load_user_mask(request, opts, path):
-    """Read, validate, body-envelope and resample a label map (the user's, or a database candidate) to the grid."""
-    from fastmaisi import io, labels
-    from fastmaisi.pipelines.common import resample_label
-    from fastmaisi.weights import sha256_file
+def _load_user_mask(request, opts, path, vocabulary=None):
+    """A user's segmentation (or a database candidate) in MAISI ids on the requested grid, its record, and the world
+    affine of the outputs (`fastmaisi.segmentations`: vocabulary, mapping, body 200, geometry)."""
+    from fastmaisi.segmentations.mask_input import load_mask
 
-    label, spacing, _ = io.read_label_map(path)
-    info = labels.validate_label_map(label)
-    if not info["has_body"]:
-        if request.strict_mask:
-            raise ValueError(f"--mask {path}: no body label (200) and --strict-mask was given")
-        warnings.warn(f"--mask {path} has no body label (200): adding it with the documented envelope rule",
-                      stacklevel=2)
-        label = labels.add_body_envelope(label, spacing=spacing)
-    resampled = resample_label(label, spacing, opts["size"], opts["spacing"])
-    return resampled, {"path": str(path), "sha256": sha256_file(path),
-                       "spacing": [float(s) for s in spacing], "shape": list(label.shape),
-                       "body_added": not info["has_body"]}
+    return load_mask(path, vocabulary or request.mask_vocabulary, opts["size"], opts["spacing"],
+                     strict=request.strict_mask)
 
 
 def _torchrun_rank() -> tuple[int, int, int]:

@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", help="name or code from the official modality mapping (ct, mri_t1, 9, ...)")
     p.add_argument("--body-region", nargs=2, metavar=("TOP", "BOTTOM"), default=("chest", "abdomen"),
                    help="ddpm-ct only: head, chest, abdomen or pelvis")
-    p.add_argument("--mask", help="label map (NIfTI or DICOM folder) in the MAISI vocabulary: image-from-mask")
+    p.add_argument("--mask", nargs="+", metavar="SEG", help="image-from-mask: a label map (NIfTI, DICOM SEG, DICOM "
+                   "folder) or TotalSegmentator's per-class folder; several are merged (docs/own-segmentation.md)")
+    p.add_argument("--mask-vocabulary", default="auto", help="ids of --mask: auto (default; refuses when unsure), "
+                   "maisi, total, total_v3, total_mr, nv_segment_ct, vista3d, ... (fastmaisi labels list)")
     p.add_argument("--mask-db", help="folder of candidate label maps: the best-fitting one per sample, the next on "
                    "each quality-check retry (the reference's mask database path)")
     p.add_argument("--strict-mask", action="store_true", help="refuse a mask without the body label 200")
@@ -113,7 +116,8 @@ def request_from_args(args):
     return GenerateRequest(
         output_dir=args.output, variant=args.variant, weights=args.weights, network_config=args.network_config,
         size=tuple(args.size) if args.size else None, spacing=tuple(args.spacing) if args.spacing else None,
-        modality=args.modality, body_region=tuple(args.body_region), mask=args.mask, mask_db=args.mask_db, strict_mask=args.strict_mask,
+        modality=args.modality, body_region=tuple(args.body_region), mask=_mask_arg(args.mask),
+        mask_vocabulary=args.mask_vocabulary, mask_db=args.mask_db, strict_mask=args.strict_mask,
         organ_sizes=dict(args.organ_size), anatomy_size_db=args.anatomy_size_db,
         workflow_name=args.workflow, steps=args.steps, mask_steps=args.mask_steps,
         guidance_scale=args.guidance_scale, modality_guidance_scale=args.modality_guidance_scale,
@@ -132,6 +136,10 @@ def _demographics(pairs) -> dict:
             raise ValueError(f"--demographic {name} given twice")
         seen[name] = value
     return seen
+
+
+def _mask_arg(mask):
+    return None if not mask else (mask[0] if len(mask) == 1 else list(mask))
 
 
 def generate_main(argv: list[str]) -> int:
