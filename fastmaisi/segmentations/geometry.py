@@ -51,12 +51,12 @@ def output_affine(ras_affine: np.ndarray, ras_shape, size, spacing, input_affine
     """World affine of the generated volume, in the axis orientation of `input_affine` (LPS stays LPS).
 
     The pipeline resamples the RAS mask to `spacing` keeping voxel 0 in place, then centre-pads/crops it to `size`
-    (`pipelines.common.resample_label`); this is that grid's affine, reoriented like the input (exact to a voxel).
+    (`pipelines.common.resample_label`); this is that grid's affine, reoriented like the input.
     """
     origin = ras_affine[:3, 3].copy()
     for axis, (n, s, m, ns) in enumerate(zip(ras_shape, np.diag(ras_affine)[:3], size, spacing)):
-        resized = max(1, int(round(n * s / ns)))
-        offset = (resized - m) // 2 if resized >= m else -((m - resized) // 2)
+        resized = int(np.rint((n - 1) * s / ns + 1))  # the resampling rule's length (voxel 0 stays in place)
+        offset = resized // 2 - m // 2 if resized >= m else -((m - resized) // 2)  # centre crop / centre pad
         origin[axis] += offset * ns
     ras_out = np.diag([*map(float, spacing), 1.0])
     ras_out[:3, 3] = origin
