@@ -7,6 +7,7 @@ import json
 import sys
 import warnings
 
+from fastmaisi import argtypes
 from fastmaisi.argtypes import positive_int as _positive_int
 from fastmaisi.variants import VARIANTS
 
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="voxel size in mm")
     p.add_argument("--modality", help="name or code from the official modality mapping (ct, mri_t1, 9, ...)")
     p.add_argument("--body-region", nargs=2, metavar=("TOP", "BOTTOM"), default=("chest", "abdomen"),
-                   help="ddpm-ct only: head, chest, abdomen or pelvis")
+                   choices=("head", "chest", "abdomen", "pelvis"),
+                   help="ddpm-ct image workflow only: head, chest, abdomen or pelvis")
     p.add_argument("--mask", help="label map (NIfTI or DICOM folder) in the MAISI vocabulary: image-from-mask")
     p.add_argument("--mask-db", help="folder of candidate label maps: the best-fitting one per sample, the next on "
                    "each quality-check retry (the reference's mask database path)")
@@ -60,59 +62,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch every step's kernels from Python instead of replaying a CUDA graph (same result; "
                         "latents above 2x64^3 voxels run eagerly anyway)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (0: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=argtypes.finite_non_negative, help="classifier-free guidance scale (0: off)")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help=f"0..{argtypes.SEED_MAX}")
     p.add_argument("--num-samples", type=_positive_int, default=1)
-    p.add_argument("--max-retries", type=int, default=2, help="quality-check retries with a new seed")
-    p.add_argument("-d", "--device", default="auto", help="auto, cpu, cuda, cuda:1")
-    p.add_argument("--memory-budget-gb", type=float, help="GPU memory the decode may use (default: what is free)")
+    p.add_argument("--max-retries", type=argtypes.non_negative_int, default=2, help="quality-check retries with a new seed")
+    p.add_argument("-d", "--device", type=argtypes.device, default="auto", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("--memory-budget-gb", type=argtypes.positive_gib, help="GPU memory the decode may use (default: what is free)")
     p.add_argument("--format", choices=["nifti", "dicom"], default="nifti")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--from-record", help="reproduce the volume of a JSON record written by an earlier run")
-    p.add_argument("--dry-run", action="store_true", help="print the memory and time plan, write nothing")
+    p.add_argument("--from-record", help="reproduce the volume of a JSON record written by an earlier run (same name; "
+                   "inputs' SHA-256 checked; flags that would change the volume are refused)")
+    p.add_argument("--allow-changed-inputs", action="store_true",
+                   help="--from-record: run even if the mask or a weight file differs from the record (recorded)")
+    p.add_argument("--force", action="store_true",
+                   help="start even if the memory or disk estimate says the run does not fit this machine")
+    p.add_argument("--dry-run", action="store_true", help="print the memory and time plan and whether it fits, "
+                   "write nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
 
-def request_from_args(args):
+def _absolute(path: str | None) -> str | None:
+    """Input paths are recorded absolute, so that a record reproduces from any folder."""
+    import os
+
+    return None if path is None else os.path.abspath(path)
+
+
+def request_from_args(args, parser=None):
     from fastmaisi.pipelines.generate import GenerateRequest
 
     if args.from_record:
-        from fastmaisi.io import read_record
+        from fastmaisi.pipelines.record_replay import request_from_record
 
-        saved = dict(read_record(args.from_record)["request"])
-        saved.update(output_dir=args.output, overwrite=args.overwrite)
-        if args.weights:
-            saved["weights"] = args.weights
-        saved["num_samples"], saved["seed"] = 1, read_record(args.from_record)["seed"]
-        saved["max_retries"] = 0
-        return GenerateRequest(**saved)
+        return request_from_record(args, parser or build_parser())
+    if args.allow_changed_inputs:
+        raise ValueError("--allow-changed-inputs goes with --from-record")
     return GenerateRequest(
-        output_dir=args.output, variant=args.variant, weights=args.weights, network_config=args.network_config,
+        output_dir=args.output, variant=args.variant, weights=_absolute(args.weights),
+        network_config=_absolute(args.network_config),
         size=tuple(args.size) if args.size else None, spacing=tuple(args.spacing) if args.spacing else None,
-        modality=args.modality, body_region=tuple(args.body_region), mask=args.mask, mask_db=args.mask_db, strict_mask=args.strict_mask,
+        modality=args.modality, body_region=tuple(args.body_region), mask=_absolute(args.mask),
+        mask_db=_absolute(args.mask_db), strict_mask=args.strict_mask,
         organ_sizes=dict(args.organ_size), workflow_name=args.workflow, steps=args.steps, mask_steps=args.mask_steps,
         guidance_scale=args.guidance_scale, seed=args.seed, num_samples=args.num_samples,
         max_retries=args.max_retries, device=args.device, memory_budget_gb=args.memory_budget_gb,
         overwrite=args.overwrite, fmt=args.format, sampler=args.sampler,
-        cuda_graphs=args.cuda_graphs)
+        cuda_graphs=args.cuda_graphs, force=args.force)
 
 
 def generate_main(argv: list[str]) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage mistake (2, already reported in one line)
         return int(exc.code or 0)
+    from fastmaisi.cli_guard import CreatedFolders, is_fault, report
     from fastmaisi.pipelines.generate import generate
 
     warnings.simplefilter("default")
     warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
+    created = CreatedFolders(args.output)
     try:
-        request = request_from_args(args)
+        request = request_from_args(args, parser)
         results = generate(request, progress=not args.quiet, dry_run=args.dry_run)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
-        print(f"fastmaisi generate: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        if not is_fault(exc):
+            raise
+        return report("fastmaisi generate", exc, created)
     for r in results:
         qc = r["record"]["quality_check"]
         status = "" if qc is None else (" quality check passed" if qc["passed"] else " quality check FAILED")
