@@ -35,8 +35,11 @@ def finite_non_negative(text: str) -> float:
 
 def positive_gib(text: str) -> float:
     """A finite number of GiB > 0 (memory budgets)."""
-    value = finite_non_negative(text)
-    if value <= 0:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{value} must be > 0 (GiB)")
     return value
 
