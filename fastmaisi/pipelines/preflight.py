@@ -16,7 +16,7 @@ CUDA_FACTOR = 1.2  # allocator rounding and cuDNN workspaces on top of the count
 
 
 def _gib(n: float) -> str:
-    return f"{n / _GiB:.1f} GiB"
+    return f"{n / _GiB:.1f} GiB" if n >= _GiB / 10 else f"{n / (1 << 20):.0f} MiB"
 
 
 def available_ram() -> int | None:
