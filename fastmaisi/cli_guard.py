@@ -1,5 +1,6 @@
 """What every command that writes does on a refusal or a foreseeable fault: one line on stderr, exit code 2, and no
-folder that it created left behind empty (a traceback is for bugs, not for a full disk or a missing package)."""
+folder that it created left behind empty (a traceback is for bugs, not for a full disk or a missing package); on
+Ctrl-C one line and exit code 130 (temporary files are removed by the atomic writers, complete files kept)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,14 @@ def report(prog: str, exc: BaseException, created: CreatedFolders | None = None)
     if created is not None:
         created.remove_empty()
     return 2
+
+
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+def interrupted(prog: str, created: CreatedFolders | None = None, kept: str = "complete files were kept") -> int:
+    """Report a Ctrl-C in one line, remove the empty folders the command created, return exit code 130."""
+    print(f"{prog}: interrupted; {kept}, temporary files removed", file=sys.stderr)
+    if created is not None:
+        created.remove_empty()
+    return INTERRUPTED

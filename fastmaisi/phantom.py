@@ -557,7 +557,7 @@ def phantom_main(argv: list[str] | None = None) -> int:
         ap.error("--num, --size, --spacing and --workers must be positive")
     if not all(math.isfinite(s) for s in args.spacing) or args.seed < 0:
         ap.error("--spacing must be finite and --seed >= 0")
-    from fastmaisi.cli_guard import CreatedFolders, is_fault, report
+    from fastmaisi.cli_guard import CreatedFolders, interrupted, is_fault, report
 
     created = CreatedFolders(args.output)
     t = time.perf_counter()
@@ -565,6 +565,8 @@ def phantom_main(argv: list[str] | None = None) -> int:
         path = write_dataset(args.output, args.num, args.size, args.spacing, args.seed,
                              None if args.tumour == "none" else args.tumour, workers=args.workers, progress=True,
                              overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        return interrupted("fastmaisi phantom", created, "complete phantoms were kept (no datalist.json yet)")
     except Exception as exc:
         if not is_fault(exc):
             raise

@@ -163,6 +163,10 @@ def convert_main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"fastmaisi convert: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from fastmaisi.cli_guard import interrupted
+
+        return interrupted("fastmaisi convert", kept="nothing was written")
     scale = f", scale_factor {record['scale_factor']}" if "scale_factor" in record else ""
     checked = f", checked against {args.network}" if args.network else ""
     print(f"wrote {args.output} and {args.output}.json (layout {record['layout']}{scale}{checked})")

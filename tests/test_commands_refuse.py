@@ -133,3 +133,21 @@ def test_eval_refuses_to_replace_a_report(tmp_path, capsys):
     assert "--overwrite" in last_line(capsys) and (tmp_path / "report.json").read_text() == "{}"
     assert eval_main(["quality", str(tmp_path / "ds"), "--json", str(tmp_path / "report.json"), "--overwrite"]) == 0
     assert "volumes" in json.loads((tmp_path / "report.json").read_text())
+
+
+def test_phantom_ctrl_c_exit_130_keeps_complete_files(tmp_path, capsys, monkeypatch):
+    from fastmaisi import phantom
+
+    real, calls = phantom.make_phantom, []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(phantom, "make_phantom", interrupt_second)
+    out = tmp_path / "ds"
+    assert phantom.phantom_main(["-o", str(out), "-n", "3", "--size", "16", "16", "8"]) == 130
+    assert "interrupted" in last_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["phantom_0000_image.nii.gz", "phantom_0000_label.nii.gz"]
+    nib.load(out / "phantom_0000_label.nii.gz").get_fdata()  # complete and readable

@@ -96,7 +96,8 @@ def test_record_with_relative_paths_reads_them_beside_the_record(made, tmp_path,
     shutil.copytree(inputs, tmp_path / "bundle")
 
     def relative(r):
-        r["request"].update(mask="bundle/mask.nii.gz", weights="bundle/w", network_config="bundle/w/config_network.json")
+        r["request"].update(mask="bundle/mask.nii.gz", weights="bundle/w",
+                            network_config="bundle/w/config_network.json")
     path = edited_record(made, tmp_path, relative)
     assert generate_main(["-o", str(tmp_path / "o"), "--from-record", str(path), "--dry-run"]) == 0
 

@@ -108,6 +108,10 @@ def eval_main(argv: list[str]) -> int:
     except (ValueError, OSError, ImportError, MemoryError) as exc:
         print(f"fastmaisi eval {args.what}: {_first_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from fastmaisi.cli_guard import interrupted
+
+        return interrupted(f"fastmaisi eval {args.what}", kept="no report was written")
     return 0
 
 

@@ -153,8 +153,8 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     if dry_run:
         from fastmaisi.pipelines.estimate import sampling_plan
 
-        print(f"Plan (dry run: nothing is written)\n{sampling_plan(variant, workflow, opts, device)}\n"
-              f"{decode_plan.describe()}\n{resources.describe()}")
+        plan = sampling_plan(variant, workflow, opts, device, resources.costs)
+        print(f"Plan (dry run: nothing is written)\n{plan}\n{decode_plan.describe()}\n{resources.describe()}")
         return []
     if resources.refusal() and not request.force:
         raise ValueError(resources.refusal())

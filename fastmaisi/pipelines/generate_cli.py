@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 
 from fastmaisi import argtypes
@@ -62,12 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch every step's kernels from Python instead of replaying a CUDA graph (same result; "
                         "latents above 2x64^3 voxels run eagerly anyway)")
-    p.add_argument("--guidance-scale", type=argtypes.finite_non_negative, help="classifier-free guidance scale (0: off)")
+    p.add_argument("--guidance-scale", type=argtypes.finite_non_negative,
+                   help="classifier-free guidance scale (0: off)")
     p.add_argument("--seed", type=argtypes.seed, default=0, help=f"0..{argtypes.SEED_MAX}")
     p.add_argument("--num-samples", type=_positive_int, default=1)
-    p.add_argument("--max-retries", type=argtypes.non_negative_int, default=2, help="quality-check retries with a new seed")
+    p.add_argument("--max-retries", type=argtypes.non_negative_int, default=2,
+                   help="quality-check retries with a new seed")
     p.add_argument("-d", "--device", type=argtypes.device, default="auto", help="auto, cpu, cuda, cuda:1")
-    p.add_argument("--memory-budget-gb", type=argtypes.positive_gib, help="GPU memory the decode may use (default: what is free)")
+    p.add_argument("--memory-budget-gb", type=argtypes.positive_gib,
+                   help="GPU memory the decode may use (default: what is free)")
     p.add_argument("--format", choices=["nifti", "dicom"], default="nifti")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--from-record", help="reproduce the volume of a JSON record written by an earlier run (same name; "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _GiB = 1 << 30
@@ -62,6 +62,7 @@ class ResourceCheck:
     disk_bytes: int
     disk_free: int | None
     advice: str = ""
+    costs: dict = field(default_factory=dict, repr=False)  # estimate.sampling_costs, reused by the dry run's plan
 
     @property
     def fits_memory(self) -> bool:
@@ -78,8 +79,8 @@ class ResourceCheck:
     def describe(self) -> str:
         have = "unknown" if self.memory_available is None else _gib(self.memory_available)
         disk = "unknown" if self.disk_free is None else _gib(self.disk_free)
-        verdict = "fits" if self.fits_memory and self.fits_disk else "DOES NOT FIT: the run would be refused (--force " \
-                                                                      "to try anyway)"
+        verdict = ("fits" if self.fits_memory and self.fits_disk
+                   else "DOES NOT FIT: the run would be refused (--force to try anyway)")
         return (f"Resources: about {_gib(self.memory_bytes)} of {self.where} needed, {have} available; outputs up to "
                 f"{_gib(self.disk_bytes)} on disk, {disk} free: {verdict}.")
 
@@ -127,7 +128,7 @@ def check_resources(variant, workflow: str, opts: dict, device, budget: int | No
         have = available_ram()
         scalable = max(sampling, decode)
     check = ResourceCheck(str(device), int(need), have, output_bytes(opts["size"], workflow, num_samples),
-                          free_disk(out_dir))
+                          free_disk(out_dir), costs=costs)
     if have is not None and need > have:
         check.advice = _advice(opts["size"], need - scalable, scalable, have)
     return check

@@ -9,7 +9,6 @@ recorded under "replay".
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -75,29 +74,6 @@ def request_from_dict(saved: dict, where: str):
     known = {f.name: f for f in fields(GenerateRequest)}
     unknown = sorted(set(saved) - set(known))
     if unknown:
-        raise ValueError(f"{where}: unknown request key(s) {', '.join(map(repr, unknown))} (an edited or newer record?)")
-    for name, value in saved.items():
-        test, what = _TYPES.get(name, (lambda v: True, ""))
-        nullable = known[name].default is None
-        if not ((value is None and nullable) or test(value)):
-            raise ValueError(f"{where}: request {name!r} must be {what}, got {value!r}")
-    if "output_dir" not in saved:
-        raise ValueError(f"{where}: request lacks 'output_dir'")
-    values = dict(saved)
-    for name in ("size", "spacing", "body_region"):
-        if isinstance(values.get(name), list):
-            values[name] = tuple(values[name])
-    return GenerateRequest(**values)
-
-
-
-def request_from_dict(saved: dict, where: str):
-    """A GenerateRequest from a record's "request" object: unknown keys and wrong types refused (ValueError)."""
-    from fastmaisi.pipelines.generate import GenerateRequest
-
-    known = {f.name: f for f in fields(GenerateRequest)}
-    unknown = sorted(set(saved) - set(known))
-    if unknown:
         raise ValueError(f"{where}: unknown request key(s) {', '.join(map(repr, unknown))} (an edited or newer "
                          "record?)")
     for name, value in saved.items():
@@ -140,23 +116,16 @@ def _resolve_path(value: str | None, base: Path) -> str | None:
     return str((base / value).resolve())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _changed_inputs(record: dict, request, variant) -> list[str]:
     """Inputs whose SHA-256 differs from the record's (or that are missing): the mask and every weight file."""
     from fastmaisi.pipelines.models import weight_file
+    from fastmaisi.weights import sha256_file
 
     changed = []
     mask = record.get("mask")
     if request.mask and isinstance(mask, dict) and mask.get("sha256"):
         p = Path(request.mask)
-        if p.is_file() and _sha256(p) != mask["sha256"]:
+        if p.is_file() and sha256_file(p) != mask["sha256"]:
             changed.append(f"mask {p}")
     if request.weights:
         weights_dir = Path(request.weights)
@@ -171,7 +140,7 @@ def _changed_inputs(record: dict, request, variant) -> list[str]:
             p = weight_file(weights_dir, variant.files[role])
         except ValueError:
             continue  # missing: generate names it
-        if _sha256(p) != info["sha256"]:
+        if sha256_file(p) != info["sha256"]:
             changed.append(f"{role} weights {p}")
     return changed
 
@@ -181,6 +150,7 @@ def request_from_record(args, parser):
     (one line) for a bad record, a conflicting flag or a changed input."""
     from fastmaisi.io import read_record
     from fastmaisi.variants import get_variant
+    from fastmaisi.weights import sha256_file
 
     path = Path(args.from_record)
     if not path.is_file():
@@ -215,6 +185,6 @@ def request_from_record(args, parser):
     if changed and not args.allow_changed_inputs:
         raise ValueError(f"--from-record {path}: {'; '.join(changed)} differ from the recorded SHA-256, so the "
                          "volume would not be the recorded one; restore them, or pass --allow-changed-inputs")
-    request.replay = {"record": str(path.resolve()), "record_sha256": _sha256(path), "overrides": overrides,
+    request.replay = {"record": str(path.resolve()), "record_sha256": sha256_file(path), "overrides": overrides,
                       "changed_inputs": changed, "allow_changed_inputs": bool(args.allow_changed_inputs)}
     return request

@@ -237,6 +237,11 @@ def train_main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)  # the same initial weights on every process and in every run
         task = TRAINERS[args.recipe](recipe, cfg, dist)
         history = train(task, cfg, dist)
+    except KeyboardInterrupt:
+        from fastmaisi.cli_guard import interrupted
+
+        return interrupted(f"fastmaisi train {args.recipe}", created,
+                           "the last checkpoint and resume.pt were kept (--resume continues)")
     except Exception as e:  # CheckpointError is a ValueError
         if not is_fault(e):
             raise
@@ -303,6 +308,10 @@ def encode_main(argv: list[str] | None = None) -> int:
             base_dir=args.data_base_dir, labels=args.labels, modality=args.modality, multiple=args.multiple,
             latent=args.latent, seed=args.seed, precision=args.precision, memory_budget_bytes=budget,
             overwrite=args.overwrite, max_bad_fraction=args.max_bad_fraction), dist, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        from fastmaisi.cli_guard import interrupted
+
+        return interrupted("fastmaisi encode", kept="latents already written were kept (a rerun skips them)")
     except Exception as e:
         from fastmaisi.cli_guard import is_fault
 
