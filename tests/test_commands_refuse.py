@@ -118,7 +118,9 @@ def test_eval_fid_warns_on_one_volume_a_side(tmp_path, capsys):
     for side in ("real", "fake"):
         (tmp_path / side).mkdir()
         nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), tmp_path / side / "a.nii.gz")
-    assert eval_main(["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake")]) == 2  # no weights
+    (tmp_path / "resnet.pth").write_bytes(b"not a state dict")
+    assert eval_main(["fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--weights",
+                      str(tmp_path / "resnet.pth")]) == 2  # the weights are refused after the warning
     err = capsys.readouterr().err
     assert "warning: FID from 1 real and 1 fake volumes says little" in err
 

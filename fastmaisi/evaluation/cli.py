@@ -116,6 +116,11 @@ def eval_main(argv: list[str]) -> int:
 
 
 def _fid(args) -> tuple[dict, str]:
+    if args.weights is None:
+        raise ValueError("--weights FILE is required: a local ResNet-50 state dict (RadImageNet-ResNet50_notop.pth "
+                         "or torchvision resnet50); nothing is downloaded")
+    if not args.weights.is_file():
+        raise FileNotFoundError(f"--weights {args.weights}: no such file")
     from fastmaisi.evaluation.volumes import list_volumes
 
     real, fake = list_volumes(args.real), list_volumes(args.fake)
@@ -124,11 +129,6 @@ def _fid(args) -> tuple[dict, str]:
     if min(len(real), len(fake)) < FID_MIN_VOLUMES:
         print(f"warning: FID from {len(real)} real and {len(fake)} fake volumes says little (slices of one volume "
               f"are not independent samples); use {FID_MIN_VOLUMES} or more volumes a side", file=sys.stderr)
-    if args.weights is None:
-        raise ValueError("--weights FILE is required: a local ResNet-50 state dict (RadImageNet-ResNet50_notop.pth "
-                         "or torchvision resnet50); nothing is downloaded")
-    if not args.weights.is_file():
-        raise FileNotFoundError(f"--weights {args.weights}: no such file")
     from fastmaisi.evaluation.fid import FidSettings, fid_2p5d
     from fastmaisi.evaluation.resnet import resnet50_from_file
     from fastmaisi.evaluation.volumes import resolve_device

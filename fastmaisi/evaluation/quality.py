@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from fastmaisi.evaluation.volumes import check_hu, read_ras
+from fastmaisi.evaluation.volumes import read_ras
 
 IMAGE_SUFFIXES = ("_image.nii.gz", "_image.nii", "_image_dicom")
 LABEL_SUFFIXES = ("_label.nii.gz", "_label.nii", "_label_seg.dcm")
@@ -60,7 +60,6 @@ def quality_report(folder: str | os.PathLike, check: Callable | None = None) -> 
     rows = []
     for stem, image_path, label_path in pairs:
         image, _ = read_ras(image_path)
-        check_hu(image, image_path.name)
         label, _, _ = read_label_map(label_path)
         if image.shape != label.shape:
             raise ValueError(f"{stem}: image shape {image.shape} differs from label shape {label.shape}")
