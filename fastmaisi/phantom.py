@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -464,18 +465,25 @@ def _tumour(cv: _Canvas, p, kind: str, rng: np.random.Generator):
 
 # ------------------------------------------------------------------------------------------------------- dataset
 def write_dataset(out_dir, n: int, shape=(96, 96, 64), spacing=(3.0, 3.0, 4.0), seed: int = 0,
-                  tumour: str | None = None, workers: int = 1, progress: bool = False) -> Path:
+                  tumour: str | None = None, workers: int = 1, progress: bool = False, overwrite: bool = False) -> Path:
     """Write n phantoms as NIfTI pairs plus a MAISI-style `datalist.json`; returns the datalist's path.
 
     Files: `phantom_XXXX_image.nii.gz` (int16 HU) and `phantom_XXXX_label.nii.gz` (uint8), affine diag(spacing)
     (RAS). Phantom i uses seed `seed + i`. `tumour`: None, "liver", "lung" or "mixed" (none / liver / lung in turn).
     Datalist entries: image, label, dim, spacing, modality "ct", fold (i % 5), top/bottom_region_index.
+    Existing phantoms or datalist in `out_dir` are a ValueError unless `overwrite`.
     """
     if tumour not in (*TUMOURS, "mixed"):
         raise ValueError(f"tumour={tumour!r}: choose None, 'liver', 'lung' or 'mixed'")
     if n < 1:
         raise ValueError(f"n={n}: need at least one phantom")
     out = Path(out_dir)
+    names = ["datalist.json"] + [f"phantom_{i:04d}_{kind}.nii.gz" for i in range(n) for kind in ("image", "label")]
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        raise ValueError(f"{out} already holds {', '.join(existing[:3])}{more}; pass --overwrite to replace them, or "
+                         "choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(out, i, tuple(shape), tuple(spacing), seed + i,
              TUMOURS[i % 3] if tumour == "mixed" else tumour) for i in range(n)]
@@ -496,7 +504,9 @@ def write_dataset(out_dir, n: int, shape=(96, 96, 64), spacing=(3.0, 3.0, 4.0), 
         if pool is not None:
             pool.shutdown()
     path = out / "datalist.json"
-    path.write_text('{"training": [\n' + ",\n".join("  " + json.dumps(e) for e in entries) + "\n]}\n")
+    tmp = out / f".datalist.json.partial-{os.getpid()}"
+    tmp.write_text('{"training": [\n' + ",\n".join("  " + json.dumps(e) for e in entries) + "\n]}\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -521,7 +531,13 @@ def _write_one(job) -> dict:
     for suffix, data in (("image", np.round(image).astype(np.int16)), ("label", label)):
         img = nib.Nifti1Image(data, affine)
         img.header.set_xyzt_units("mm")
-        nib.save(img, str(out / f"{stem}_{suffix}.nii.gz"))
+        final = out / f"{stem}_{suffix}.nii.gz"
+        tmp = out / f".partial-{os.getpid()}-{final.name}"  # complete or absent under its final name
+        try:
+            nib.save(img, str(tmp))
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
     entry = {"image": f"{stem}_image.nii.gz", "label": f"{stem}_label.nii.gz", "dim": list(shape),
              "spacing": list(spacing), "modality": "ct", "fold": i % 5, "seed": seed, "tumour": tumour}
     try:  # the ddpm-ct UNet's region inputs; a field of view without landmarks has none
@@ -544,12 +560,26 @@ def phantom_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the first phantom (phantom i uses seed+i)")
     ap.add_argument("--tumour", choices=["none", "liver", "lung", "mixed"], default="none")
     ap.add_argument("--workers", type=int, default=1, help="parallel processes")
+    ap.add_argument("--overwrite", action="store_true", help="replace phantoms and datalist.json already in the folder")
     args = ap.parse_args(argv)
     if args.num < 1 or min(args.size) < 1 or min(args.spacing) <= 0 or args.workers < 1:
         ap.error("--num, --size, --spacing and --workers must be positive")
+    if not all(math.isfinite(s) for s in args.spacing) or args.seed < 0:
+        ap.error("--spacing must be finite and --seed >= 0")
+    from fastmaisi.cli_guard import CreatedFolders, interrupted, is_fault, report
+
+    created = CreatedFolders(args.output)
     t = time.perf_counter()
-    path = write_dataset(args.output, args.num, args.size, args.spacing, args.seed,
-                         None if args.tumour == "none" else args.tumour, workers=args.workers, progress=True)
+    try:
+        path = write_dataset(args.output, args.num, args.size, args.spacing, args.seed,
+                             None if args.tumour == "none" else args.tumour, workers=args.workers, progress=True,
+                             overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        return interrupted("fastmaisi phantom", created, "complete phantoms were kept (no datalist.json yet)")
+    except Exception as exc:
+        if not is_fault(exc):
+            raise
+        return report("fastmaisi phantom", exc, created)
     print(f"wrote {args.num} phantoms and {path} in {time.perf_counter() - t:.1f} s")
     return 0
 

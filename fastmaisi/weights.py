@@ -104,17 +104,24 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def convert(
-    checkpoint: str | os.PathLike, out_path: str | os.PathLike, network_definition: dict | None = None
+    checkpoint: str | os.PathLike, out_path: str | os.PathLike, network_definition: dict | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write `checkpoint` as safetensors at `out_path` plus a JSON record at `<out_path>.json`; return the record.
 
     With `network_definition` (a resolved official `*_def` entry) the network is built and the checkpoint must load
     into it strictly before anything is written. Both files are written to temporary names in the output folder
-    and then renamed, so an interrupted conversion leaves no file under the final names.
+    and then renamed, so an interrupted conversion leaves no file under the final names. Existing outputs are a
+    ValueError unless `overwrite`.
     """
     checkpoint, out_path = Path(checkpoint), Path(out_path)
     if out_path.suffix != ".safetensors":
         raise ValueError(f"the output file must end in .safetensors, got {out_path}")
+    existing = [p for p in (out_path, out_path.with_name(out_path.name + ".json")) if p.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{', '.join(map(str, existing))} already exist(s); pass --overwrite to replace")
+    if out_path.exists() and checkpoint.exists() and out_path.resolve() == checkpoint.resolve():
+        raise ValueError(f"the output {out_path} is the checkpoint itself; choose another name")
     state_dict, meta = load_state_dict_file(checkpoint)
     definition = network_definition if network_definition is not None else meta.get("network_definition")
     if network_definition is not None:
@@ -148,15 +155,20 @@ def convert_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.safetensors")
     parser.add_argument("--network-config", type=Path, metavar="JSON", help="an official config_network_*.json")
     parser.add_argument("--network", metavar="KEY", help="its *_def entry to check against, e.g. diffusion_unet_def")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT.safetensors (and its .json) if present")
     args = parser.parse_args(argv)
     if (args.network is None) != (args.network_config is None):
         parser.error("--network and --network-config must be given together")
     try:
         definition = None if args.network is None else read_network_definition(args.network_config, args.network)
-        record = convert(args.checkpoint, args.output, definition)
+        record = convert(args.checkpoint, args.output, definition, overwrite=args.overwrite)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         print(f"fastmaisi convert: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from fastmaisi.cli_guard import interrupted
+
+        return interrupted("fastmaisi convert", kept="nothing was written")
     scale = f", scale_factor {record['scale_factor']}" if "scale_factor" in record else ""
     checked = f", checked against {args.network}" if args.network else ""
     print(f"wrote {args.output} and {args.output}.json (layout {record['layout']}{scale}{checked})")

@@ -451,6 +451,11 @@ def _make_plan(task, ops, slots, in_shape, out_channels, device, budget, dtype, 
     # Everything on the device, one slab per op: the whole volume in one pass per layer.
     pl = _Planner(ops, slots, B, B, esz, device.type)
     place = [GPU] * n
+    if budget is None and not cuda:  # CPU without a budget: never tile; the peak of whole-volume passes (`tile`'s
+        # rows stop growing at large volumes, so its peak made 1024^3 read below 512^3)
+        full = [slots[op.dst].spatial[0] for op in ops]
+        peak = max(pl.ws(k, full[k], place) for k in range(len(ops)))
+        return finish(pl, place, full, peak, 0, tiled=False)
     whole = pl.tile(place, budget if budget is not None else 1 << 62, cap=None)
     if whole is not None and all(r == slots[op.dst].spatial[0] for r, op in zip(whole[0], ops)) and not out_host:
         return finish(pl, place, whole[0], max(whole[1]), whole[2], tiled=False)

@@ -36,6 +36,9 @@ def _positive_float(text: str) -> float:
     return value
 
 
+FID_MIN_VOLUMES = 10  # fewer volumes a side: the score is reported with a warning
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmaisi eval", description="Evaluate generated volumes or a VAE.")
     sub = parser.add_subparsers(dest="what", required=True, metavar="{fid,recon,quality}")
@@ -81,14 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     quality = sub.add_parser("quality", help="per-organ median-HU check over generated image/label pairs",
                              description="Runs the generator's quality check on every <stem>_image.nii.gz + "
-                             "<stem>_label.nii.gz pair in DIR.")
+                             "<stem>_label.nii.gz (or <stem>_image_dicom/ + <stem>_label_seg.dcm) pair in DIR.")
     quality.add_argument("folder", type=Path, metavar="DIR")
     quality.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON ('-': stdout only)")
+    quality.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     return parser
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON ('-': stdout only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -96,11 +101,17 @@ def eval_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     run = {"fid": _fid, "recon": _recon, "quality": _quality}[args.what]
     try:
+        if args.json is not None and str(args.json) != "-" and args.json.exists() and not args.overwrite:
+            raise ValueError(f"--json {args.json} already exists; pass --overwrite to replace it")
         report, table = run(args)
-    except (ValueError, FileNotFoundError, PermissionError, ImportError) as exc:
+        _emit(report, table, args.json)
+    except (ValueError, OSError, ImportError, MemoryError) as exc:
         print(f"fastmaisi eval {args.what}: {_first_line(exc)}", file=sys.stderr)
         return 2
-    _emit(report, table, args.json)
+    except KeyboardInterrupt:
+        from fastmaisi.cli_guard import interrupted
+
+        return interrupted(f"fastmaisi eval {args.what}", kept="no report was written")
     return 0
 
 
@@ -110,14 +121,19 @@ def _fid(args) -> tuple[dict, str]:
                          "or torchvision resnet50); nothing is downloaded")
     if not args.weights.is_file():
         raise FileNotFoundError(f"--weights {args.weights}: no such file")
-    from fastmaisi.evaluation.fid import FidSettings, fid_2p5d
-    from fastmaisi.evaluation.resnet import resnet50_from_file
-    from fastmaisi.evaluation.volumes import list_volumes, resolve_device
-    from fastmaisi.weights import sha256_file
+    from fastmaisi.evaluation.volumes import list_volumes
 
     real, fake = list_volumes(args.real), list_volumes(args.fake)
     if args.max_volumes:
         real, fake = real[: args.max_volumes], fake[: args.max_volumes]
+    if min(len(real), len(fake)) < FID_MIN_VOLUMES:
+        print(f"warning: FID from {len(real)} real and {len(fake)} fake volumes says little (slices of one volume "
+              f"are not independent samples); use {FID_MIN_VOLUMES} or more volumes a side", file=sys.stderr)
+    from fastmaisi.evaluation.fid import FidSettings, fid_2p5d
+    from fastmaisi.evaluation.resnet import resnet50_from_file
+    from fastmaisi.evaluation.volumes import resolve_device
+    from fastmaisi.weights import sha256_file
+
     device = resolve_device(args.device)
     settings = FidSettings(center_slices_ratio=args.center_slices_ratio,
                            spacing=tuple(args.spacing) if args.spacing else None,
@@ -183,8 +199,11 @@ def _emit(report: dict, table: str, json_out: Path | None) -> None:
         return
     print(table)
     if json_out is not None:
+        from fastmaisi.io.atomic import _staged, _write_file
+
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(text + "\n")
+        with _staged(str(json_out), overwrite=True) as st:  # complete or absent, never half-written
+            _write_file(st.path(json_out), lambda f: f.write((text + "\n").encode()))
         print(f"wrote {json_out}")
 
 

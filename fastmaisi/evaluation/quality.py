@@ -15,7 +15,8 @@ import numpy as np
 
 from fastmaisi.evaluation.volumes import read_ras
 
-IMAGE_SUFFIXES = ("_image.nii.gz", "_image.nii")
+IMAGE_SUFFIXES = ("_image.nii.gz", "_image.nii", "_image_dicom")
+LABEL_SUFFIXES = ("_label.nii.gz", "_label.nii", "_label_seg.dcm")
 
 
 def find_pairs(folder: str | os.PathLike) -> tuple[list[tuple[str, Path, Path]], list[str]]:
@@ -26,17 +27,17 @@ def find_pairs(folder: str | os.PathLike) -> tuple[list[tuple[str, Path, Path]],
     pairs, unpaired = [], []
     for image in sorted(folder.iterdir()):
         suffix = next((s for s in IMAGE_SUFFIXES if image.name.endswith(s)), None)
-        if suffix is None or not image.is_file():
+        if suffix is None or image.name.startswith(".") or image.is_dir() != (suffix == "_image_dicom"):
             continue
         stem = image.name[: -len(suffix)]
-        label = next((folder / f"{stem}_label{ext}" for ext in (".nii.gz", ".nii")
-                      if (folder / f"{stem}_label{ext}").is_file()), None)
+        label = next((folder / f"{stem}{ext}" for ext in LABEL_SUFFIXES if (folder / f"{stem}{ext}").is_file()), None)
         if label is None:
             unpaired.append(image.name)
         else:
             pairs.append((stem, image, label))
     if not pairs:
-        raise ValueError(f"no <stem>_image.nii[.gz] + <stem>_label.nii[.gz] pairs in {folder}")
+        raise ValueError(f"no <stem>_image.nii[.gz] + <stem>_label.nii[.gz] (or <stem>_image_dicom/ + "
+                         f"<stem>_label_seg.dcm) pairs in {folder}")
     return pairs, unpaired
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastmaisi.evaluation.volumes import read_ras
+from fastmaisi.evaluation.volumes import check_hu, read_ras
 
 HU_RANGE = (-1000.0, 1000.0)
 METRICS = ("psnr", "ssim", "mae_hu")
@@ -107,6 +107,7 @@ def evaluate_reconstruction(paths: list[Path], reconstruct: Callable[[torch.Tens
     rows = []
     for path in tqdm(paths, desc="reconstruct", unit="vol", disable=not progress):
         hu, _ = read_ras(path)
+        check_hu(hu, path.name)
         original = hu_to_unit(torch.from_numpy(hu).to(device))
         with torch.no_grad():
             recon = reconstruct(original[None, None])

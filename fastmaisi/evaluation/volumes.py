@@ -1,4 +1,5 @@
-"""Volume reading and geometry helpers shared by the evaluation commands (NIfTI in, RAS, MONAI-equivalent pad/crop)."""
+"""Volume reading and geometry helpers shared by the evaluation commands (NIfTI or fastmaisi's DICOM series in, RAS,
+MONAI-equivalent pad/crop)."""
 
 from __future__ import annotations
 
@@ -10,25 +11,35 @@ import torch
 import torch.nn.functional as F
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+DICOM_SERIES_SUFFIX = "_image_dicom"  # fastmaisi generate --format dicom: one folder of slices per volume
 
 
 def list_volumes(folder: str | os.PathLike, *, skip_labels: bool = True) -> list[Path]:
-    """Sorted NIfTI files in `folder` (not recursive); `*_label.nii[.gz]` (fastmaisi's label outputs) skipped."""
+    """Sorted NIfTI files and DICOM series folders (`*_image_dicom/`, as `generate --format dicom` writes them) in
+    `folder` (not recursive); `*_label.nii[.gz]` (fastmaisi's label outputs) skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+    paths = sorted(p for p in folder.iterdir() if (p.is_file() and p.name.endswith(NIFTI_SUFFIXES))
+                   or (p.is_dir() and p.name.endswith(DICOM_SERIES_SUFFIX) and not p.name.startswith(".")))
     if skip_labels:
         paths = [p for p in paths if not p.name.endswith(("_label.nii.gz", "_label.nii"))]
     if not paths:
-        raise ValueError(f"no NIfTI volumes (*.nii, *.nii.gz) in {folder}")
+        raise ValueError(f"no NIfTI volumes (*.nii, *.nii.gz) or DICOM series (*{DICOM_SERIES_SUFFIX}/) in {folder}")
     return paths
 
 
 def read_ras(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Read a 3D NIfTI reoriented to RAS (nibabel.as_closest_canonical) -> (float32 array (X, Y, Z), spacing mm)."""
+    """Read a 3D NIfTI, or a folder holding one DICOM series, reoriented to RAS (nibabel.as_closest_canonical) ->
+    (float32 array (X, Y, Z), spacing mm)."""
     import nibabel as nib
 
+    if Path(path).is_dir():
+        from fastmaisi.io.dicom import _read_dicom_series
+
+        array, affine = _read_dicom_series(Path(path))
+        img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine))
+        return np.asarray(img.dataobj, dtype=np.float32), tuple(float(s) for s in img.header.get_zooms()[:3])
     try:
         img = nib.as_closest_canonical(nib.load(os.fspath(path)))
     except Exception as exc:  # nibabel raises several types for unreadable files
@@ -72,3 +83,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def check_hu(volume: np.ndarray, name: str) -> None:
+    """Refuse a volume that is not CT in HU (an MR volume, or one scaled to [0, 1]): CT holds air near -1000 HU."""
+    low = float(np.percentile(volume, 1)) if volume.size else 0.0
+    if low > -500:
+        raise ValueError(f"{name}: does not look like CT in HU (1st percentile {low:.0f}; CT has air near -1000): "
+                         "this measure is for CT; MR and normalised volumes are refused")

@@ -13,7 +13,7 @@ import numpy as np
 
 from fastmaisi.labels import LABEL_NAMES
 from fastmaisi.io.atomic import _remove, _staged, _write_file
-from fastmaisi.io.dicom import _write_dicom_seg, _write_dicom_series
+from fastmaisi.io.dicom import _write_dicom_seg, _write_dicom_series, dicom_identity
 from fastmaisi.io.nifti import _nifti_image, _write_nifti_to
 from fastmaisi.io.preview import label_color, preview_image
 from fastmaisi.io.record import _dumps, _record_bytes, validate_record
@@ -138,7 +138,8 @@ def write_outputs(out_dir: str | os.PathLike, stem: str, image_hu: Any, label: A
                                      "sha256": sha256_file(tmp)}
         else:
             datasets = _write_dicom_series(st.path(paths["image"]), ras_image, ras_aff, modality, rec)
-            outputs["image"] = {"file": paths["image"].name, "format": "dicom", "files": len(datasets)}
+            outputs["image"] = {"file": paths["image"].name, "format": "dicom", "files": len(datasets),
+                                **dicom_identity(datasets)}
             if lab is not None:
                 tmp = st.path(paths["label"])
                 _write_dicom_seg(tmp, datasets, ras_lab, label_names)

@@ -87,13 +87,13 @@ def weight_bytes(*nets, dtype: torch.dtype) -> int:
     return sum(p.numel() for net in nets if net is not None for p in net.parameters()) * size
 
 
-def sampling_plan(variant, workflow: str, opts: dict, device: torch.device) -> str:
-    """A line per sampling stage: steps, FLOPs and expected seconds per call, weights and activation memory."""
+def sampling_costs(variant, workflow: str, opts: dict, device: torch.device) -> dict[str, tuple[CallCost, int]]:
+    """Per sampling stage ("image", and "mask" for the paired workflow): one denoiser call's cost and the bytes of the
+    networks it runs, counted on the meta device."""
     from fastmaisi.nets import build
     from fastmaisi.pipelines.sampling import image_denoiser, mask_denoiser
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    where = "an H200" if device.type == "cuda" else "2 CPU cores"
     defs = variant.definitions()
     meta = torch.device("meta")
     with meta:
@@ -115,12 +115,7 @@ def sampling_plan(variant, workflow: str, opts: dict, device: torch.device) -> s
         kw.clear()  # the condition is embedded once and dropped, as `image_denoiser` does
         den(torch.empty(1, channels, *latent, device=meta, dtype=dtype), torch.ones(1, device=meta))
 
-    lines = []
-    cost, weights = call_cost(image_call), weight_bytes(unet, cnet, dtype=dtype)
-    nets = "ControlNet + UNet" if cnet is not None else "UNet"
-    cfg = ", batch 2 for guidance" if opts["guidance_scale"] > 0 else ""
-    lines.append(_stage_line(f"Sampling: {opts['steps']} steps of the {nets} at latent {'x'.join(map(str, latent))}"
-                             f"{cfg}", opts["steps"], cost, weights, _rate(device, latent), where))
+    costs = {"image": (call_cost(image_call), weight_bytes(unet, cnet, dtype=dtype))}
     if workflow == "paired":
         with meta:
             mask_unet = build(defs["mask_diffusion"]).to(dtype).eval()
@@ -134,11 +129,29 @@ def sampling_plan(variant, workflow: str, opts: dict, device: torch.device) -> s
             mask_den = v2_denoiser(mask_unet, context, spacing, opts["mask_guidance_scale"])
             what = "v2 mask UNet (rflow-mask" + (", batch 2 for guidance)" if opts["mask_guidance_scale"] > 0
                                                  else ")")
-        mask_cost = call_cost(lambda: mask_den(torch.empty(1, *shape, device=meta, dtype=dtype),
-                                               torch.ones(1, device=meta)))
+        costs["mask"] = (call_cost(lambda: mask_den(torch.empty(1, *shape, device=meta, dtype=dtype),
+                                                    torch.ones(1, device=meta))),
+                         weight_bytes(mask_unet, dtype=dtype), what)
+    return costs
+
+
+def sampling_plan(variant, workflow: str, opts: dict, device: torch.device, costs: dict | None = None) -> str:
+    """A line per sampling stage: steps, FLOPs and expected seconds per call, weights and activation memory."""
+    costs = costs or sampling_costs(variant, workflow, opts, device)
+    where = "an H200" if device.type == "cuda" else "2 CPU cores"
+    latent = [s // 4 for s in opts["size"]]
+    lines = []
+    cost, weights = costs["image"]
+    nets = "ControlNet + UNet" if workflow != "image" and "controlnet" in variant.definitions() else "UNet"
+    cfg = ", batch 2 for guidance" if opts["guidance_scale"] > 0 else ""
+    lines.append(_stage_line(f"Sampling: {opts['steps']} steps of the {nets} at latent {'x'.join(map(str, latent))}"
+                             f"{cfg}", opts["steps"], cost, weights, _rate(device, latent), where))
+    if "mask" in costs:
+        shape = variant.mask_latent_shape
+        mask_cost, mask_weights, what = costs["mask"]
         lines.insert(0, _stage_line(f"Mask: {opts['mask_steps']} steps of the {what} at latent "
                                     f"{'x'.join(map(str, shape[1:]))}", opts["mask_steps"], mask_cost,
-                                    weight_bytes(mask_unet, dtype=dtype), _rate(device, shape[1:]), where))
+                                    mask_weights, _rate(device, shape[1:]), where))
     if device.type == "cuda":
         lines.append("(On CUDA the allocator and cuDNN add about 20 % to the memory: the rflow-ct loop at 512^3 peaked at "
                      "8.8 GiB on an H200, where this counts 7.5.)")

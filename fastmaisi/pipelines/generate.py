@@ -50,6 +50,9 @@ class GenerateRequest:
     fmt: str = "nifti"
     sampler: str = "euler"  # "euler" (the reference's) or "ab2" (rectified flow only; faster, not bit-compatible)
     cuda_graphs: bool = True  # CUDA: replay denoiser steps from a CUDA graph (small latents: sampling.GRAPH_MAX_VOXELS)
+    force: bool = False  # start even when the memory or disk estimate says the run does not fit (preflight.py)
+    output_stem: str | None = None  # one sample written under this name (--from-record: the original's)
+    replay: dict | None = None  # --from-record: the record, its overrides and changed inputs (record_replay.py)
 
     workflow_name: str | None = None  # "image", "from-mask" or "paired"; None: from-mask with --mask, paired with
     # --organ-size (or with the demo), else image
@@ -72,7 +75,9 @@ class GenerateRequest:
 def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     """Fill variant defaults and check every input; raise ValueError (one clear line) before any compute."""
     from fastmaisi.labels import modality_code
+    from fastmaisi.pipelines.request_checks import check_request
 
+    check_request(request)
     variant = get_variant(request.variant_name)
     size = tuple(request.size or variant.size)
     spacing = tuple(request.spacing or variant.spacing)
@@ -116,7 +121,8 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     if mask_opts["mask_generator"] == "v1" and (mask_steps < 1 or 1000 % mask_steps):
         raise ValueError(f"--mask-steps {mask_steps}: must divide 1000 (DDPM)")
     return variant, dict(size=size, spacing=spacing, modality_code=code, steps=steps, guidance_scale=guidance,
-                         anatomy=anatomy, anatomy_size_db=anatomy_db, mask_steps=mask_steps, sampler=request.sampler, **mask_opts)
+                         anatomy=anatomy, anatomy_size_db=anatomy_db, mask_steps=mask_steps, sampler=request.sampler,
+                         body_region=tuple(request.body_region), **mask_opts)
 
 
 def _anatomy_sizes(request: GenerateRequest, organ_sizes) -> tuple[list[float], dict | None]:
@@ -221,14 +227,27 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     rank, world, local_rank = _torchrun_rank()
     indices = [i for i in range(request.num_samples) if i % world == rank]  # under torchrun: rank r takes i % world == r
     stems = {i: f"sample_{request.seed + i:06d}" for i in indices}  # seed-named: no two ranks write the same file
+    if request.output_stem:
+        stems = {i: request.output_stem for i in indices[:1]}
     device = _device(request.device, local_rank if world > 1 else None)
     budget = int(request.memory_budget_gb * 2**30) if request.memory_budget_gb else None
+    from fastmaisi.pipelines.preflight import check_resources
+
+    decode_plan = _decode_plan(opts, device, budget, variant=variant)
+    resources = check_resources(variant, workflow, opts, device, budget, request.output_dir, len(stems), decode_plan)
     if dry_run:
         from fastmaisi.pipelines.estimate import sampling_plan
 
-        print(f"Plan (dry run: nothing is written)\n{sampling_plan(variant, workflow, opts, device)}\n"
-              f"{_decode_plan(opts, device, budget, variant=variant).describe()}")
+        plan = sampling_plan(variant, workflow, opts, device, resources.costs)
+        print(f"Plan (dry run: nothing is written)\n{plan}\n{decode_plan.describe()}\n{resources.describe()}")
         return []
+    if resources.refusal() and not request.force:
+        raise ValueError(resources.refusal())
+    if request.fmt == "dicom":  # pydicom and highdicom are optional: found missing now, not after the compute
+        try:
+            io._require_dicom(highdicom=True)
+        except ImportError as exc:
+            raise ValueError(f"--format dicom: {exc}") from None
     io.check_output_dir(request.output_dir, list(stems.values()), overwrite=request.overwrite)
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -299,7 +318,7 @@ def one_volume(models, workflow, opts, seed, user_label, budget, progress):
                      guidance_scale=opts["guidance_scale"], seed=seed, progress=progress,
                      sampler=opts["sampler"])
     if label is None:
-        z = image.sample_image_latent(models, size=opts["size"], **common_kw)
+        z = image.sample_image_latent(models, size=opts["size"], body_region=opts["body_region"], **common_kw)
     else:
         z = from_mask.sample_latent_from_mask(models, label, **common_kw)
     timings["sample_s"] = round(time.perf_counter() - t, 2)

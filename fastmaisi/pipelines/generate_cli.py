@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 
+from fastmaisi import argtypes
 from fastmaisi.argtypes import positive_int as _positive_int
 from fastmaisi.variants import VARIANTS
 
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="voxel size in mm")
     p.add_argument("--modality", help="name or code from the official modality mapping (ct, mri_t1, 9, ...)")
     p.add_argument("--body-region", nargs=2, metavar=("TOP", "BOTTOM"), default=("chest", "abdomen"),
-                   help="ddpm-ct only: head, chest, abdomen or pelvis")
+                   choices=("head", "chest", "abdomen", "pelvis"),
+                   help="ddpm-ct image workflow only: head, chest, abdomen or pelvis")
     p.add_argument("--mask", nargs="+", metavar="SEG", help="image-from-mask: a label map (NIfTI, DICOM SEG, DICOM "
                    "folder) or TotalSegmentator's per-class folder; several are merged (docs/own-segmentation.md)")
     p.add_argument("--mask-vocabulary", default="auto", help="ids of --mask: auto (default; refuses when unsure), "
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "demographics). Default: v2 when mask_generation_diffusion_unet_v2 is in --weights, else v1")
     p.add_argument("--demographic", type=_demographic, action="append", default=[], metavar="NAME=VALUE",
                    help="v2 mask generator: age (years), sex (M/F), weight (kg), bmi or height (cm); repeatable")
-    p.add_argument("--mask-guidance-scale", type=float, help="v2 mask generator's guidance scale (default 2.0)")
+    p.add_argument("--mask-guidance-scale", type=argtypes.finite_non_negative, help="v2 mask generator's guidance scale (default 2.0)")
     p.add_argument("--workflow", choices=["image", "from-mask", "paired"], help="default: from the options given")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: the variant's)")
     p.add_argument("--mask-steps", type=_positive_int,
@@ -80,44 +81,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="launch every step's kernels from Python instead of replaying a CUDA graph (same result; "
                         "latents above 2x64^3 voxels run eagerly anyway)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (0: off) of the workflow")
-    p.add_argument("--modality-guidance-scale", type=float,
+    p.add_argument("--guidance-scale", type=argtypes.finite_non_negative,
+                   help="classifier-free guidance scale (0: off) of the workflow")
+    p.add_argument("--modality-guidance-scale", type=argtypes.finite_non_negative,
                    help="image-only workflow's guidance scale (NVIDIA cfg_guidance_scale_modality); wins over "
                         "--guidance-scale there")
-    p.add_argument("--tumour-guidance-scale", "--tumor-guidance-scale", type=float,
+    p.add_argument("--tumour-guidance-scale", "--tumor-guidance-scale", type=argtypes.finite_non_negative,
                    help="mask workflows' guidance scale (NVIDIA cfg_guidance_scale_tumor); wins over "
                         "--guidance-scale there")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=argtypes.seed, default=0, help=f"0..{argtypes.SEED_MAX}")
     p.add_argument("--num-samples", type=_positive_int, default=1)
-    p.add_argument("--max-retries", type=int, default=2, help="quality-check retries with a new seed")
-    p.add_argument("-d", "--device", default="auto", help="auto, cpu, cuda, cuda:1")
-    p.add_argument("--memory-budget-gb", type=float, help="GPU memory the decode may use (default: what is free)")
+    p.add_argument("--max-retries", type=argtypes.non_negative_int, default=2,
+                   help="quality-check retries with a new seed")
+    p.add_argument("-d", "--device", type=argtypes.device, default="auto", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("--memory-budget-gb", type=argtypes.positive_gib,
+                   help="GPU memory the decode may use (default: what is free)")
     p.add_argument("--format", choices=["nifti", "dicom"], default="nifti")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--from-record", help="reproduce the volume of a JSON record written by an earlier run")
-    p.add_argument("--dry-run", action="store_true", help="print the memory and time plan, write nothing")
+    p.add_argument("--from-record", help="reproduce the volume of a JSON record written by an earlier run (same name; "
+                   "inputs' SHA-256 checked; flags that would change the volume are refused)")
+    p.add_argument("--allow-changed-inputs", action="store_true",
+                   help="--from-record: run even if the mask or a weight file differs from the record (recorded)")
+    p.add_argument("--force", action="store_true",
+                   help="start even if the memory or disk estimate says the run does not fit this machine")
+    p.add_argument("--dry-run", action="store_true", help="print the memory and time plan and whether it fits, "
+                   "write nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
 
-def request_from_args(args):
+def _absolute(path: str | None) -> str | None:
+    """Input paths are recorded absolute, so that a record reproduces from any folder."""
+    import os
+
+    return None if path is None else os.path.abspath(path)
+
+
+def request_from_args(args, parser=None):
     from fastmaisi.pipelines.generate import GenerateRequest
 
     if args.from_record:
-        from fastmaisi.io import read_record
+        from fastmaisi.pipelines.record_replay import request_from_record
 
-        saved = dict(read_record(args.from_record)["request"])
-        saved.update(output_dir=args.output, overwrite=args.overwrite)
-        if args.weights:
-            saved["weights"] = args.weights
-        saved["num_samples"], saved["seed"] = 1, read_record(args.from_record)["seed"]
-        saved["max_retries"] = 0
-        return GenerateRequest(**saved)
+        return request_from_record(args, parser or build_parser())
+    if args.allow_changed_inputs:
+        raise ValueError("--allow-changed-inputs goes with --from-record")
     return GenerateRequest(
-        output_dir=args.output, variant=args.variant, weights=args.weights, network_config=args.network_config,
+        output_dir=args.output, variant=args.variant, weights=_absolute(args.weights),
+        network_config=_absolute(args.network_config),
         size=tuple(args.size) if args.size else None, spacing=tuple(args.spacing) if args.spacing else None,
         modality=args.modality, body_region=tuple(args.body_region), mask=_mask_arg(args.mask),
-        mask_vocabulary=args.mask_vocabulary, mask_db=args.mask_db, strict_mask=args.strict_mask,
+        mask_vocabulary=args.mask_vocabulary, mask_db=_absolute(args.mask_db), strict_mask=args.strict_mask,
         organ_sizes=dict(args.organ_size), anatomy_size_db=args.anatomy_size_db,
         workflow_name=args.workflow, steps=args.steps, mask_steps=args.mask_steps,
         guidance_scale=args.guidance_scale, modality_guidance_scale=args.modality_guidance_scale,
@@ -126,7 +140,7 @@ def request_from_args(args):
         seed=args.seed, num_samples=args.num_samples,
         max_retries=args.max_retries, device=args.device, memory_budget_gb=args.memory_budget_gb,
         overwrite=args.overwrite, fmt=args.format, sampler=args.sampler,
-        cuda_graphs=args.cuda_graphs)
+        cuda_graphs=args.cuda_graphs, force=args.force)
 
 
 def _demographics(pairs) -> dict:
@@ -139,24 +153,32 @@ def _demographics(pairs) -> dict:
 
 
 def _mask_arg(mask):
-    return None if not mask else (mask[0] if len(mask) == 1 else list(mask))
+    """--mask's paths, absolute (a record reproduces from any folder): one path, or a list when several merge."""
+    if not mask:
+        return None
+    paths = [_absolute(m) for m in mask]
+    return paths[0] if len(paths) == 1 else paths
 
 
 def generate_main(argv: list[str]) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage mistake (2, already reported in one line)
         return int(exc.code or 0)
+    from fastmaisi.cli_guard import CreatedFolders, is_fault, report
     from fastmaisi.pipelines.generate import generate
 
     warnings.simplefilter("default")
     warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
+    created = CreatedFolders(args.output)
     try:
-        request = request_from_args(args)
+        request = request_from_args(args, parser)
         results = generate(request, progress=not args.quiet, dry_run=args.dry_run)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
-        print(f"fastmaisi generate: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        if not is_fault(exc):
+            raise
+        return report("fastmaisi generate", exc, created)
     for r in results:
         qc = r["record"]["quality_check"]
         status = "" if qc is None else (" quality check passed" if qc["passed"] else " quality check FAILED")

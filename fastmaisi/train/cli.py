@@ -11,7 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
+from fastmaisi.argtypes import device as _device
 from fastmaisi.argtypes import non_negative as _non_negative
+from fastmaisi.argtypes import positive_gib
 from fastmaisi.argtypes import positive_int as _positive_int
 from fastmaisi.variants import ROLE_CONFIG_KEYS as CONFIG_KEYS
 from fastmaisi.variants import VARIANTS
@@ -82,7 +84,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const="auto", type=str, metavar="RESUME_PT",
                    help="continue exactly from resume.pt (default: OUTPUT/resume.pt)")
     p.add_argument("--init", type=Path, metavar="CKPT", help="start from these weights (strict load; fine-tuning)")
-    p.add_argument("-d", "--device", default="auto", help="auto, cpu, cuda, cuda:1 (torchrun: one GPU per process)")
+    p.add_argument("-d", "--device", type=_device, default="auto",
+                   help="auto, cpu, cuda, cuda:1 (torchrun: one GPU per process)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or started run in OUTPUT "
+                   "(--resume continues it instead)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--modality", default="ct", help="modality of items that do not name one (ct, mri_t1, 9, ...)")
 
@@ -169,9 +174,38 @@ def _setup_logging(main: bool) -> None:
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s", stream=sys.stderr)
 
 
+def _earlier_run(out: Path) -> list[str]:
+    """Files of an earlier training run in `out` (checkpoints, resume.pt, the log) that a new run would replace."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".") and
+                  (p.suffix in (".pt", ".safetensors") or p.name == "train_log.csv"))
+
+
+def _check_patch_size(args, definitions) -> None:
+    """VAE patches must halve cleanly through every downsampling of the autoencoder: refused here, not as a shape
+    error inside a training step."""
+    patch = getattr(args, "patch_size", None)
+    if patch is None or "autoencoder" not in definitions:
+        return
+    factor = 2 ** (len(definitions["autoencoder"].get("num_channels", (0, 0, 0))) - 1)
+    if any(p % factor for p in patch):
+        raise ValueError(f"--patch-size {','.join(map(str, patch))}: each side must be a multiple of {factor} "
+                         f"(the autoencoder downsamples by {factor})")
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """`fastmaisi train RECIPE -i DATA -o OUT [options]`."""
     args = build_parser().parse_args(argv)
+    earlier = _earlier_run(args.output)
+    if earlier and args.resume is None and not args.overwrite:
+        shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+        print(f"fastmaisi train {args.recipe}: {args.output} holds an earlier run ({shown}); --resume continues it, "
+              "--overwrite replaces it, or choose another folder", file=sys.stderr)
+        return 2
+    from fastmaisi.cli_guard import CreatedFolders, is_fault
+
+    created = CreatedFolders(args.output)
     from fastmaisi.train.loop import TrainConfig, init_distributed, train
     from fastmaisi.train.trainers import ROLES, TRAINERS, Recipe
 
@@ -188,6 +222,7 @@ def train_main(argv: list[str] | None = None) -> int:
                           checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
                           num_workers=args.num_workers, resume=resume, progress=not args.no_progress)
         definitions, scheduler = _definitions(args, ROLES[args.recipe])
+        _check_patch_size(args, definitions)
         recipe = Recipe(data=args.data, definitions=definitions, scheduler=scheduler, base_dir=args.data_base_dir,
                         modality=args.modality, cache=args.cache, max_bad_fraction=args.max_bad_fraction,
                         init=args.init, gradient_checkpointing=checkpointing_mode(args.gradient_checkpointing))
@@ -211,8 +246,16 @@ def train_main(argv: list[str] | None = None) -> int:
             from fastmaisi.train.mask_v2 import setup_mask_diffusion_v2 as setup
         task = setup(recipe, cfg, dist)
         history = train(task, cfg, dist)
-    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+    except KeyboardInterrupt:
+        from fastmaisi.cli_guard import interrupted
+
+        return interrupted(f"fastmaisi train {args.recipe}", created,
+                           "the last checkpoint and resume.pt were kept (--resume continues)")
+    except Exception as e:  # CheckpointError is a ValueError
+        if not is_fault(e):
+            raise
         print(f"fastmaisi train {args.recipe}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        created.remove_empty()
         return 2
     finally:
         _finish(dist)
@@ -248,10 +291,11 @@ def build_encode_parser() -> argparse.ArgumentParser:
                    help="z = mu + sigma*eps with a seed per image (default, as the reference) or the mean mu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--memory-budget-gb", type=float, help="device memory the encoder may use (default: what is free)")
+    p.add_argument("--memory-budget-gb", type=positive_gib, help="device memory the encoder may use (default: what is "
+                   "free)")
     p.add_argument("--overwrite", action="store_true", help="re-encode existing outputs")
     p.add_argument("--max-bad-fraction", type=_fraction, default=0.1)
-    p.add_argument("-d", "--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("-d", "--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -273,7 +317,15 @@ def encode_main(argv: list[str] | None = None) -> int:
             base_dir=args.data_base_dir, labels=args.labels, modality=args.modality, multiple=args.multiple,
             latent=args.latent, seed=args.seed, precision=args.precision, memory_budget_bytes=budget,
             overwrite=args.overwrite, max_bad_fraction=args.max_bad_fraction), dist, progress=not args.no_progress)
-    except (ValueError, OSError) as e:
+    except KeyboardInterrupt:
+        from fastmaisi.cli_guard import interrupted
+
+        return interrupted("fastmaisi encode", kept="latents already written were kept (a rerun skips them)")
+    except Exception as e:
+        from fastmaisi.cli_guard import is_fault
+
+        if not is_fault(e):
+            raise
         print(f"fastmaisi encode: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     finally:

@@ -48,6 +48,31 @@ def _relative_stem(image: Path, root: Path) -> Path:
     return rel.with_name(D.nifti_stem(rel))
 
 
+def _refuse_multi_volume(items) -> None:
+    """4-D files holding several volumes (a time series, several MR contrasts) are not one CT/MR image: refused
+    before anything is encoded (headers only), rather than silently encoding the first volume as the image."""
+    import nibabel as nib
+
+    for item in items:
+        try:
+            shape = nib.load(str(item["image"])).shape
+        except Exception:  # unreadable: counted and skipped by the loop
+            continue
+        if len(shape) == 4 and shape[3] > 1:
+            raise ValueError(f"{item['image']}: a 4-D file of {shape[3]} volumes {tuple(shape)}; encode takes one 3-D "
+                             "volume per file: split it first")
+
+
+def _check_intensities(x, modality, path) -> None:
+    """CT must be in HU: a volume without air (1st percentile above -500) is MR or normalised, and scaling it as HU
+    would encode nonsense."""
+    from fastmaisi.labels import modality_code
+
+    if modality_code(modality) <= 7 and x.size and float(np.percentile(x, 1)) > -500:
+        raise ValueError(f"{path}: labelled CT (modality {modality!r}) but holds no air (1st percentile "
+                         f"{float(np.percentile(x, 1)):.0f}, CT has about -1000 HU): pass --modality for MR, or HU")
+
+
 def encode_volumes(req: EncodeRequest, dist: Dist | None = None, progress: bool = True) -> dict:
     """Images -> `<out>/<relative name>_emb.nii.gz` latents + sidecar JSON (diff_model_create_training_data.py rules:
     RAS, each axis resized (trilinear) to the nearest multiple of `multiple` (min `multiple`), CT [-1000, 1000] ->
@@ -69,6 +94,7 @@ def encode_volumes(req: EncodeRequest, dist: Dist | None = None, progress: bool 
     items = D.list_volumes(source, "image", req.base_dir)
     if not items:
         raise ValueError(f"no images found in {source}")
+    _refuse_multi_volume(items)
     vae = build_net(req.definition)
     load_weights(vae, req.autoencoder, "autoencoder")
     vae = vae.to(dist.device).eval().requires_grad_(False)
@@ -95,6 +121,7 @@ def encode_volumes(req: EncodeRequest, dist: Dist | None = None, progress: bool 
             raise ValueError(f"label map {label_path} has shape {label.shape} but its image {image_path} has "
                              f"shape {x.shape}; they must share one grid")
         modality = item.get("modality", item.get("class", req.modality))
+        _check_intensities(x, modality, image_path)
         shape = D.encoded_shape(x.shape, req.multiple)
         image = torch.from_numpy(D.scale_intensity(x, modality))[None].to(dist.device)
         image = D.resize(image, shape)[None]  # (1, 1, *shape), trilinear
