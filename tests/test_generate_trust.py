@@ -231,3 +231,14 @@ def test_cpu_decode_estimate_grows_with_the_volume():
     small = plan_decode((1, 4, 128, 128, 128), "cpu", None, torch.float32).peak_bytes
     large = plan_decode((1, 4, 256, 256, 256), "cpu", None, torch.float32).peak_bytes
     assert 7 * small < large < 9 * small
+
+
+def test_original_stem_from_nifti_dicom_or_record_name():
+    from fastmaisi.pipelines.record_replay import original_stem
+
+    def record(file):
+        return {"outputs": {"image": {"file": file}}, "seed": 100006}
+    assert original_stem(record("sample_000003_image.nii.gz"), Path("any.json")) == "sample_000003"
+    assert original_stem(record("ct_7_image_dicom"), Path("any.json")) == "ct_7"
+    assert original_stem({"seed": 100006}, Path("d/sample_000003_record.json")) == "sample_000003"
+    assert original_stem({"seed": 5}, Path("edited.json")) == "sample_000005"
