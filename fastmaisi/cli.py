@@ -20,6 +20,7 @@ COMMANDS = {
     "encode": ("fastmaisi.train.cli", "encode_main", "encode images to latents (+ sidecar JSON) for diffusion training"),
     "eval": ("fastmaisi.evaluation.cli", "eval_main", "evaluate: 2.5D FID, VAE reconstruction, HU quality check"),
     "bench": ("fastmaisi.bench", "bench_main", "time and memory of ours vs the MONAI reference on this GPU"),
+    "app": ("fastmaisi.app.cli", "app_main", "a local web page: plan, generate, view and download volumes"),
 }
 
 
