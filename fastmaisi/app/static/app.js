@@ -209,7 +209,7 @@ function labelColormap(labels) {
 }
 
 async function showVolumes(imageUrl, labelUrl, labels) {
-  const nv = state.nv;
+  const nv = await viewer();
   for (const v of [...nv.volumes].reverse()) nv.removeVolume(v);
   const image = { url: imageUrl, colormap: "gray", name: imageUrl.split("/").pop() };
   if (state.config.modality === "ct") Object.assign(image, { cal_min: -160, cal_max: 240 }); // soft-tissue window
@@ -223,25 +223,41 @@ async function showVolumes(imageUrl, labelUrl, labels) {
 }
 
 // ---------------------------------------------------------------------------------------------------- start
+// NiiVue (2 MB) loads after the form is usable, so the page answers at once; its first use waits for it.
+function viewer() {
+  if (!state.viewer) state.viewer = new Promise((resolve, reject) => {
+    const script = Object.assign(document.createElement("script"), { src: "vendor/niivue/niivue.umd.js" });
+    script.onload = resolve;
+    script.onerror = () => reject(new Error("the viewer (vendor/niivue) did not load"));
+    document.head.append(script);
+  }).then(async () => {
+    state.nv = new niivue.Niivue({ backColor: [0.05, 0.05, 0.07, 1], show3Dcrosshair: true, isColorbar: false,
+                                   crosshairColor: [0.3, 0.8, 1, 0.5], crosshairWidth: 0.5, loadingText: "" });
+    await state.nv.attachTo("gl");
+    state.nv.setSliceType(3);
+    document.body.dataset.viewerAttached = "1";
+    return state.nv;
+  });
+  return state.viewer;
+}
+
 async function start() {
   state.config = await api("api/config");
   buildForm(state.config);
-  state.nv = new niivue.Niivue({ backColor: [0.05, 0.05, 0.07, 1], show3Dcrosshair: true, isColorbar: false,
-                                 loadingText: "" });
-  await state.nv.attachTo("gl");
-  state.nv.setSliceType(3);
   $("request-form").addEventListener("input", (ev) => { if (ev.target.name === "workflow") showWorkflowFields(); planSoon(); });
   $("request-form").addEventListener("change", planSoon);
   $("request-form").addEventListener("submit", submit);
   for (const b of document.querySelectorAll("[data-slice]"))
-    b.addEventListener("click", () => state.nv.setSliceType(Number(b.dataset.slice)));
-  $("overlay-opacity").addEventListener("input", () => {
-    if (state.nv.volumes.length > 1) state.nv.setOpacity(1, Number($("overlay-opacity").value));
+    b.addEventListener("click", async () => (await viewer()).setSliceType(Number(b.dataset.slice)));
+  $("overlay-opacity").addEventListener("input", async () => {
+    const nv = await viewer();
+    if (nv.volumes.length > 1) nv.setOpacity(1, Number($("overlay-opacity").value));
   });
   updatePlan();
   const last = localStorage.getItem("fastmaisi.job");
   if (last) follow(last); else listJobs();
   document.body.dataset.ready = "1";
+  viewer().catch((err) => { $("viewer-empty").textContent = err.message; });
 }
 
 start().catch((err) => { $("notice").hidden = false; $("notice").textContent = `The page could not start: ${err.message}`; });
