@@ -89,10 +89,11 @@ def test_generate_in_the_page_and_see_the_volume(server, tmp_path):
         legend = page.inner_text("#legend")
         assert "liver" in legend
         assert page.inner_text("#job-status").startswith("done")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
         pixels = np.asarray(Image.open(io.BytesIO(page.locator("#gl").screenshot())).convert("L"), dtype=float)
         assert pixels.std() > 10 and (pixels > 60).mean() > 0.02, "the viewer canvas is blank"
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "app.png"))
         # a reload finds the job again (the queue lives in the server)
         job_id = page.inner_text("#job-id")
         page.reload()

@@ -62,6 +62,7 @@ class Job:
     started: float | None = None
     finished: float | None = None
     stages_seen: list = field(default_factory=list)
+    last_bar: str | None = None
 
     def files(self) -> list[dict]:
         """Downloadable outputs: every plain file directly in the job folder (the uploaded mask included)."""
@@ -147,6 +148,6 @@ def _read_bars(job: Job) -> None:
         stage = str(bar.desc or "working").strip().rstrip(":")
         if stage not in job.stages_seen:
             job.stages_seen.append(stage)
-        job.stage, job.progress = stage, min(1.0, bar.n / bar.total)
-    elif job.stages_seen:  # between bars: the next stage has not drawn one yet (quality check, writing, ...)
-        job.stage, job.progress = f"after {job.stages_seen[-1]}", None
+        job.last_bar, job.stage, job.progress = stage, stage, min(1.0, bar.n / bar.total)
+    elif job.last_bar:  # between bars: the next stage has not drawn one yet (decode, quality check, writing, ...)
+        job.stage, job.progress = f"after {job.last_bar}", None
