@@ -135,7 +135,12 @@ def test_unknown_job_and_paths_out_of_the_job_folder(client, done_job):
 def test_cli_refuses_bad_options_in_one_line(capsys):
     from fastmaisi.app.cli import app_main
 
-    assert app_main(["--port", "0"]) == 2
-    assert app_main(["--weights", "/nonexistent/weights"]) == 2
+    import torch
+
+    bad = [["--port", "0"], ["--weights", "/nonexistent/weights"], ["--device", "tpu"], ["--variant", "nope"]]
+    if not torch.cuda.is_available():
+        bad.append(["--device", "cuda"])
+    for argv in bad:
+        assert app_main(argv) == 2, argv
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("fastmaisi app:") for line in err)
+    assert len(err) == len(bad) and all(line.startswith("fastmaisi app") for line in err), err

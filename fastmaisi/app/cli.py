@@ -48,12 +48,36 @@ def app_main(argv: list[str]) -> int:
         print(f"fastmaisi app: --port {args.port}: must be in 1..65535", file=sys.stderr)
         return 2
     from fastmaisi.app.server import serve
+    from fastmaisi.io import check_output_dir
     from fastmaisi.variants import get_variant
 
     try:
         get_variant(args.variant or ("rflow-ct" if args.weights else "demo"))
+        _check_device(args.device)
+        _check_port(args.host, args.port)
+        check_output_dir(args.output_dir, [])
         serve(args.host, args.port, args.output_dir, args.weights, args.variant, args.device, quiet=args.quiet)
     except (ValueError, OSError) as exc:
         print(f"fastmaisi app: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    if name != "auto" and name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail now, in one line, when the address is taken (uvicorn would log it and exit 1)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
