@@ -71,6 +71,16 @@ def test_paired_demo_job_runs_and_its_image_downloads_as_int16_nifti(client, don
     assert client.get("/api/jobs").json()["jobs"][0]["id"] == done_job["id"]
 
 
+def test_dicom_zip_of_a_done_job(client, done_job):
+    import zipfile
+
+    pytest.importorskip("highdicom")
+    r = client.get(f"/api/jobs/{done_job['id']}/dicom")
+    assert r.status_code == 200, r.text
+    names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+    assert sum(n.endswith(".dcm") for n in names) == 64 + 1  # one file per slice, plus the SEG
+
+
 def test_networks_stay_loaded_between_jobs(client, done_job):
     first = dict(model_io._LOADED)
     assert any(key[0] == "mask_diffusion" for key in first)

@@ -70,6 +70,11 @@ def create_app(output_dir: str | Path, weights: str | None = None, variant: str 
         return JSONResponse({"error": f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid')}",
                              "field": loc[0] if loc else None}, status_code=422)
 
+    @app.exception_handler(Exception)
+    async def _bug(_request, exc: Exception):  # the trace goes to the server's log, one line to the client
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                             "field": None}, status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
         return JSONResponse({"error": str(exc.detail), "field": None}, status_code=exc.status_code)
