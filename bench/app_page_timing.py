@@ -127,7 +127,7 @@ def main(argv=None) -> int:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     result = {"what": "fastmaisi app page: load time and a large volume in the viewer", "host": platform.node(),
-              "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "size": args.size,
+              "cpus": os.cpu_count(), "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "size": args.size,
               "browser": CHROMIUM, "webgl": None, "page_loads": []}
     try:
         for _ in range(300):

@@ -78,9 +78,10 @@ def test_generate_in_the_page_and_see_the_volume(server, tmp_path):
         page.wait_for_selector("body[data-ready='1']")
         assert "not real CT" in page.inner_text("#notice")
         page.fill("#steps", "4")
+        page.fill("#mask_steps", "10")  # few steps: the demo job takes seconds
         page.fill("#organ_liver", "0.12")  # a range input: fill sets its value and fires input
         page.dispatch_event("#organ_liver", "change")
-        page.wait_for_function("document.getElementById('plan').textContent.startsWith('Mask:')")
+        page.wait_for_function("document.getElementById('plan').textContent.startsWith('Mask: 10 steps')")
         assert page.is_checked("#use_liver") and page.inner_text("#out_liver") == "0.1200"
         page.click("#generate")
         page.wait_for_selector("#job-id:not(:empty)")

@@ -9,6 +9,7 @@ belongs to the running job.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io as _stdio
 import json
 import queue
@@ -23,6 +24,7 @@ from pathlib import Path
 
 JOB_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
 _STDOUT_LOCK = threading.Lock()
+_PLANS: dict[str, dict] = {}  # request (less its output folder) -> plan, for requests without a mask
 
 
 def new_job_id() -> str:
@@ -32,9 +34,18 @@ def new_job_id() -> str:
 
 def plan_of(request) -> dict:
     """`generate --dry-run` for `request`: validates it exactly as the CLI does (ValueError on bad input) and returns
-    the printed plan and any warnings (e.g. a field of view outside the training range)."""
+    the printed plan and any warnings (e.g. a field of view outside the training range). A request without a mask
+    that was planned before (the page plans it, then submits it) is answered from memory: the dry run counts FLOPs
+    on the meta device, seconds on a CPU."""
     from fastmaisi.pipelines.generate import generate
 
+    key = None
+    if not request.mask:
+        fields = dataclasses.asdict(request)
+        fields.pop("output_dir")
+        key = json.dumps(fields, sort_keys=True, default=str)
+        if key in _PLANS:
+            return _PLANS[key]
     text = _stdio.StringIO()
     with _STDOUT_LOCK, warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(text):
         warnings.simplefilter("always")
@@ -42,7 +53,12 @@ def plan_of(request) -> dict:
     lines = text.getvalue().strip().splitlines()
     if lines and lines[0].startswith("Plan (dry run"):
         lines = lines[1:]
-    return {"text": "\n".join(lines), "warnings": [str(w.message) for w in caught]}
+    plan = {"text": "\n".join(lines), "warnings": [str(w.message) for w in caught]}
+    if key is not None:
+        if len(_PLANS) >= 256:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+    return plan
 
 
 @dataclass

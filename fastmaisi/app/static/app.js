@@ -42,6 +42,7 @@ function buildForm(cfg) {
   for (const m of cfg.modalities) $("modality").append(new Option(`${m.name} (${m.code})`, m.code));
   $("modality").value = d.modality;
   $("seed").value = d.seed; $("steps").value = d.steps; $("guidance_scale").value = d.guidance_scale;
+  $("mask_steps").value = d.mask_steps;
   $("demographics-fields").hidden = !("demographics" in cfg.fields);
   $("vocabulary-field").hidden = !("mask_vocabulary" in cfg.fields);
   showWorkflowFields();
@@ -63,6 +64,7 @@ function params() {
               modality: $("modality").value,
               size: [0, 1, 2].map((i) => $(`size${i}`).value), spacing: [0, 1, 2].map((i) => $(`spacing${i}`).value) };
   if (wf === "paired") {
+    p.mask_steps = $("mask_steps").value;
     p.organ_sizes = {};
     for (const slot of cfg.organ_slots) {
       const id = slot.replace(/ /g, "_");
@@ -97,7 +99,11 @@ function showFormError(err) {
   }
 }
 
+// One plan request at a time (a dry run takes seconds on a CPU); changes made meanwhile are planned after it.
 async function updatePlan() {
+  if (state.planning) { state.planAgain = true; return; }
+  state.planning = true;
+  state.planAgain = false;
   $("plan").textContent = "planning…";
   try {
     const plan = await api("api/plan", { method: "POST", body: body() });
@@ -110,6 +116,9 @@ async function updatePlan() {
     $("plan-warnings").replaceChildren();
     showFormError(err);
     $("generate").disabled = true;
+  } finally {
+    state.planning = false;
+    if (state.planAgain) updatePlan();
   }
 }
 
