@@ -245,6 +245,7 @@ function viewer() {
     await state.nv.attachTo("gl");
     state.nv.setSliceType(3);
     document.body.dataset.viewerAttached = "1";
+    performance.mark("fastmaisi-viewer-attached");
     return state.nv;
   });
   return state.viewer;
@@ -266,6 +267,7 @@ async function start() {
   const last = localStorage.getItem("fastmaisi.job");
   if (last) follow(last); else listJobs();
   document.body.dataset.ready = "1";
+  performance.mark("fastmaisi-form-ready");
   viewer().catch((err) => { $("viewer-empty").textContent = err.message; });
 }
 
