@@ -39,7 +39,9 @@ OBSERVE = """() => {
   window.__long = []; window.__gap = 0; let last = performance.now();
   new PerformanceObserver((l) => { for (const e of l.getEntries()) window.__long.push(e.duration); })
     .observe({ type: "longtask", buffered: false });
-  const tick = (t) => { window.__gap = Math.max(window.__gap, t - last); last = t; window.__raf = requestAnimationFrame(tick); };
+  const tick = (t) => {
+    window.__gap = Math.max(window.__gap, t - last); last = t; window.__raf = requestAnimationFrame(tick);
+  };
   window.__raf = requestAnimationFrame(tick);
 }"""
 PARSE = """async (url) => {
@@ -48,7 +50,8 @@ PARSE = """async (url) => {
   await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
   cancelAnimationFrame(window.__raf);
   return { seconds: (performance.now() - t0) / 1000, longest_task_ms: Math.max(0, ...window.__long),
-           long_tasks: window.__long.length, longest_frame_gap_ms: window.__gap, dims: Array.from(img.hdr.dims.slice(1, 4)) };
+           long_tasks: window.__long.length, longest_frame_gap_ms: window.__gap,
+           dims: Array.from(img.hdr.dims.slice(1, 4)) };
 }"""
 LOAD = """async ([image, label, sliceType]) => {
   const nv = state.nv;
@@ -158,7 +161,8 @@ def main(argv=None) -> int:
                 return e ? g.getParameter(e.UNMASKED_RENDERER_WEBGL) : g.getParameter(g.RENDERER); }""")
             page.evaluate(OBSERVE)
             result["volume_parse_only"] = page.evaluate(PARSE, files_url + image.name)
-            for name, slice_type in () if args.no_webgl else (("axial", 0), ("multiplanar", 3)):  # the page's default: 3
+            views = () if args.no_webgl else (("axial", 0), ("multiplanar", 3))  # 3: the page's default view
+            for name, slice_type in views:
                 page.evaluate(OBSERVE)
                 result[f"volume_{name}"] = page.evaluate(LOAD, [files_url + image.name, files_url + label.name,
                                                                  slice_type])

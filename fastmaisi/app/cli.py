@@ -33,13 +33,12 @@ def app_main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    try:
-        import fastapi  # noqa: F401
-        import multipart  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        print(f'fastmaisi app: needs FastAPI, uvicorn and python-multipart ({exc}); pip install "fastmaisi[app]"',
-              file=sys.stderr)
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"fastmaisi app: needs FastAPI, uvicorn and python-multipart (missing: {', '.join(missing)}); "
+              'pip install "fastmaisi[app]"', file=sys.stderr)
         return 2
     if args.weights and not Path(args.weights).is_dir():
         print(f"fastmaisi app: --weights {args.weights}: not a folder", file=sys.stderr)

@@ -72,8 +72,9 @@ def create_app(output_dir: str | Path, weights: str | None = None, variant: str 
 
     @app.exception_handler(Exception)
     async def _bug(_request, exc: Exception):  # the trace goes to the server's log, one line to the client
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                             "field": None}, status_code=500)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {first}", "field": None},
+                            status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
