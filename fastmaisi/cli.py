@@ -22,6 +22,7 @@ COMMANDS = {
     "labels": ("fastmaisi.segmentations.cli", "labels_main",
                "TotalSegmentator / NV-Segment / VISTA3D label maps -> MAISI ids (convert, list)"),
     "bench": ("fastmaisi.bench", "bench_main", "time and memory of ours vs the MONAI reference on this GPU"),
+    "app": ("fastmaisi.app.cli", "app_main", "a local web page: plan, generate, view and download volumes"),
 }
 
 

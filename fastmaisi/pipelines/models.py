@@ -41,6 +41,17 @@ class Models:
 # 1000-step mask stage 8.4 -> 7.2 s (docs/performance.md). The VAEs go through `decode`, which picks its own.
 CHANNELS_LAST_ROLES = ("diffusion_unet", "controlnet", "mask_diffusion")
 
+# A long-lived process (`fastmaisi app`) keeps networks loaded between runs: (role, file, definition, device, dtype)
+# -> (network, file record, scale factor). None (the default): every `load_models` call reads its files.
+_LOADED: dict | None = None
+
+
+def keep_networks_loaded(keep: bool = True) -> None:
+    """From now on, `load_models` returns the networks it loaded before for the same file, definition and device
+    (`keep=False`: forget them and load from the files again)."""
+    global _LOADED
+    _LOADED = ({} if _LOADED is None else _LOADED) if keep else None
+
 
 def weight_file(weights_dir: Path, stem: str) -> Path:
     """The file for a role: `<stem>.safetensors` (converted) or `<stem>.pt` (official)."""
@@ -86,15 +97,20 @@ def load_models(variant: Variant, weights_dir: str | Path, roles, device: torch.
     nets, files, scales = {}, {}, {}
     for role in roles:
         path = weight_file(weights_dir, variant.files[role])
-        net = build(defs[role])
-        meta = load_into(net, path, name=role)
-        net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        if role in CHANNELS_LAST_ROLES and torch.device(device).type == "cuda":
-            net = net.to(memory_format=torch.channels_last_3d)  # its convs then run in cuDNN's native layout
-        nets[role] = net
-        files[role] = {"path": str(path), "sha256": sha256_file(path)}
-        if meta.get("scale_factor") is not None:
-            scales[role] = float(meta["scale_factor"])
+        key = (role, str(path.resolve()), json.dumps(defs[role], sort_keys=True), str(device), dtype)
+        if _LOADED is not None and key in _LOADED:
+            nets[role], files[role], scale = _LOADED[key]
+        else:
+            net = build(defs[role])
+            scale = load_into(net, path, name=role).get("scale_factor")
+            net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            if role in CHANNELS_LAST_ROLES and torch.device(device).type == "cuda":
+                net = net.to(memory_format=torch.channels_last_3d)  # its convs then run in cuDNN's native layout
+            nets[role], files[role] = net, {"path": str(path), "sha256": sha256_file(path)}
+            if _LOADED is not None:
+                _LOADED[key] = (net, files[role], scale)
+        if scale is not None:
+            scales[role] = float(scale)
     scheduler_def = variant.scheduler
     extra = {"mask_latent_shape": variant.mask_latent_shape, "mask_spacing": variant.mask_spacing}
     if network_config is not None:
