@@ -109,70 +109,184 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
                          anatomy=anatomy, mask_steps=mask_steps, sampler=request.sampler)
 
 
-def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = False) -> list[dict]:
-    """Run a request; returns one dict per written sample (paths + record). See DESIGN: plan, mask, condition,
-    sample, decode, check, write."""
+def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = False, *, manifest: str | None = None,
+             shard=None, on_sample=None) -> list[dict]:
+    """Run a request (or the rows of a `manifest` on top of it) into its output folder, resuming an earlier run of
+    the same request there; returns one dict per sample of this shard (paths, record, "kept": made earlier).
+    `shard`: --shard I/N (composed with torchrun ranks and Slurm arrays, see `shards`); `on_sample(result)` is called
+    as each sample is written. See DESIGN: plan, mask, condition, sample, decode, check, write."""
     import torch
 
     from fastmaisi import io
     from fastmaisi.pipelines import models as model_io
+    from fastmaisi.pipelines.manifest import read_manifest
+    from fastmaisi.pipelines.run_folder import RunFolder, fingerprint
+    from fastmaisi.pipelines.samples import plan_samples
+    from fastmaisi.pipelines.shards import current_shard
 
-    # 1. plan: inputs, weights and outputs are checked before anything heavy happens
+    # 1. plan: inputs, manifest rows, weights and outputs are checked before anything heavy happens
     variant, opts = resolve(request)
-    workflow = request.workflow
+    rows = read_manifest(manifest, GenerateRequest) if manifest else None
+    samples = plan_samples(request, resolve, rows, manifest)
+    workflows = {s.request.workflow for s in samples}
     roles = ["autoencoder", "diffusion_unet"]
-    if workflow != "image":
+    if workflows != {"image"}:
         roles.append("controlnet")
-    if workflow == "paired":
+    if "paired" in workflows:
         roles += ["mask_autoencoder", "mask_diffusion"]
     weights_dir = _weights_dir(request, variant, roles, opts, dry_run)
-    user_label, user_mask_info, candidates = None, None, []
-    if request.mask:
-        user_label, user_mask_info = _load_user_mask(request, opts, request.mask)
-    elif request.mask_db:
-        from fastmaisi.pipelines.mask_db import rank_candidates
-
-        candidates = rank_candidates(request.mask_db, opts["size"], opts["spacing"])
     rank, world, local_rank = _torchrun_rank()
-    indices = [i for i in range(request.num_samples) if i % world == rank]  # under torchrun: rank r takes i % world == r
-    stems = {i: f"sample_{request.seed + i:06d}" for i in indices}  # seed-named: no two ranks write the same file
+    my_shard = current_shard(shard)
+    mine = [s for s in samples if my_shard.takes(s.index)]
     device = _device(request.device, local_rank if world > 1 else None)
     budget = int(request.memory_budget_gb * 2**30) if request.memory_budget_gb else None
     if dry_run:
         from fastmaisi.pipelines.estimate import sampling_plan
 
-        print(f"Plan (dry run: nothing is written)\n{sampling_plan(variant, workflow, opts, device)}\n"
-              f"{_decode_plan(opts, device, budget, variant=variant).describe()}")
+        print(f"Plan (dry run: nothing is written)\n{sampling_plan(variant, request.workflow, opts, device)}\n"
+              f"{_decode_plan(opts, device, budget, variant=variant).describe()}\n"
+              f"{len(mine)} of {len(samples)} samples in shard {my_shard}")
         return []
-    io.check_output_dir(request.output_dir, list(stems.values()), overwrite=request.overwrite)
+    existed = Path(request.output_dir).is_dir()
+    io.check_output_dir(request.output_dir, [s.stem for s in mine], overwrite=True)  # writable; resume decides
+    job_fp = fingerprint(request, _mask_sha(request))
+    job = {"request": asdict(request), "manifest": str(Path(manifest).resolve()) if manifest else None}
+    try:
+        folder = RunFolder(request.output_dir, job_fp, job, my_shard, overwrite=request.overwrite).__enter__()
+    except BaseException:
+        if not existed:
+            _remove_empty(Path(request.output_dir))
+        raise
+    with folder:
+        plan = folder.sort(mine, lambda s: fingerprint(s.request, s.mask_sha256, s.stem))
+        results = [{"paths": _record_paths(request.output_dir, r), "record": r, "kept": True} for r in plan.kept]
+        if plan.todo:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+            models = model_io.load_models(variant, weights_dir, roles, device=device, dtype=dtype,
+                                          network_config=request.network_config)
+            models.cuda_graphs = request.cuda_graphs
+            _check_kept_weights(plan.kept, models.files, request.output_dir)
+            made = _make_samples(plan.todo, len(mine), len(plan.kept), models, variant, device, budget, job_fp,
+                                 my_shard, (rank, world), progress, on_sample)
+            results += made
+        from fastmaisi.dataset_index import write_index
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    models = model_io.load_models(variant, weights_dir, roles, device=device, dtype=dtype,
-                                  network_config=request.network_config)
-    models.cuda_graphs = request.cuda_graphs
-    plan = _plan_text(opts, device, budget, models.autoencoder)
-    results = []
-    for i, stem in stems.items():
-        attempts = []
-        for k in range(request.max_retries + 1):
-            seed = request.seed + i + k * RETRY_SEED_STRIDE
-            t0 = time.perf_counter()
-            if candidates:  # mask database: sample i starts at the i-th best mask; each retry takes the next one
-                user_label, user_mask_info = _load_user_mask(request, opts, candidates[(i + k) % len(candidates)])
-            image_hu, label, timings = one_volume(models, workflow, opts, seed, user_label, budget, progress)
-            # 6. check: per-organ median HU (CT only); a failed check retries with a new seed
-            qc = _quality(variant, image_hu, label)
-            attempts.append({"seed": seed, "quality_check": qc, "seconds": round(time.perf_counter() - t0, 2),
-                             "timings": timings, "mask": user_mask_info})
-            if qc is None or qc["passed"]:
-                break
-        # 7. write: int16 image, uint8 label, record, preview — atomically
-        record = _record(request, variant, opts, models, attempts, plan, device, user_mask_info)
-        record["rank"], record["world_size"] = rank, world
-        paths = io.write_outputs(request.output_dir, stem, image_hu, label, opts["spacing"], record,
-                                 fmt=request.fmt, overwrite=request.overwrite, modality=variant.modality)
-        results.append({"paths": paths, "record": record})
+        write_index(request.output_dir)
     return results
+
+
+def _make_samples(todo, total, done, models, variant, device, budget, job_fp, shard, rank_world, progress,
+                  on_sample) -> list[dict]:
+    """Stages 2-7 for each sample: the GPU stages here, the quality check and the writing on a worker thread (the
+    GPU goes on with the next sample); a failed check sends the sample back with the next seed."""
+    import queue
+    from collections import deque
+
+    from tqdm.auto import tqdm
+
+    from fastmaisi import io
+    from fastmaisi.pipelines.run_folder import fingerprint
+    from fastmaisi.pipelines.writer import BackgroundWriter
+
+    plans, candidates, results, retries = {}, {}, [], queue.Queue()
+    bar = tqdm(total=total, initial=done, desc="samples", unit="sample", disable=not progress, dynamic_ncols=True)
+
+    def finish(work):  # worker thread: 6. check, then retry or 7. write
+        sample, image_hu, label = work["sample"], work.pop("image_hu"), work.pop("label")
+        qc = _quality(variant, image_hu, label)
+        work["attempts"][-1]["quality_check"] = qc
+        if qc is not None and not qc["passed"] and len(work["attempts"]) <= sample.request.max_retries:
+            retries.put(work)
+            return
+        record = _record(sample.request, variant, sample.opts, models, work["attempts"], work["plan"], device,
+                         work["attempts"][-1]["mask"])
+        record["rank"], record["world_size"] = rank_world
+        record["sample"] = {"index": sample.index, "name": sample.stem, "manifest_line": sample.line,
+                            "shard": str(shard)}
+        record["fingerprint"] = {"job": job_fp, "sample": fingerprint(sample.request, sample.mask_sha256, sample.stem)}
+        record["deflate"] = io.nifti.deflate_name() if sample.request.fmt == "nifti" else None
+        paths = io.write_outputs(sample.request.output_dir, sample.stem, image_hu, label, sample.opts["spacing"],
+                                 record, fmt=sample.request.fmt, overwrite=True, modality=variant.modality)
+        result = {"paths": paths, "record": record, "kept": False}
+        results.append(result)
+        bar.update(1)
+        if on_sample is not None:
+            on_sample(result)
+
+    writer = BackgroundWriter(finish)
+    pending = deque({"sample": s, "attempts": []} for s in todo)
+    try:
+        while True:
+            try:
+                work = retries.get_nowait()
+            except queue.Empty:
+                work = pending.popleft() if pending else None
+            if work is None:
+                writer.wait_idle()  # the last samples' checks may still send one back
+                if retries.empty():
+                    break
+                continue
+            sample, k = work["sample"], len(work["attempts"])
+            seed = sample.request.seed + k * RETRY_SEED_STRIDE
+            user_label, mask_info = None, None
+            if sample.request.mask:
+                user_label, mask_info = _load_user_mask(sample.request, sample.opts, sample.request.mask)
+            elif sample.request.mask_db:  # sample i starts at the i-th best mask; each retry takes the next one
+                key = (sample.request.mask_db, sample.opts["size"], sample.opts["spacing"])
+                if key not in candidates:
+                    from fastmaisi.pipelines.mask_db import rank_candidates
+
+                    candidates[key] = rank_candidates(*key)
+                ranked = candidates[key]
+                user_label, mask_info = _load_user_mask(sample.request, sample.opts,
+                                                        ranked[(sample.index + k) % len(ranked)])
+            t0 = time.perf_counter()
+            image_hu, label, timings = one_volume(models, sample.request.workflow, sample.opts, seed, user_label,
+                                                  budget, progress)
+            work["attempts"].append({"seed": seed, "quality_check": None,
+                                     "seconds": round(time.perf_counter() - t0, 2), "timings": timings,
+                                     "mask": mask_info})
+            size = tuple(sample.opts["size"])
+            if size not in plans:
+                plans[size] = _plan_text(sample.opts, device, budget, models.autoencoder)
+            work.update(image_hu=image_hu, label=label, plan=plans[size])
+            writer.submit(work)
+        writer.close()
+    except BaseException:
+        writer.close(discard=True)  # the sample being written is finished; queued ones are dropped
+        raise
+    finally:
+        bar.close()
+    return results
+
+
+def _mask_sha(request) -> str | None:
+    from fastmaisi.pipelines.samples import _mask_sha as sha
+
+    return sha(request.mask)
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove a folder this run created when it refused to start (only our lock files in it)."""
+    import shutil
+
+    if folder.is_dir() and all(p.name.startswith(".fastmaisi") for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _record_paths(out_dir, record) -> dict:
+    return {kind: Path(out_dir) / o["file"] for kind, o in (record.get("outputs") or {}).items()}
+
+
+def _check_kept_weights(kept, files, out_dir) -> None:
+    """Samples kept from an earlier run must come from the same weight files (the fingerprint leaves out their path)."""
+    loaded = {role: f["sha256"] for role, f in files.items()}
+    for record in kept:
+        used = {role: f.get("sha256") for role, f in (record.get("weights") or {}).items() if role in loaded}
+        if any(loaded[role] != sha for role, sha in used.items()):
+            name = (record.get("sample") or {}).get("name", "a sample")
+            raise ValueError(f"{name} in {str(out_dir)!r} was made with other weight files (their SHA-256 differs): "
+                             "rerun with the weights that made it, or choose another folder")
 
 
 def one_volume(models, workflow, opts, seed, user_label, budget, progress):
