@@ -157,7 +157,7 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         if not existed:
             _remove_empty(Path(request.output_dir))
         raise
-    with folder:
+    try:
         plan = folder.sort(mine, lambda s: fingerprint(s.request, s.mask_sha256, s.stem))
         results = [{"paths": _record_paths(request.output_dir, r), "record": r, "kept": True} for r in plan.kept]
         if plan.todo:
@@ -172,6 +172,8 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         from fastmaisi.dataset_index import write_index
 
         write_index(request.output_dir)
+    finally:
+        folder.close()
     return results
 
 
@@ -253,7 +255,7 @@ def _make_samples(todo, total, done, models, variant, device, budget, job_fp, sh
             writer.submit(work)
         writer.close()
     except BaseException:
-        writer.close(discard=True)  # the sample being written is finished; queued ones are dropped
+        writer.close(raise_error=False)  # Ctrl-C or an error: the samples already made are still written
         raise
     finally:
         bar.close()

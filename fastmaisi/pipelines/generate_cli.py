@@ -132,7 +132,7 @@ def generate_main(argv: list[str]) -> int:
 
     warnings.simplefilter("default")
     warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
-    previous = signal.signal(signal.SIGTERM, _terminated)  # a scheduler's stop (Slurm preemption) ends like Ctrl-C
+    previous = _on_sigterm(_terminated)  # a scheduler's stop (Slurm preemption) ends like Ctrl-C
     try:
         request = request_from_args(args)
         results = generate(request, progress=not args.quiet, dry_run=args.dry_run, manifest=args.manifest,
@@ -146,7 +146,7 @@ def generate_main(argv: list[str]) -> int:
               "removed; run the same command again to finish", file=sys.stderr)
         return code
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _on_sigterm(previous)
     if not results:
         return 0
     failed = [r for r in results if (r["record"].get("quality_check") or {}).get("passed") is False]
@@ -155,7 +155,7 @@ def generate_main(argv: list[str]) -> int:
                       "quality_check_failed": len(failed)}))
     if failed:
         print(f"fastmaisi generate: {len(failed)} of {len(results)} samples failed the quality check after retries "
-              f"(written; see index.csv): {', '.join(r['record']['sample']['name'] for r in failed[:5])}",
+              f"(written; see index.csv): {', '.join(r['paths']['image'].name for r in failed[:5])}",
               file=sys.stderr)
         return EXIT_QUALITY_FAILED
     return 0
@@ -163,6 +163,14 @@ def generate_main(argv: list[str]) -> int:
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be."""
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler (main thread only; elsewhere nothing); returns the previous one."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, TypeError):
+        return None
 
 
 def _terminated(signum, frame):

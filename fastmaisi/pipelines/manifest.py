@@ -37,10 +37,12 @@ class ManifestRow:
     line: int
     values: dict
     name: str | None = None
+    error: str | None = None  # why the row cannot be read (reported with the rows that fail validation)
 
 
 def read_manifest(path: str | Path, request_type: type) -> list[ManifestRow]:
-    """Parse and type-check every row against `request_type`'s fields. Raises ValueError naming every bad line."""
+    """Parse and type-check every row against `request_type`'s fields; a bad row carries its `error` (so that all bad
+    rows are reported together, with those the request's validation refuses). Raises ValueError for a bad file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--manifest {path}: no such file")
@@ -52,17 +54,15 @@ def read_manifest(path: str | Path, request_type: type) -> list[ManifestRow]:
         raise ValueError(f"--manifest {path}: no rows")
     hints = typing.get_type_hints(request_type)
     fields = {f.name for f in dataclasses.fields(request_type)}
-    rows, errors = [], []
+    rows = []
     for line, raw in raw_rows:
-        if isinstance(raw, str):  # a JSON Lines parse error
-            errors.append(f"line {line}: {raw}")
+        if isinstance(raw, str):  # a line that is not a row
+            rows.append(ManifestRow(line, {}, error=raw))
             continue
         try:
             rows.append(_row(line, raw, fields, hints, path.parent))
         except ValueError as exc:
-            errors.append(f"line {line}: {exc}")
-    if errors:
-        raise ValueError(bad_rows_message(path, errors))
+            rows.append(ManifestRow(line, {}, error=str(exc)))
     return rows
 
 

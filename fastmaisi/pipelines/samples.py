@@ -38,6 +38,9 @@ def plan_samples(request, resolve: Callable, rows: list[ManifestRow] | None = No
         raise ValueError("--num-samples and --manifest: the manifest's rows are the samples; leave out --num-samples")
     samples, errors = [], []
     for j, row in enumerate(rows):
+        if row.error:
+            errors.append(f"line {row.line}: {row.error}")
+            continue
         values = dict(row.values)
         seed = values.pop("seed", request.seed + j)
         try:

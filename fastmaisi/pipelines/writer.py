@@ -56,8 +56,9 @@ class BackgroundWriter:
         self._queue.join()
         self.check()
 
-    def close(self, discard: bool = False) -> None:
-        """Finish the queued items (or, with `discard`, only the one being written) and stop the worker."""
+    def close(self, discard: bool = False, raise_error: bool = True) -> None:
+        """Finish the queued items (with `discard`: only the one in progress) and stop the worker; then raise the
+        worker's error unless not `raise_error` (the caller is already raising another)."""
         if discard:
             self._discard.set()
         while self._thread.is_alive():
@@ -67,5 +68,5 @@ class BackgroundWriter:
             except queue.Full:
                 continue
         self._thread.join()
-        if not discard:
+        if raise_error:
             self.check()
