@@ -135,6 +135,13 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     if "paired" in workflows:
         roles += ["mask_autoencoder", "mask_diffusion"]
     weights_dir = _weights_dir(request, variant, roles, opts, dry_run)
+    masks = {}  # the command line's mask (or mask database) is read and checked now; manifest rows' when made
+    if request.mask and not manifest:
+        masks[_mask_key(request, opts)] = _load_user_mask(request, opts, request.mask)
+    elif request.mask_db and not manifest:
+        from fastmaisi.pipelines.mask_db import rank_candidates
+
+        masks[_mask_key(request, opts)] = rank_candidates(request.mask_db, opts["size"], opts["spacing"])
     rank, world, local_rank = _torchrun_rank()
     my_shard = current_shard(shard)
     mine = [s for s in samples if my_shard.takes(s.index)]
@@ -167,18 +174,22 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
             models.cuda_graphs = request.cuda_graphs
             _check_kept_weights(plan.kept, models.files, request.output_dir)
             made = _make_samples(plan.todo, len(mine), len(plan.kept), models, variant, device, budget, job_fp,
-                                 my_shard, (rank, world), progress, on_sample)
+                                 my_shard, (rank, world), progress, on_sample, masks)
             results += made
         from fastmaisi.dataset_index import write_index
 
         write_index(request.output_dir)
-    finally:
+    except BaseException:
         folder.close()
+        if not existed:
+            _remove_empty(Path(request.output_dir))
+        raise
+    folder.close()
     return results
 
 
 def _make_samples(todo, total, done, models, variant, device, budget, job_fp, shard, rank_world, progress,
-                  on_sample) -> list[dict]:
+                  on_sample, masks) -> list[dict]:
     """Stages 2-7 for each sample: the GPU stages here, the quality check and the writing on a worker thread (the
     GPU goes on with the next sample); a failed check sends the sample back with the next seed."""
     import queue
@@ -190,7 +201,7 @@ def _make_samples(todo, total, done, models, variant, device, budget, job_fp, sh
     from fastmaisi.pipelines.run_folder import fingerprint
     from fastmaisi.pipelines.writer import BackgroundWriter
 
-    plans, candidates, results, retries = {}, {}, [], queue.Queue()
+    plans, results, retries = {}, [], queue.Queue()
     bar = tqdm(total=total, initial=done, desc="samples", unit="sample", disable=not progress, dynamic_ncols=True)
 
     def finish(work):  # worker thread: 6. check, then retry or 7. write
@@ -231,15 +242,16 @@ def _make_samples(todo, total, done, models, variant, device, budget, job_fp, sh
             sample, k = work["sample"], len(work["attempts"])
             seed = sample.request.seed + k * RETRY_SEED_STRIDE
             user_label, mask_info = None, None
+            key = _mask_key(sample.request, sample.opts)
             if sample.request.mask:
-                user_label, mask_info = _load_user_mask(sample.request, sample.opts, sample.request.mask)
+                user_label, mask_info = masks.get(key) or _load_user_mask(sample.request, sample.opts,
+                                                                          sample.request.mask)
             elif sample.request.mask_db:  # sample i starts at the i-th best mask; each retry takes the next one
-                key = (sample.request.mask_db, sample.opts["size"], sample.opts["spacing"])
-                if key not in candidates:
+                if key not in masks:
                     from fastmaisi.pipelines.mask_db import rank_candidates
 
-                    candidates[key] = rank_candidates(*key)
-                ranked = candidates[key]
+                    masks[key] = rank_candidates(sample.request.mask_db, sample.opts["size"], sample.opts["spacing"])
+                ranked = masks[key]
                 user_label, mask_info = _load_user_mask(sample.request, sample.opts,
                                                         ranked[(sample.index + k) % len(ranked)])
             t0 = time.perf_counter()
@@ -262,6 +274,11 @@ def _make_samples(todo, total, done, models, variant, device, budget, job_fp, sh
     return results
 
 
+def _mask_key(request, opts) -> tuple:
+    """What a loaded mask (or ranked mask database) depends on."""
+    return (request.mask, request.mask_db, request.strict_mask, tuple(opts["size"]), tuple(opts["spacing"]))
+
+
 def _mask_sha(request) -> str | None:
     from fastmaisi.pipelines.samples import _mask_sha as sha
 
@@ -269,10 +286,14 @@ def _mask_sha(request) -> str | None:
 
 
 def _remove_empty(folder: Path) -> None:
-    """Remove a folder this run created when it refused to start (only our lock files in it)."""
+    """Remove a folder this run created when it stopped before any sample was written (only bookkeeping in it)."""
     import shutil
 
-    if folder.is_dir() and all(p.name.startswith(".fastmaisi") for p in folder.iterdir()):
+    from fastmaisi.dataset_index import INDEX_FILE
+    from fastmaisi.pipelines.run_folder import JOB_FILE
+
+    if folder.is_dir() and all(p.name.startswith(".fastmaisi") or p.name in (JOB_FILE, INDEX_FILE)
+                               for p in folder.iterdir()):
         shutil.rmtree(folder, ignore_errors=True)
 
 
