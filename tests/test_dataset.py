@@ -266,3 +266,77 @@ def test_index_command(unsharded, tmp_path, capsys):
     assert len(rows) == 4 and rows[0].startswith("name,image,label") and ",not run," in rows[1]
     assert main(["index", str(tmp_path / "nothing")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_isal_deflate_writes_gzip_nibabel_reads_with_the_same_header_rules(tmp_path, monkeypatch):
+    pytest.importorskip("isal")
+    from fastmaisi.io import nifti, write_nifti
+
+    volume = (np.arange(32 * 32 * 16) % 2001 - 1000).astype(np.int16).reshape(32, 32, 16)
+    assert nifti.deflate_name() == "isal"
+    a = write_nifti(tmp_path / "a.nii.gz", volume, (1, 1, 1))
+    b = write_nifti(tmp_path / "b.nii.gz", volume, (1, 1, 1))
+    assert a.read_bytes() == b.read_bytes() and a.read_bytes()[3] & 0x08 == 0
+    assert np.array_equal(np.asarray(nib.load(a).dataobj), volume)
+
+
+def test_shard_sources_compose():
+    from fastmaisi.pipelines.shards import Shard, current_shard, parse_shard
+
+    assert parse_shard("2/4") == Shard(2, 4) and str(Shard(2, 4)) == "2/4"
+    for bad in ("4/4", "1", "-1/2", "a/b", "0/0"):
+        with pytest.raises(Exception):
+            parse_shard(bad)
+    assert current_shard(None, {}) == Shard(0, 1)
+    assert current_shard(None, {"RANK": "3", "WORLD_SIZE": "4"}) == Shard(3, 4)
+    slurm = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "10"}
+    assert current_shard(None, slurm) == Shard(2, 3)
+    assert current_shard(None, {**slurm, "RANK": "1", "WORLD_SIZE": "2"}) == Shard(5, 6)  # array of torchrun jobs
+    assert current_shard(Shard(1, 2), {**slurm, "RANK": "1", "WORLD_SIZE": "2"}) == Shard(3, 4)  # --shard wins
+    with pytest.raises(ValueError, match="contiguous"):
+        current_shard(None, {**slurm, "SLURM_ARRAY_TASK_ID": "20"})
+    assert sorted(i for s in range(3) for i in range(10) if Shard(s, 3).takes(i)) == list(range(10))
+
+
+def test_manifest_csv_cells_become_typed_request_fields(tmp_path):
+    from fastmaisi.pipelines.generate import GenerateRequest
+    from fastmaisi.pipelines.manifest import read_manifest
+
+    (tmp_path / "m.csv").write_text("# comment\nseed,size,spacing,organ_size,guidance,workflow,mask,name,strict_mask\n"
+                                    '5,256x256x128,"[1.5, 1.5, 2]",liver=0.5;spleen_tumor=-1,2.5,paired,,a1,yes\n'
+                                    '6,,,"{""liver"": 0.2}",,,masks/m.nii.gz,,\n')
+    a, b = read_manifest(tmp_path / "m.csv", GenerateRequest)
+    assert a.line == 3 and b.line == 4 and a.name == "a1" and b.name is None and not a.error
+    assert a.values == {"seed": 5, "size": (256, 256, 128), "spacing": (1.5, 1.5, 2.0),
+                        "organ_sizes": {"liver": 0.5, "spleen tumor": -1.0}, "guidance_scale": 2.5,
+                        "workflow_name": "paired", "strict_mask": True}
+    assert b.values == {"seed": 6, "organ_sizes": {"liver": 0.2}, "mask": str(tmp_path / "masks" / "m.nii.gz")}
+
+
+def test_writer_hands_its_error_to_the_caller_and_stays_bounded():
+    import threading
+
+    from fastmaisi.pipelines.writer import BackgroundWriter
+
+    gate, seen = threading.Event(), []
+
+    def finish(item):
+        gate.wait()
+        if item == "bad":
+            raise OSError(28, "no space left on device")
+        seen.append(item)
+
+    writer = BackgroundWriter(finish, max_pending=1)
+    writer.submit("a")  # taken by the worker, which waits at the gate
+    time.sleep(0.2)
+    writer.submit("bad")  # waits in the queue (max_pending 1)
+    blocked = threading.Thread(target=writer.submit, args=("c",), daemon=True)
+    blocked.start()
+    time.sleep(0.3)
+    assert blocked.is_alive()  # a third volume is not accepted while one waits: memory stays flat
+    gate.set()
+    blocked.join(5)
+    with pytest.raises(OSError, match="no space"):
+        writer.wait_idle()
+    writer.close(raise_error=False)
+    assert seen == ["a"]  # nothing written after the failure

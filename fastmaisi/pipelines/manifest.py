@@ -72,14 +72,13 @@ def bad_rows_message(path: Path, errors: list[str]) -> str:
 
 
 def _csv_rows(path: Path) -> list[tuple[int, Any]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(line for line in f if not line.lstrip().startswith("#"))
+    with open(path, newline="", encoding="utf-8") as f:  # "#" lines are comments (kept as empty lines: numbering)
+        reader = csv.DictReader("\n" if line.lstrip().startswith("#") else line for line in f)
         if reader.fieldnames is None:
             return []
         rows = []
-        line = 1
         for row in reader:
-            line += 1
+            line = reader.line_num  # the file's line (the last one of a record with a quoted line break)
             if None in row:
                 rows.append((line, f"{len(row[None])} more cells than the header's {len(reader.fieldnames)} columns"))
                 continue
