@@ -73,16 +73,19 @@ def bad_rows_message(path: Path, errors: list[str]) -> str:
 
 def _csv_rows(path: Path) -> list[tuple[int, Any]]:
     with open(path, newline="", encoding="utf-8") as f:  # "#" lines are comments (kept as empty lines: numbering)
-        reader = csv.DictReader("\n" if line.lstrip().startswith("#") else line for line in f)
-        if reader.fieldnames is None:
-            return []
-        rows = []
-        for row in reader:
-            line = reader.line_num  # the file's line (the last one of a record with a quoted line break)
-            if None in row:
-                rows.append((line, f"{len(row[None])} more cells than the header's {len(reader.fieldnames)} columns"))
+        reader = csv.reader("\n" if line.lstrip().startswith("#") else line for line in f)
+        header, rows = None, []
+        for cells in reader:
+            if not any(c.strip() for c in cells):
                 continue
-            rows.append((line, {k.strip(): v for k, v in row.items() if k and v is not None and v.strip() != ""}))
+            if header is None:
+                header = [c.strip() for c in cells]
+                continue
+            line = reader.line_num  # the file's line (the last one of a record with a quoted line break)
+            if len(cells) > len(header):
+                rows.append((line, f"{len(cells)} cells, more than the header's {len(header)} columns"))
+                continue
+            rows.append((line, {k: v for k, v in zip(header, cells) if k and v.strip() != ""}))
         return rows
 
 
