@@ -340,3 +340,26 @@ def test_writer_hands_its_error_to_the_caller_and_stays_bounded():
         writer.wait_idle()
     writer.close(raise_error=False)
     assert seen == ["a"]  # nothing written after the failure
+
+
+def test_quality_check_histogram_medians_and_device_hu_conversion_match_numpy():
+    """The two host-side speed-ups of a sample's CPU work give numpy's exact values (medians; int16 intensities)."""
+    import torch
+
+    from fastmaisi.io import hu_from_unit
+    from fastmaisi.io.volumes import _hu_from_tensor
+    from fastmaisi.labels import _group_medians
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        shape = (int(rng.integers(1, 30)),) * 3
+        group = rng.integers(0, 8, size=shape).astype(np.uint8)
+        group[group == trial % 8] = 0  # some groups empty
+        image = rng.integers(-1000, 1001, size=shape).astype(np.int16)
+        expected = [float(np.median(image[group == k])) if (group == k).any() else None for k in range(1, 8)]
+        assert _group_medians(image, group, 7) == expected
+        assert _group_medians(image.astype(np.float32), group, 7) == expected  # the general path
+    unit = rng.random((32, 32, 32), dtype=np.float32) * 1.2 - 0.1
+    unit.flat[:500] = (np.arange(500) + 0.5) / 2000  # exact .5 HU: both round half to even
+    for modality in ("ct", "mr"):
+        assert np.array_equal(_hu_from_tensor(torch.from_numpy(unit), modality), hu_from_unit(unit, modality))
