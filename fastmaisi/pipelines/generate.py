@@ -326,7 +326,7 @@ def one_volume(models, workflow, opts, seed, user_label, budget, progress):
         z = paired.sample_mask_latent(models, opts["anatomy"], seed=seed, latent_shape=models.mask_latent_shape,
                                       steps=opts["mask_steps"], progress=progress)
         raw = postprocess_mask(paired.decode_mask(models, z, budget, progress), opts["anatomy"])
-        label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"])
+        label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"], device=models.device)
         timings["mask_s"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
     # 3-4. condition + sample
