@@ -363,3 +363,21 @@ def test_quality_check_histogram_medians_and_device_hu_conversion_match_numpy():
     unit.flat[:500] = (np.arange(500) + 0.5) / 2000  # exact .5 HU: both round half to even
     for modality in ("ct", "mr"):
         assert np.array_equal(_hu_from_tensor(torch.from_numpy(unit), modality), hu_from_unit(unit, modality))
+
+
+def test_ranks_taking_over_a_folder_with_overwrite_all_start(tmp_path):
+    """torchrun ... --overwrite into another request's folder: the first rank takes it over, the others join."""
+    from fastmaisi.pipelines.run_folder import JOB_FILE, RunFolder
+    from fastmaisi.pipelines.shards import Shard
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with RunFolder(out, "old", {}, Shard(0, 1)):
+        pass
+    rank0 = RunFolder(out, "new", {}, Shard(0, 2), overwrite=True).__enter__()
+    rank1 = RunFolder(out, "new", {}, Shard(1, 2), overwrite=True).__enter__()  # joins while rank 0 runs
+    assert json.loads((out / JOB_FILE).read_text())["fingerprint"] == "new" and rank0.fresh and not rank1.fresh
+    with pytest.raises(ValueError, match="another fastmaisi generate is writing"):
+        RunFolder(out, "third", {}, Shard(0, 1), overwrite=True).__enter__()  # no take-over while they run
+    rank0.close()
+    rank1.close()

@@ -5,8 +5,9 @@ device or the sample count). A rerun of the same request resumes: complete sampl
 present with their recorded sizes, the same per-sample fingerprint) are kept byte for byte, leftovers of an
 interrupted sample (files without a record, hidden `.partial` / `.old` temporaries) are removed and the sample is
 made again. Another request is refused unless `overwrite`. Locks (POSIX `flock` on hidden files in the folder):
-every run holds `.fastmaisi.lock` shared while it runs (taking a folder over for another request needs it
-exclusively), and `.fastmaisi-shard-I-of-N.lock` exclusively, so the same shard never runs twice at once.
+every run holds `.fastmaisi.lock` shared while it runs (starting or taking over a folder for a request needs it
+exclusively: refused while another request's run writes there), and `.fastmaisi-shard-I-of-N.lock` exclusively, so
+the same shard never runs twice at once; `.fastmaisi-claim.lock` makes these checks take turns.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fastmaisi.io.record import _jsonable
 JOB_FILE = "job.json"
 JOB_SCHEMA = "fastmaisi-job/1"
 LOCK_FILE = ".fastmaisi.lock"
+CLAIM_LOCK_FILE = ".fastmaisi-claim.lock"
 # request fields that change how a run goes, not what it writes (the weights are checked by their SHA-256 instead)
 RUN_ONLY = {"output_dir", "num_samples", "overwrite", "device", "memory_budget_gb", "cuda_graphs", "weights"}
 _TEMPORARY = re.compile(r"^\.(?P<final>.+)\.(?:partial|old)-[^/]*$")
@@ -127,8 +129,14 @@ class RunFolder:
 
     def _claim(self) -> None:
         out = self.out
-        run_lock = file_lock(out / LOCK_FILE, exclusive=False, blocking=True)
-        self._locks.append(run_lock)
+        claim = file_lock(out / CLAIM_LOCK_FILE, exclusive=True, blocking=True)  # claims take turns (short)
+        try:
+            self._claim_job(out)
+        finally:
+            claim.close()
+
+    def _claim_job(self, out: Path) -> None:
+        """Under the claim lock: check or write job.json, and hold the run lock shared."""
         job_path = out / JOB_FILE
         owner = self._read_job(job_path)
         if owner is None:
@@ -136,18 +144,16 @@ class RunFolder:
             if foreign and not self.overwrite:
                 raise ValueError(f"{str(out)!r} holds results of another request ({_names(foreign)}); pass "
                                  "--overwrite to replace them, or choose another folder")
-            if not self._create_job(job_path):  # another process of a job created it just now
-                owner = self._read_job(job_path)
-            else:
-                self.fresh = True
-        if owner is not None and owner != self.job_fp:
-            if not self.overwrite:
-                raise ValueError(f"{str(out)!r} holds the results of a different request (its {JOB_FILE}); rerun "
-                                 "that request to finish it, pass --overwrite to replace its results, or choose "
-                                 "another folder")
-            if not relock(run_lock, exclusive=True, blocking=False):  # taking over: nobody else may be running
-                raise ValueError(f"another fastmaisi generate is writing into {str(out)!r}; wait for it to finish "
-                                 "or choose another folder")
+        elif owner != self.job_fp and not self.overwrite:
+            raise ValueError(f"{str(out)!r} holds the results of a different request (its {JOB_FILE}); rerun "
+                             "that request to finish it, pass --overwrite to replace its results, or choose "
+                             "another folder")
+        run_lock = file_lock(out / LOCK_FILE, exclusive=owner != self.job_fp, blocking=False)
+        if run_lock is None:  # taking the folder over (or starting it) while another request's run writes there
+            raise ValueError(f"another fastmaisi generate is writing into {str(out)!r}; wait for it to finish or "
+                             "choose another folder")
+        self._locks.append(run_lock)
+        if owner != self.job_fp:
             os.replace(self._write_tmp(job_path), job_path)
             self.fresh = True
             relock(run_lock, exclusive=False, blocking=True)
@@ -169,17 +175,6 @@ class RunFolder:
     def _job_bytes(self) -> bytes:
         body = {"schema": JOB_SCHEMA, "fingerprint": self.job_fp, **self.job}
         return (json.dumps(_jsonable(body), indent=1) + "\n").encode()
-
-    def _create_job(self, path: Path) -> bool:
-        """Write the job file unless one exists (atomic even between machines: a hard link fails on an existing name)."""
-        tmp = self._write_tmp(path)
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink()
 
     def _write_tmp(self, path: Path) -> Path:
         tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
