@@ -381,3 +381,19 @@ def test_ranks_taking_over_a_folder_with_overwrite_all_start(tmp_path):
         RunFolder(out, "third", {}, Shard(0, 1), overwrite=True).__enter__()  # no take-over while they run
     rank0.close()
     rank1.close()
+
+
+def test_manifest_of_masks_reads_the_next_mask_ahead(tmp_path):
+    from fastmaisi.phantom import make_phantom
+
+    for seed in (1, 2):
+        _, label = make_phantom((64, 64, 64), (4.5, 4.5, 4.0), seed=seed)
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), np.diag([4.5, 4.5, 4.0, 1.0])), tmp_path / f"m{seed}.nii.gz")
+    manifest = write_manifest(tmp_path / "m.csv", "seed,mask\n1,m1.nii.gz\n2,m2.nii.gz\n")
+    out = tmp_path / "out"
+    assert generate_main(["-o", str(out), "--manifest", str(manifest), *FAST]) in OK
+    for seed, mask in ((1, "m1"), (2, "m2")):
+        record = json.loads((out / f"sample_00000{seed}_record.json").read_text())
+        assert record["workflow"] == "from-mask" and record["mask"]["sha256"] == digest(tmp_path / f"{mask}.nii.gz")
+        label = np.asarray(nib.load(out / f"sample_00000{seed}_label.nii.gz").dataobj)
+        assert (label == 200).any()

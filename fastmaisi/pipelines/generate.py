@@ -194,6 +194,7 @@ def _make_samples(todo, total, done, models, variant, device, budget, job_fp, sh
     GPU goes on with the next sample); a failed check sends the sample back with the next seed."""
     import queue
     from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
@@ -227,6 +228,7 @@ def _make_samples(todo, total, done, models, variant, device, budget, job_fp, sh
             on_sample(result)
 
     writer = BackgroundWriter(finish)
+    reader, prefetched = ThreadPoolExecutor(1, thread_name_prefix="fastmaisi-mask"), {}
     pending = deque({"sample": s, "attempts": []} for s in todo)
     try:
         while True:
@@ -243,9 +245,15 @@ def _make_samples(todo, total, done, models, variant, device, budget, job_fp, sh
             seed = sample.request.seed + k * RETRY_SEED_STRIDE
             user_label, mask_info = None, None
             key = _mask_key(sample.request, sample.opts)
+            if pending and pending[0]["sample"].request.mask and id(pending[0]) not in prefetched:
+                nxt = pending[0]["sample"]  # the next row's mask is read on a thread while this one computes
+                if _mask_key(nxt.request, nxt.opts) not in masks:
+                    prefetched[id(pending[0])] = reader.submit(_load_user_mask, nxt.request, nxt.opts,
+                                                               nxt.request.mask)
             if sample.request.mask:
-                user_label, mask_info = masks.get(key) or _load_user_mask(sample.request, sample.opts,
-                                                                          sample.request.mask)
+                ahead = prefetched.pop(id(work), None)
+                user_label, mask_info = (ahead.result() if ahead else masks.get(key)
+                                         or _load_user_mask(sample.request, sample.opts, sample.request.mask))
             elif sample.request.mask_db:  # sample i starts at the i-th best mask; each retry takes the next one
                 if key not in masks:
                     from fastmaisi.pipelines.mask_db import rank_candidates
@@ -270,6 +278,7 @@ def _make_samples(todo, total, done, models, variant, device, budget, job_fp, sh
         writer.close(raise_error=False)  # Ctrl-C or an error: the samples already made are still written
         raise
     finally:
+        reader.shutdown(cancel_futures=True)
         bar.close()
     return results
 
