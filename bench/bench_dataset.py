@@ -6,7 +6,7 @@ What it measures, per size (256^3 at 1.5 mm and 512^3 at 1.0 mm by default):
     check and a retry would double a sample) into a fresh folder, NIfTI written by the background writer;
   - seconds per sample in steady state = (time the last sample was written - time the last warm-up sample was
     written) / --samples, from the `on_sample` callback (so writing, compression, preview and record are included;
-    the warm-up samples pay Triton compilation, cuDNN autotuning and CUDA-graph capture); samples per hour = 3600 / that;
+    the warm-up samples pay Triton compilation, cuDNN autotuning and CUDA-graph capture); samples/hour = 3600 / that;
   - GPU idle share over the same window: 1 - mean NVML utilisation (the share of time at least one kernel was
     running, sampled every 100 ms by `torch.cuda.utilization()` through pynvml, else by `nvidia-smi -lms 100`);
   - how long the GPU-driving thread waited for the writer (blocked handing a volume over, or waiting for the last
@@ -204,9 +204,11 @@ def run_size(size: int, spacing: float, args, weights: Path, config: Path | None
     row = {"size": [size] * 3, "spacing": [spacing] * 3, "workflow": "paired", "steps": args.steps,
            "mask_steps": args.mask_steps, "warmup_samples": args.warmup, "samples": args.samples,
            "s_per_sample": round(s_per_sample, 3), "samples_per_hour": round(3600 / s_per_sample, 1),
-           "gpu_idle_share": None if util is None else round(1 - util / 100, 3), "gpu_utilisation_method": sampler.method,
+           "gpu_idle_share": None if util is None else round(1 - util / 100, 3),
+           "gpu_utilisation_method": sampler.method,
            "writer_wait_s_per_sample": round(waits.between(t0, t1) / args.samples, 3),
-           "stage_s_median": stages, "gpu_stages_s_median": round(stages["mask_s"] + stages["sample_s"] + stages["decode_s"], 2),
+           "stage_s_median": stages,
+           "gpu_stages_s_median": round(stages["mask_s"] + stages["sample_s"] + stages["decode_s"], 2),
            "deflate": records[-1].get("deflate"), "first_samples_s": [round(t - t_start, 2) for t in done],
            "peak_alloc_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
            else None,
