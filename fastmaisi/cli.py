@@ -14,6 +14,7 @@ from fastmaisi import __version__
 # subcommand -> (module, function, one-line help)
 COMMANDS = {
     "generate": ("fastmaisi.pipelines.generate_cli", "generate_main", "generate volumes (image only, from a mask, or paired)"),
+    "index": ("fastmaisi.dataset_index", "index_main", "write index.csv of a generated dataset (one row per sample)"),
     "convert": ("fastmaisi.weights", "convert_main", "convert an official MAISI checkpoint to safetensors (+ JSON)"),
     "phantom": ("fastmaisi.phantom", "phantom_main", "write a dataset of procedural CT phantoms with labels"),
     "train": ("fastmaisi.train.cli", "train_main", "train vae | diffusion | controlnet | mask-vae | mask-diffusion"),

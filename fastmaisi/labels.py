@@ -212,6 +212,38 @@ def remap_mask_labels(raw):
 
 
 # ------------------------------------------------------------------------------------------------------- validation
+def _group_medians(img: np.ndarray, group: np.ndarray, n: int) -> list[float | None]:
+    """np.median of `img` over the voxels of each group 1..n (None where empty; NaNs dropped). Integer images (the
+    generated int16 HU) take one histogram pass instead of a masked copy and a partition per group: at 512^3 the
+    check takes about a tenth of the time, with the same values."""
+    if img.dtype.kind in "iu":
+        inside = group > 0
+        g, v = group[inside], img[inside]
+        if v.size == 0:
+            return [None] * n
+        lo, hi = int(v.min()), int(v.max())
+        width = hi - lo + 1
+        if width * (n + 1) <= 50_000_000:
+            hist = np.bincount(g.astype(np.int64) * width + (v.astype(np.int64) - lo),
+                               minlength=(n + 1) * width).reshape(n + 1, width)
+            out: list[float | None] = []
+            for counts in hist[1:]:
+                total = int(counts.sum())
+                if total == 0:
+                    out.append(None)
+                    continue
+                cum = np.cumsum(counts)  # the middle value(s): ranks (total - 1) // 2 and total // 2
+                a, b = (int(np.searchsorted(cum, r, side="right")) for r in ((total - 1) // 2, total // 2))
+                out.append((a + b) / 2 + lo)
+            return out
+    out = []
+    for k in range(1, n + 1):
+        values = img[group == k]
+        values = values[~np.isnan(values)] if values.dtype.kind == "f" else values
+        out.append(float(np.median(values)) if values.size else None)
+    return out
+
+
 def _numpy(a) -> np.ndarray:
     return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
 
@@ -482,16 +514,16 @@ def quality_check(image_hu, label, stats: Mapping | str | Path | None = None) ->
     organs = list(thresholds)
     for g, organ in enumerate(organs, start=1):
         lut[[i for i in QC_ORGAN_GROUPS.get(organ, ()) if i <= MAX_LABEL]] = g
-    idx = lab.astype(np.int64, copy=False)
-    group = lut[np.where((idx >= 0) & (idx <= MAX_LABEL), idx, MAX_LABEL + 1)]
+    if lab.dtype == np.uint8:  # every id is in the table: no range test, no 8-byte copy of the map
+        group = lut[lab]
+    else:
+        idx = lab.astype(np.int64, copy=False)
+        group = lut[np.where((idx >= 0) & (idx <= MAX_LABEL), idx, MAX_LABEL + 1)]
     medians, passed, failed = {}, {}, []
-    for g, organ in enumerate(organs, start=1):
-        values = img[group == g]
-        values = values[~np.isnan(values)] if values.dtype.kind == "f" else values
-        if values.size == 0:
+    for organ, med in zip(organs, _group_medians(img, group, len(organs))):
+        if med is None:
             medians[organ], passed[organ] = None, True
             continue
-        med = float(np.median(values))
         low, high = thresholds[organ]
         medians[organ], passed[organ] = med, low <= med <= high
         if not passed[organ]:

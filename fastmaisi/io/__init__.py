@@ -46,7 +46,15 @@ the required keys; `fastmaisi generate --from-record FILE` reruns `request` with
     retries              attempts that failed the quality check before this one
     geometry             (write_outputs) {"shape", "spacing", "origin", "orientation" (axis codes: "RAS", or the
                          user's mask's, e.g. "LPS"), "affine"}
-    outputs              (write_outputs) {kind: {"file", "format", "sha256" (files) or "files" (DICOM folder)}}
+    outputs              (write_outputs) {kind: {"file", "format", "sha256" and "bytes" (files) or "files" (DICOM
+                         folder)}}
+  written by `generate` besides (see docs/datasets.md):
+    sample               {"index", "name", "manifest_line", "shard": "I/N"}; also "rank", "world_size" (torchrun)
+    fingerprint          {"job", "sample"}: SHA-256 (32 hex) of the inputs that decide the files; a rerun keeps a
+                         complete sample whose fingerprint matches
+    deflate              "isal" | "zlib": the deflate that wrote the .nii.gz files (null for DICOM)
+A `generate` output folder also holds `job.json` (the request that owns it), `index.csv` (one row per complete
+sample) and hidden `.fastmaisi*.lock` files.
 """
 
 from fastmaisi import __version__

@@ -135,7 +135,7 @@ def write_outputs(out_dir: str | os.PathLike, stem: str, image_hu: Any, label: A
                     tmp = st.path(paths[kind])
                     _write_nifti_to(tmp, _nifti_image(data, affine, kind), compress=True)
                     outputs[kind] = {"file": paths[kind].name, "format": "nifti", "dtype": str(data.dtype),
-                                     "sha256": sha256_file(tmp)}
+                                     "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
         else:
             datasets = _write_dicom_series(st.path(paths["image"]), ras_image, ras_aff, modality, rec)
             outputs["image"] = {"file": paths["image"].name, "format": "dicom", "files": len(datasets),
@@ -143,7 +143,8 @@ def write_outputs(out_dir: str | os.PathLike, stem: str, image_hu: Any, label: A
             if lab is not None:
                 tmp = st.path(paths["label"])
                 _write_dicom_seg(tmp, datasets, ras_lab, label_names)
-                outputs["label"] = {"file": paths["label"].name, "format": "dicom-seg", "sha256": sha256_file(tmp)}
+                outputs["label"] = {"file": paths["label"].name, "format": "dicom-seg", "sha256": sha256_file(tmp),
+                                    "bytes": tmp.stat().st_size}
         if lab is not None:
             table = (_dumps(label_table(lab, spacing, label_names)) + "\n").encode()
             _write_file(st.path(paths["labels"]), lambda f: f.write(table))

@@ -63,23 +63,28 @@ def decode_to_unit(models: Models, latent: torch.Tensor, memory_budget_bytes: in
     return image.float().clamp_(0.0, 1.0 if models.variant.modality == "ct" else None)
 
 
-def resample_label(label: np.ndarray, spacing, size, new_spacing) -> np.ndarray:
+def resample_label(label: np.ndarray, spacing, size, new_spacing, device=None) -> np.ndarray:
     """A label map (X, Y, Z) at `spacing` mm -> `size` at `new_spacing` mm, int16, by the reference's rule (MONAI
     `Spacing(pixdim=new_spacing, mode="nearest")` then `ResizeWithPadOrCrop(size)`), for every label map we resample.
 
     Per axis: the resampled length is round((n - 1) * s / ns) + 1 and output voxel i takes source voxel
     round(i * ns / s) (voxel 0 stays at voxel 0, ties to even); then centre crop (start m // 2 - size // 2) or centre
-    pad with 0 (before (size - m) // 2).
+    pad with 0 (before (size - m) // 2). `device`: where to gather (a GPU takes a 512^3 map in milliseconds, the
+    host in seconds); the same voxels either way, returned as numpy.
     """
-    label = np.asarray(label)
-    out = label
+    on_device = device is not None and torch.device(device).type != "cpu"
+    out = torch.from_numpy(np.ascontiguousarray(label)).to(device=device, dtype=torch.int16) if on_device \
+        else np.asarray(label)
     if tuple(float(s) for s in spacing) != tuple(float(s) for s in new_spacing):
-        index = []
-        for n, s, ns in zip(label.shape, spacing, new_spacing):
+        for axis, (n, s, ns) in enumerate(zip(label.shape, spacing, new_spacing)):
             m = int(np.rint((n - 1) * float(s) / float(ns) + 1))
-            index.append(np.clip(np.rint(np.arange(m) * (float(ns) / float(s))).astype(np.intp), 0, n - 1))
-        out = label[np.ix_(*index)]
-    result = np.zeros(tuple(int(v) for v in size), dtype=np.int16)
+            index = np.clip(np.rint(np.arange(m) * (float(ns) / float(s))).astype(np.intp), 0, n - 1)
+            if on_device:
+                out = out.index_select(axis, torch.from_numpy(index).to(out.device))
+            else:
+                out = np.take(out, index, axis=axis)
+    result = torch.zeros(tuple(int(v) for v in size), dtype=torch.int16, device=out.device) if on_device \
+        else np.zeros(tuple(int(v) for v in size), dtype=np.int16)
     src, dst = [], []
     for m, k in zip(out.shape, result.shape):
         if m >= k:  # centre crop
@@ -89,4 +94,4 @@ def resample_label(label: np.ndarray, spacing, size, new_spacing) -> np.ndarray:
             a = (k - m) // 2
             src.append(slice(0, m)), dst.append(slice(a, a + m))
     result[tuple(dst)] = out[tuple(src)]
-    return result
+    return result.cpu().numpy() if on_device else result

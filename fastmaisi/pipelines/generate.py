@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -197,49 +198,60 @@ def _mask_generator(request: GenerateRequest, variant) -> tuple:
         "mask_guidance_scale": float(guidance), "default_mask_steps": mc.V2_STEPS, "mask_generator_note": note}
 
 
-def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = False) -> list[dict]:
-    """Run a request; returns one dict per written sample (paths + record). See DESIGN: plan, mask, condition,
-    sample, decode, check, write."""
+def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = False, *, manifest: str | None = None,
+             shard=None, on_sample=None) -> list[dict]:
+    """Run a request (or the rows of a `manifest` on top of it) into its output folder, resuming an earlier run of
+    the same request there; returns one dict per sample of this shard (paths, record, "kept": made earlier).
+    `shard`: --shard I/N (composed with torchrun ranks and Slurm arrays, see `shards`); `on_sample(result)` is called
+    as each sample is written. See DESIGN: plan, mask, condition, sample, decode, check, write."""
     import torch
 
     from fastmaisi import io
     from fastmaisi.pipelines import models as model_io
+    from fastmaisi.pipelines.manifest import read_manifest
+    from fastmaisi.pipelines.run_folder import RunFolder, fingerprint
+    from fastmaisi.pipelines.samples import plan_samples
+    from fastmaisi.pipelines.shards import current_shard
 
-    # 1. plan: inputs, weights and outputs are checked before anything heavy happens
+    # 1. plan: inputs, manifest rows, weights and outputs are checked before anything heavy happens
     variant, opts = resolve(request)
-    workflow = request.workflow
+    rows = read_manifest(manifest, GenerateRequest) if manifest else None
+    samples = plan_samples(request, resolve, rows, manifest)
+    workflows = {s.request.workflow for s in samples}
     roles = ["autoencoder", "diffusion_unet"]
-    if workflow != "image":
+    if workflows != {"image"}:
         roles.append("controlnet")
-    if workflow == "paired":
+    if "paired" in workflows:
         roles += ["mask_autoencoder", "mask_diffusion"]
     weights_dir = _weights_dir(request, variant, roles, opts, dry_run)
     _say_sizes_left_unset(request, opts)
     if opts.get("mask_generator_note"):
         print(opts["mask_generator_note"], file=sys.stderr)
-    user_label, user_mask_info, candidates, out_affine = None, None, [], None
-    if request.mask:
-        user_label, user_mask_info, out_affine = _load_user_mask(request, opts, request.mask)
-    elif request.mask_db:
+    masks = {}  # the command line's mask (or mask database) is read and checked now; manifest rows' when made
+    if request.mask and not manifest:
+        masks[_mask_key(request, opts)] = _load_user_mask(request, opts, request.mask)
+    elif request.mask_db and not manifest:
         from fastmaisi.pipelines.mask_db import rank_candidates
 
-        candidates = rank_candidates(request.mask_db, opts["size"], opts["spacing"])
+        masks[_mask_key(request, opts)] = rank_candidates(request.mask_db, opts["size"], opts["spacing"])
     rank, world, local_rank = _torchrun_rank()
-    indices = [i for i in range(request.num_samples) if i % world == rank]  # under torchrun: rank r takes i % world == r
-    stems = {i: f"sample_{request.seed + i:06d}" for i in indices}  # seed-named: no two ranks write the same file
-    if request.output_stem:
-        stems = {i: request.output_stem for i in indices[:1]}
+    my_shard = current_shard(shard)
+    mine = [s for s in samples if my_shard.takes(s.index)]
+    if request.output_stem:  # --from-record: the sample keeps its original name
+        mine = [dataclasses.replace(s, stem=request.output_stem) for s in mine[:1]]
     device = _device(request.device, local_rank if world > 1 else None)
     budget = int(request.memory_budget_gb * 2**30) if request.memory_budget_gb else None
     from fastmaisi.pipelines.preflight import check_resources
 
     decode_plan = _decode_plan(opts, device, budget, variant=variant)
-    resources = check_resources(variant, workflow, opts, device, budget, request.output_dir, len(stems), decode_plan)
+    resources = check_resources(variant, request.workflow, opts, device, budget, request.output_dir, len(mine),
+                                decode_plan)
     if dry_run:
         from fastmaisi.pipelines.estimate import sampling_plan
 
-        plan = sampling_plan(variant, workflow, opts, device, resources.costs)
-        print(f"Plan (dry run: nothing is written)\n{plan}\n{decode_plan.describe()}\n{resources.describe()}")
+        plan = sampling_plan(variant, request.workflow, opts, device, resources.costs)
+        print(f"Plan (dry run: nothing is written)\n{plan}\n{decode_plan.describe()}\n{resources.describe()}\n"
+              f"{len(mine)} of {len(samples)} samples in shard {my_shard}")
         return []
     if resources.refusal() and not request.force:
         raise ValueError(resources.refusal())
@@ -248,41 +260,178 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
             io._require_dicom(highdicom=True)
         except ImportError as exc:
             raise ValueError(f"--format dicom: {exc}") from None
-    io.check_output_dir(request.output_dir, list(stems.values()), overwrite=request.overwrite)
+    existed = Path(request.output_dir).is_dir()
+    io.check_output_dir(request.output_dir, [s.stem for s in mine], overwrite=True)  # writable; resume decides
+    job_fp = fingerprint(request, _mask_sha(request))
+    job = {"request": asdict(request), "manifest": str(Path(manifest).resolve()) if manifest else None}
+    try:
+        folder = RunFolder(request.output_dir, job_fp, job, my_shard, overwrite=request.overwrite).__enter__()
+    except BaseException:
+        if not existed:
+            _remove_empty(Path(request.output_dir))
+        raise
+    try:
+        plan = folder.sort(mine, lambda s: fingerprint(s.request, s.mask_sha256, s.stem))
+        results = [{"paths": _record_paths(request.output_dir, r), "record": r, "kept": True} for r in plan.kept]
+        if plan.todo:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+            models = model_io.load_models(variant, weights_dir, roles, device=device, dtype=dtype,
+                                          network_config=request.network_config)
+            models.cuda_graphs = request.cuda_graphs
+            _check_kept_weights(plan.kept, models.files, request.output_dir)
+            made = _make_samples(plan.todo, len(mine), len(plan.kept), models, variant, device, budget, job_fp,
+                                 my_shard, (rank, world), progress, on_sample, masks)
+            results += made
+        from fastmaisi.dataset_index import write_index
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    models = model_io.load_models(variant, weights_dir, roles, device=device, dtype=dtype,
-                                  network_config=request.network_config)
-    models.cuda_graphs = request.cuda_graphs
-    plan = _plan_text(opts, device, budget, models.autoencoder)
-    results = []
-    for i, stem in stems.items():
-        attempts = []
-        for k in range(request.max_retries + 1):
-            seed = request.seed + i + k * RETRY_SEED_STRIDE
-            t0 = time.perf_counter()
-            if candidates:  # mask database: sample i starts at the i-th best mask; each retry takes the next one
-                user_label, user_mask_info, out_affine = _load_user_mask(request, opts,
-                                                                         candidates[(i + k) % len(candidates)], "maisi")
-            image_hu, label, timings = one_volume(models, workflow, opts, seed, user_label, budget, progress)
-            # 6. check: per-organ median HU (CT only); a failed check retries with a new seed
-            qc = _quality(variant, image_hu, label)
-            attempts.append({"seed": seed, "quality_check": qc, "seconds": round(time.perf_counter() - t0, 2),
-                             "timings": timings, "mask": user_mask_info})
-            if qc is None or qc["passed"]:
-                break
-        # 7. write: int16 image, uint8 label, record, preview — atomically
-        record = _record(request, variant, opts, models, attempts, plan, device, user_mask_info)
-        record["rank"], record["world_size"] = rank, world
+        write_index(request.output_dir)
+    except BaseException:
+        folder.close()
+        if not existed:
+            _remove_empty(Path(request.output_dir))
+        raise
+    folder.close()
+    return results
+
+
+def _make_samples(todo, total, done, models, variant, device, budget, job_fp, shard, rank_world, progress,
+                  on_sample, masks) -> list[dict]:
+    """Stages 2-7 for each sample: the GPU stages here, the quality check and the writing on a worker thread (the
+    GPU goes on with the next sample); a failed check sends the sample back with the next seed."""
+    import queue
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from fastmaisi import io
+    from fastmaisi.pipelines.run_folder import fingerprint
+    from fastmaisi.pipelines.writer import BackgroundWriter
+
+    plans, results, retries = {}, [], queue.Queue()
+    bar = tqdm(total=total, initial=done, desc="samples", unit="sample", disable=not progress, dynamic_ncols=True)
+
+    def finish(work):  # worker thread: 6. check, then retry or 7. write
+        sample, image_hu, label = work["sample"], work.pop("image_hu"), work.pop("label")
+        qc = _quality(variant, image_hu, label)
+        work["attempts"][-1]["quality_check"] = qc
+        if qc is not None and not qc["passed"] and len(work["attempts"]) <= sample.request.max_retries:
+            retries.put(work)
+            return
+        record = _record(sample.request, variant, sample.opts, models, work["attempts"], work["plan"], device,
+                         work["attempts"][-1]["mask"])
+        record["rank"], record["world_size"] = rank_world
+        record["sample"] = {"index": sample.index, "name": sample.stem, "manifest_line": sample.line,
+                            "shard": str(shard)}
+        record["fingerprint"] = {"job": job_fp, "sample": fingerprint(sample.request, sample.mask_sha256, sample.stem)}
+        record["deflate"] = io.nifti.deflate_name() if sample.request.fmt == "nifti" else None
+        out_affine = work["out_affine"]
         if out_affine is not None:  # made from a user's mask: its world geometry (origin, axis directions)
             from fastmaisi.segmentations.geometry import from_ras
 
             image_hu, label = from_ras(image_hu, out_affine), from_ras(label, out_affine)
-        paths = io.write_outputs(request.output_dir, stem, image_hu, label, opts["spacing"], record,
-                                 fmt=request.fmt, overwrite=request.overwrite, modality=variant.modality,
+        paths = io.write_outputs(sample.request.output_dir, sample.stem, image_hu, label, sample.opts["spacing"],
+                                 record, fmt=sample.request.fmt, overwrite=True, modality=variant.modality,
                                  affine=out_affine)
-        results.append({"paths": paths, "record": record})
+        result = {"paths": paths, "record": record, "kept": False}
+        results.append(result)
+        bar.update(1)
+        if on_sample is not None:
+            on_sample(result)
+
+    writer = BackgroundWriter(finish)
+    reader, prefetched = ThreadPoolExecutor(1, thread_name_prefix="fastmaisi-mask"), {}
+    pending = deque({"sample": s, "attempts": []} for s in todo)
+    try:
+        while True:
+            try:
+                work = retries.get_nowait()
+            except queue.Empty:
+                work = pending.popleft() if pending else None
+            if work is None:
+                writer.wait_idle()  # the last samples' checks may still send one back
+                if retries.empty():
+                    break
+                continue
+            sample, k = work["sample"], len(work["attempts"])
+            seed = sample.request.seed + k * RETRY_SEED_STRIDE
+            user_label, mask_info, out_affine = None, None, None
+            key = _mask_key(sample.request, sample.opts)
+            if pending and pending[0]["sample"].request.mask and id(pending[0]) not in prefetched:
+                nxt = pending[0]["sample"]  # the next row's mask is read on a thread while this one computes
+                if _mask_key(nxt.request, nxt.opts) not in masks:
+                    prefetched[id(pending[0])] = reader.submit(_load_user_mask, nxt.request, nxt.opts,
+                                                               nxt.request.mask)
+            if sample.request.mask:
+                ahead = prefetched.pop(id(work), None)
+                user_label, mask_info, out_affine = (ahead.result() if ahead else masks.get(key)
+                                                     or _load_user_mask(sample.request, sample.opts,
+                                                                        sample.request.mask))
+            elif sample.request.mask_db:  # sample i starts at the i-th best mask; each retry takes the next one
+                if key not in masks:
+                    from fastmaisi.pipelines.mask_db import rank_candidates
+
+                    masks[key] = rank_candidates(sample.request.mask_db, sample.opts["size"], sample.opts["spacing"])
+                ranked = masks[key]
+                user_label, mask_info, out_affine = _load_user_mask(sample.request, sample.opts,
+                                                                    ranked[(sample.index + k) % len(ranked)], "maisi")
+            t0 = time.perf_counter()
+            image_hu, label, timings = one_volume(models, sample.request.workflow, sample.opts, seed, user_label,
+                                                  budget, progress)
+            work["attempts"].append({"seed": seed, "quality_check": None,
+                                     "seconds": round(time.perf_counter() - t0, 2), "timings": timings,
+                                     "mask": mask_info})
+            size = tuple(sample.opts["size"])
+            if size not in plans:
+                plans[size] = _plan_text(sample.opts, device, budget, models.autoencoder)
+            work.update(image_hu=image_hu, label=label, plan=plans[size], out_affine=out_affine)
+            writer.submit(work)
+        writer.close()
+    except BaseException:
+        writer.close(raise_error=False)  # Ctrl-C or an error: the samples already made are still written
+        raise
+    finally:
+        reader.shutdown(cancel_futures=True)
+        bar.close()
     return results
+
+
+def _mask_key(request, opts) -> tuple:
+    """What a loaded mask (or ranked mask database) depends on."""
+    return (request.mask, request.mask_db, request.strict_mask, tuple(opts["size"]), tuple(opts["spacing"]))
+
+
+def _mask_sha(request) -> str | None:
+    from fastmaisi.pipelines.samples import _mask_sha as sha
+
+    return sha(request.mask)
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove a folder this run created when it stopped before any sample was written (only bookkeeping in it)."""
+    import shutil
+
+    from fastmaisi.dataset_index import INDEX_FILE
+    from fastmaisi.pipelines.run_folder import JOB_FILE
+
+    if folder.is_dir() and all(p.name.startswith(".fastmaisi") or p.name in (JOB_FILE, INDEX_FILE)
+                               for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _record_paths(out_dir, record) -> dict:
+    return {kind: Path(out_dir) / o["file"] for kind, o in (record.get("outputs") or {}).items()}
+
+
+def _check_kept_weights(kept, files, out_dir) -> None:
+    """Samples kept from an earlier run must come from the same weight files (the fingerprint leaves out their path)."""
+    loaded = {role: f["sha256"] for role, f in files.items()}
+    for record in kept:
+        used = {role: f.get("sha256") for role, f in (record.get("weights") or {}).items() if role in loaded}
+        if any(loaded[role] != sha for role, sha in used.items()):
+            name = (record.get("sample") or {}).get("name", "a sample")
+            raise ValueError(f"{name} in {str(out_dir)!r} was made with other weight files (their SHA-256 differs): "
+                             "rerun with the weights that made it, or choose another folder")
 
 
 def one_volume(models, workflow, opts, seed, user_label, budget, progress):
@@ -301,16 +450,22 @@ def one_volume(models, workflow, opts, seed, user_label, budget, progress):
         z = paired_v2.sample_mask_latent_v2(models, opts["mask_condition"], seed=seed,
                                             latent_shape=models.mask_latent_shape, steps=opts["mask_steps"],
                                             guidance_scale=opts["mask_guidance_scale"], progress=progress)
-        raw = paired_v2.postprocess_v2(paired.decode_mask(models, z, budget, progress), opts["mask_condition"])
-        label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"])
+        decoded = paired.decode_mask(models, z, budget, progress)
+        t_post = time.perf_counter()
+        raw = paired_v2.postprocess_v2(decoded, opts["mask_condition"])  # on the host (timed apart)
+        timings["mask_postprocess_s"] = round(time.perf_counter() - t_post, 2)
+        label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"], device=models.device)
         timings["mask_s"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
     elif workflow == "paired":
         # 2. mask: organ sizes -> mask DM -> mask VAE -> 132-label map on the mask grid -> requested grid
         z = paired.sample_mask_latent(models, opts["anatomy"], seed=seed, latent_shape=models.mask_latent_shape,
                                       steps=opts["mask_steps"], progress=progress)
-        raw = postprocess_mask(paired.decode_mask(models, z, budget, progress), opts["anatomy"])
-        label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"])
+        decoded = paired.decode_mask(models, z, budget, progress)
+        t_post = time.perf_counter()
+        raw = postprocess_mask(decoded, opts["anatomy"])  # on the host: the GPU waits (timed apart)
+        timings["mask_postprocess_s"] = round(time.perf_counter() - t_post, 2)
+        label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"], device=models.device)
         timings["mask_s"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
     # 3-4. condition + sample

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import warnings
 
 from fastmaisi import argtypes
 from fastmaisi.argtypes import positive_int as _positive_int
+from fastmaisi.pipelines.shards import parse_shard
 from fastmaisi.variants import VARIANTS
 
 
@@ -97,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-gb", type=argtypes.positive_gib,
                    help="GPU memory the decode may use (default: what is free)")
     p.add_argument("--format", choices=["nifti", "dicom"], default="nifti")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of a different request in the output folder (a rerun of the same "
+                        "request resumes without it: complete samples are kept, missing ones made)")
+    p.add_argument("--manifest", metavar="FILE",
+                   help="CSV or JSON Lines, one sample per row (seed, workflow, mask, organ sizes, size, spacing, "
+                        "modality, steps, guidance, name, ...); see docs/datasets.md")
+    p.add_argument("--shard", type=parse_shard, metavar="I/N",
+                   help="make samples i with i mod N = I (default: from torchrun ranks and Slurm array tasks)")
     p.add_argument("--from-record", help="reproduce the volume of a JSON record written by an earlier run (same name; "
                    "inputs' SHA-256 checked; flags that would change the volume are refused)")
     p.add_argument("--allow-changed-inputs", action="store_true",
@@ -160,6 +170,22 @@ def _mask_arg(mask):
     return paths[0] if len(paths) == 1 else paths
 
 
+EXIT_QUALITY_FAILED = 3  # every sample written, but some failed the quality check after retries (see index.csv)
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGTERM: 143): complete samples kept, temporaries removed; rerun to finish
+
+
+def _print_sample(result: dict) -> None:
+    """One stdout line per sample as it is written, so a caller can follow a long job."""
+    from tqdm.auto import tqdm
+
+    record = result["record"]
+    qc = record["quality_check"]
+    status = "" if qc is None else (" quality check passed" if qc["passed"] else " quality check FAILED")
+    tqdm.write(f"wrote {result['paths']['image']} (seed {record['seed']}, retries {record['retries']}){status}",
+               file=sys.stdout)
+    sys.stdout.flush()
+
+
 def generate_main(argv: list[str]) -> int:
     parser = build_parser()
     try:
@@ -172,17 +198,47 @@ def generate_main(argv: list[str]) -> int:
     warnings.simplefilter("default")
     warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
     created = CreatedFolders(args.output)
+    previous = _on_sigterm(_terminated)  # a scheduler's stop (Slurm preemption) ends like Ctrl-C
     try:
         request = request_from_args(args, parser)
-        results = generate(request, progress=not args.quiet, dry_run=args.dry_run)
+        results = generate(request, progress=not args.quiet, dry_run=args.dry_run, manifest=args.manifest,
+                           shard=args.shard, on_sample=_print_sample)
+    except KeyboardInterrupt as exc:
+        code = 143 if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
+        print(f"fastmaisi generate: interrupted; complete samples are kept in {args.output}, temporary files were "
+              "removed; run the same command again to finish", file=sys.stderr)
+        return code
     except Exception as exc:
         if not is_fault(exc):
             raise
         return report("fastmaisi generate", exc, created)
-    for r in results:
-        qc = r["record"]["quality_check"]
-        status = "" if qc is None else (" quality check passed" if qc["passed"] else " quality check FAILED")
-        print(f"wrote {r['paths']['image']} (seed {r['record']['seed']}, retries {r['record']['retries']}){status}")
-    if results:
-        print(json.dumps({"outputs": len(results)}))
+    finally:
+        _on_sigterm(previous)
+    if not results:
+        return 0
+    failed = [r for r in results if (r["record"].get("quality_check") or {}).get("passed") is False]
+    kept = sum(r["kept"] for r in results)
+    print(json.dumps({"outputs": len(results), "made": len(results) - kept, "kept": kept,
+                      "quality_check_failed": len(failed)}))
+    if failed:
+        print(f"fastmaisi generate: {len(failed)} of {len(results)} samples failed the quality check after retries "
+              f"(written; see index.csv): {', '.join(r['paths']['image'].name for r in failed[:5])}",
+              file=sys.stderr)
+        return EXIT_QUALITY_FAILED
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be."""
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler (main thread only; elsewhere nothing); returns the previous one."""
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, TypeError):
+        return None
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
