@@ -94,10 +94,11 @@ def test_v2_is_picked_from_the_weights_and_recorded(weights, tmp_path, capsys):
     assert run(weights, tmp_path, "--organ-size", "bone_lesion=0.3", "--demographic", "age=50",
                "--demographic", "sex=F") == 0
     err = capsys.readouterr().err
-    assert "mask generator: v2" in err
+    assert "mask generator: v2 (mask_generation_diffusion_unet_v2 found in --weights" in err
     record = json.loads((tmp_path / "sample_000000_record.json").read_text())
     resolved = record["resolved"]
     assert record["workflow"] == "paired" and resolved["mask_generator"] == "v2"
+    assert "found in --weights" in resolved["mask_generator_source"]
     assert resolved["mask_steps"] == 3 and resolved["mask_guidance_scale"] == 2.0
     assert resolved["mask_condition"][13] == 0.3 and resolved["mask_condition"][14:16] == [50 / 120, 0.0]
     assert record["request"]["demographics"] == {"age": "50", "sex": "F"}
@@ -126,7 +127,7 @@ def test_demographics_alone_run_the_paired_workflow(weights, tmp_path):
 def test_bad_v2_input_exit_2_one_line_nothing_written(weights, tmp_path, capsys, extra, match):
     out = tmp_path / "out"
     assert run(weights, out, *extra) == 2
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("mask generator:")]
+    err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastmaisi generate") and match in err[0], err
     assert not out.exists() or not any(out.iterdir())
 

@@ -142,15 +142,15 @@ def _mask_generator(request: GenerateRequest, variant) -> tuple:
         found = any((Path(request.weights) / f"{variant.v2_mask_file}{ext}").is_file()
                     for ext in (".pt", ".safetensors"))
         choice = "v2" if found else "v1"
-        print(f"mask generator: {choice} ({variant.v2_mask_file} {'found' if found else 'not found'} in --weights; "
-              "--mask-generator picks)", file=sys.stderr)
+    source = (f"{variant.v2_mask_file} {'found' if choice == 'v2' else 'not found'} in --weights" if auto
+              else "--mask-generator" if request.mask_generator else "default")
     choice = choice or "v1"
     if choice == "v1":
         if request.demographics:
             raise ValueError("--demographic needs the v2 mask generator (--mask-generator v2)")
         if request.mask_guidance_scale is not None:
             raise ValueError("--mask-guidance-scale is for the v2 mask generator (--mask-generator v2)")
-        return variant, {"mask_generator": "v1"}
+        return variant, {"mask_generator": "v1", "mask_generator_source": source}
     if "mask_diffusion" not in variant.files:
         raise ValueError(f"--mask-generator v2: variant {variant.name} has no mask generator (a CT variant has)")
     organ_sizes = dict(request.organ_sizes)
@@ -165,7 +165,8 @@ def _mask_generator(request: GenerateRequest, variant) -> tuple:
     if guidance < 0:
         raise ValueError(f"--mask-guidance-scale {guidance}: must be >= 0 (0: off)")
     return variant.with_mask_generator("v2"), {
-        "mask_generator": "v2", "mask_condition": mc.condition_vector(organ_sizes, demographics),
+        "mask_generator": "v2", "mask_generator_source": source,
+        "mask_condition": mc.condition_vector(organ_sizes, demographics),
         "mask_guidance_scale": float(guidance), "default_mask_steps": mc.V2_STEPS}
 
 
@@ -180,6 +181,9 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     # 1. plan: inputs, weights and outputs are checked before anything heavy happens
     variant, opts = resolve(request)
     workflow = request.workflow
+    if workflow == "paired" and "--weights" in opts["mask_generator_source"]:  # the automatic choice, said once
+        print(f"mask generator: {opts['mask_generator']} ({opts['mask_generator_source']}; --mask-generator "
+              "picks)", file=sys.stderr)
     roles = ["autoencoder", "diffusion_unet"]
     if workflow != "image":
         roles.append("controlnet")
