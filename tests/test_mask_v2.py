@@ -167,3 +167,35 @@ def test_demo_keeps_v1_unless_asked():
         variant, opts = resolve(GenerateRequest(output_dir="", mask_generator="v2"))
     assert variant.mask_generator == "v2" and variant.files["mask_diffusion"] == "demo_mask_diffusion_unet_v2"
     assert opts["mask_condition"] == [-1.0] * 19 and opts["mask_steps"] == 100
+
+
+def test_demo_v2_generator_runs_without_download(tmp_path, capsys):
+    """`fastmaisi generate --mask-generator v2` with no --weights: the shipped toy v2 generator, CPU."""
+    from fastmaisi.demo import DEMO_WEIGHTS_DIR, DEMO_MASK_V2_FILE
+
+    if not (DEMO_WEIGHTS_DIR / f"{DEMO_MASK_V2_FILE}.safetensors").is_file():
+        pytest.skip("demo v2 weights not installed")
+    args = ["-o", str(tmp_path), "--mask-generator", "v2", "--demographic", "weight=80", "--mask-steps", "4",
+            "--steps", "3", "--max-retries", "0", "-q"]
+    assert generate_main(args) == 0
+    record = json.loads((tmp_path / "sample_000000_record.json").read_text())
+    assert record["variant"] == "demo" and record["resolved"]["mask_generator"] == "v2"
+    assert record["weights"]["mask_diffusion"]["path"].endswith("demo_mask_diffusion_unet_v2.safetensors")
+    assert (tmp_path / "sample_000000_label.nii.gz").is_file()
+
+
+def test_postprocessing_keeps_the_tumour_whose_slot_is_set():
+    import numpy as np
+
+    from fastmaisi.pipelines.paired_v2 import postprocess_v2
+
+    label = np.zeros((24, 24, 24), np.uint8)
+    label[2:22, 2:22, 2:22] = 200
+    label[4:10, 4:10, 4:10] = 28  # a lung lobe holding a lung tumour
+    label[6:8, 6:8, 6:8] = 23
+    label[14:20, 14:20, 14:20] = 1  # liver with a hepatic tumour
+    label[16:18, 16:18, 16:18] = 26
+    bone = postprocess_v2(label, mc.condition_vector({"bone lesion": 0.2}, {}))
+    assert not np.isin(bone, (23, 26)).any()  # neither tumour asked for: back to their hosts
+    liver = postprocess_v2(label, mc.condition_vector({"hepatic tumor": 0.2}, {"age": 50}))
+    assert (liver == 26).any() and not (liver == 23).any()
