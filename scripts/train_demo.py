@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         else {"recipes": {}}
     if args.eval_only:
         record["evaluation"] = evaluate()
+        record["evaluation_v2"] = evaluate_v2()
         record_path.write_text(json.dumps(record, indent=2) + "\n")
         print(json.dumps(record["evaluation"], indent=2))
         return 0
@@ -332,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         record["evaluation"] = evaluate()
         record["evaluation"]["seconds"] = round(time.time() - t0, 1)
+        if "mask-diffusion-v2" in todo:
+            record["evaluation_v2"] = evaluate_v2()
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record.get("evaluation"), indent=2))
     print(f"wrote {len(sizes)} networks ({sum(sizes.values()) / 1e6:.1f} MB) and {record_path} in "
