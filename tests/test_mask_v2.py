@@ -151,7 +151,8 @@ def test_guidance_scale_per_purpose(weights, tmp_path):
 
     assert scale(workflow_name="image") == 0.0  # rflow-ct's default
     assert scale(workflow_name="image", guidance_scale=3.0) == 3.0
-    assert scale(workflow_name="image", guidance_scale=3.0, modality_guidance_scale=5.0, tumour_guidance_scale=7.0) == 5.0
+    assert scale(workflow_name="image", guidance_scale=3.0, modality_guidance_scale=5.0,
+                 tumour_guidance_scale=7.0) == 5.0
     assert scale(organ_sizes={"liver": 0.2}, guidance_scale=3.0, modality_guidance_scale=5.0,
                  tumour_guidance_scale=7.0) == 7.0
     assert scale(organ_sizes={"liver": 0.2}, guidance_scale=3.0, modality_guidance_scale=5.0) == 3.0

@@ -85,11 +85,12 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     if is_ct != (variant.modality == "ct"):
         raise ValueError(f"--modality {request.modality!r} does not match variant {variant.name} "
                          f"({'CT' if variant.modality == 'ct' else 'MR'})")
-    if (request.mask or request.mask_db or request.organ_sizes) and not variant.has_controlnet:
+    if (request.mask or request.mask_db or request.organ_sizes or request.demographics) and not variant.has_controlnet:
         raise ValueError(f"variant {variant.name} has no ControlNet: --mask, --mask-db and --organ-size need a CT "
                          "variant")
-    if sum(map(bool, (request.mask, request.mask_db, request.organ_sizes))) > 1:
-        raise ValueError("--mask, --mask-db and --organ-size are different workflows: give one of them")
+    if sum(map(bool, (request.mask, request.mask_db, request.organ_sizes or request.demographics))) > 1:
+        raise ValueError("--mask, --mask-db and --organ-size / --demographic are different workflows: give one of "
+                         "them")
     if request.sampler not in ("euler", "ab2"):
         raise ValueError(f"--sampler {request.sampler!r}: choose euler or ab2")
     if request.sampler == "ab2" and not variant.scheduler["_target_"].endswith("RFlowScheduler"):
@@ -114,6 +115,8 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     mask_steps = request.mask_steps or mask_opts.pop("default_mask_steps", None) or variant.mask_steps
     if mask_opts["mask_generator"] == "v1" and (mask_steps < 1 or 1000 % mask_steps):
         raise ValueError(f"--mask-steps {mask_steps}: must divide 1000 (DDPM)")
+    if mask_steps < 1:
+        raise ValueError(f"--mask-steps {mask_steps}: must be >= 1")
     return variant, dict(size=size, spacing=spacing, modality_code=code, steps=steps, guidance_scale=guidance,
                          anatomy=anatomy, mask_steps=mask_steps, sampler=request.sampler, **mask_opts)
 
