@@ -9,6 +9,9 @@ CPU-only machine without downloads. Same classes and checkpoint layouts as the r
     mask        mask AutoencoderKlMaisi [8, 16, 32] (8 bit-channels in, 125 classes out) and DiffusionModelUNet
                 [16, 32, 32, 48] (context: the 10-slot organ-size vector), working directly on the image grid:
                 mask latent 4 x 16^3, 100 DDPM steps
+    mask v2     NVIDIA's AdaGN rflow-mask UNet [16, 32, 32, 48] (`--mask-generator v2`; 19-number condition, the
+                phantoms' one demographic a synthetic weight that follows body size), 100 guided rflow steps; a
+                quick CPU-trained toy (record.json: "mask-diffusion-v2")
 
 The demo is a toy: it knows only what the phantoms show (one body shape, the phantom organs and HU), not real CT.
 

@@ -35,7 +35,9 @@ def test_definitions_and_files():
     assert total <= 25e6
     record = json.loads((demo.DEMO_WEIGHTS_DIR / "record.json").read_text())
     assert set(record["recipes"]) == {"vae", "vae-volume", "diffusion", "controlnet", "mask-vae",
-                                      "mask-vae-volume", "mask-diffusion"}
+                                      "mask-vae-volume", "mask-diffusion", "mask-diffusion-v2"}
+    v2 = demo.DEMO_VARIANT.with_mask_generator("v2")
+    assert (demo.DEMO_WEIGHTS_DIR / f"{v2.files['mask_diffusion']}.safetensors").is_file()
 
 
 def test_dice_rule_ceiling():

@@ -94,10 +94,11 @@ def test_v2_is_picked_from_the_weights_and_recorded(weights, tmp_path, capsys):
     assert run(weights, tmp_path, "--organ-size", "bone_lesion=0.3", "--demographic", "age=50",
                "--demographic", "sex=F") == 0
     err = capsys.readouterr().err
-    assert "mask generator: v2" in err
+    assert "mask generator: v2 (mask_generation_diffusion_unet_v2 found in --weights" in err
     record = json.loads((tmp_path / "sample_000000_record.json").read_text())
     resolved = record["resolved"]
     assert record["workflow"] == "paired" and resolved["mask_generator"] == "v2"
+    assert "found in --weights" in resolved["mask_generator_source"]
     assert resolved["mask_steps"] == 3 and resolved["mask_guidance_scale"] == 2.0
     assert resolved["mask_condition"][13] == 0.3 and resolved["mask_condition"][14:16] == [50 / 120, 0.0]
     assert record["request"]["demographics"] == {"age": "50", "sex": "F"}
@@ -126,7 +127,7 @@ def test_demographics_alone_run_the_paired_workflow(weights, tmp_path):
 def test_bad_v2_input_exit_2_one_line_nothing_written(weights, tmp_path, capsys, extra, match):
     out = tmp_path / "out"
     assert run(weights, out, *extra) == 2
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("mask generator:")]
+    err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastmaisi generate") and match in err[0], err
     assert not out.exists() or not any(out.iterdir())
 
@@ -150,7 +151,8 @@ def test_guidance_scale_per_purpose(weights, tmp_path):
 
     assert scale(workflow_name="image") == 0.0  # rflow-ct's default
     assert scale(workflow_name="image", guidance_scale=3.0) == 3.0
-    assert scale(workflow_name="image", guidance_scale=3.0, modality_guidance_scale=5.0, tumour_guidance_scale=7.0) == 5.0
+    assert scale(workflow_name="image", guidance_scale=3.0, modality_guidance_scale=5.0,
+                 tumour_guidance_scale=7.0) == 5.0
     assert scale(organ_sizes={"liver": 0.2}, guidance_scale=3.0, modality_guidance_scale=5.0,
                  tumour_guidance_scale=7.0) == 7.0
     assert scale(organ_sizes={"liver": 0.2}, guidance_scale=3.0, modality_guidance_scale=5.0) == 3.0
@@ -166,3 +168,35 @@ def test_demo_keeps_v1_unless_asked():
         variant, opts = resolve(GenerateRequest(output_dir="", mask_generator="v2"))
     assert variant.mask_generator == "v2" and variant.files["mask_diffusion"] == "demo_mask_diffusion_unet_v2"
     assert opts["mask_condition"] == [-1.0] * 19 and opts["mask_steps"] == 100
+
+
+def test_demo_v2_generator_runs_without_download(tmp_path, capsys):
+    """`fastmaisi generate --mask-generator v2` with no --weights: the shipped toy v2 generator, CPU."""
+    from fastmaisi.demo import DEMO_WEIGHTS_DIR, DEMO_MASK_V2_FILE
+
+    if not (DEMO_WEIGHTS_DIR / f"{DEMO_MASK_V2_FILE}.safetensors").is_file():
+        pytest.skip("demo v2 weights not installed")
+    args = ["-o", str(tmp_path), "--mask-generator", "v2", "--demographic", "weight=80", "--mask-steps", "4",
+            "--steps", "3", "--max-retries", "0", "-q"]
+    assert generate_main(args) == 0
+    record = json.loads((tmp_path / "sample_000000_record.json").read_text())
+    assert record["variant"] == "demo" and record["resolved"]["mask_generator"] == "v2"
+    assert record["weights"]["mask_diffusion"]["path"].endswith("demo_mask_diffusion_unet_v2.safetensors")
+    assert (tmp_path / "sample_000000_label.nii.gz").is_file()
+
+
+def test_postprocessing_keeps_the_tumour_whose_slot_is_set():
+    import numpy as np
+
+    from fastmaisi.pipelines.paired_v2 import postprocess_v2
+
+    label = np.zeros((24, 24, 24), np.uint8)
+    label[2:22, 2:22, 2:22] = 200
+    label[4:10, 4:10, 4:10] = 28  # a lung lobe holding a lung tumour
+    label[6:8, 6:8, 6:8] = 23
+    label[14:20, 14:20, 14:20] = 1  # liver with a hepatic tumour
+    label[16:18, 16:18, 16:18] = 26
+    bone = postprocess_v2(label, mc.condition_vector({"bone lesion": 0.2}, {}))
+    assert not np.isin(bone, (23, 26)).any()  # neither tumour asked for: back to their hosts
+    liver = postprocess_v2(label, mc.condition_vector({"hepatic tumor": 0.2}, {"age": 50}))
+    assert (liver == 26).any() and not (liver == 23).any()

@@ -92,11 +92,12 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     if is_ct != (variant.modality == "ct"):
         raise ValueError(f"--modality {request.modality!r} does not match variant {variant.name} "
                          f"({'CT' if variant.modality == 'ct' else 'MR'})")
-    if (request.mask or request.mask_db or request.organ_sizes) and not variant.has_controlnet:
+    if (request.mask or request.mask_db or request.organ_sizes or request.demographics) and not variant.has_controlnet:
         raise ValueError(f"variant {variant.name} has no ControlNet: --mask, --mask-db and --organ-size need a CT "
                          "variant")
-    if sum(map(bool, (request.mask, request.mask_db, request.organ_sizes))) > 1:
-        raise ValueError("--mask, --mask-db and --organ-size are different workflows: give one of them")
+    if sum(map(bool, (request.mask, request.mask_db, request.organ_sizes or request.demographics))) > 1:
+        raise ValueError("--mask, --mask-db and --organ-size / --demographic are different workflows: give one of "
+                         "them")
     if request.sampler not in ("euler", "ab2"):
         raise ValueError(f"--sampler {request.sampler!r}: choose euler or ab2")
     if request.sampler == "ab2" and not variant.scheduler["_target_"].endswith("RFlowScheduler"):
@@ -121,6 +122,8 @@ def resolve(request: GenerateRequest) -> tuple[Variant, dict]:
     mask_steps = request.mask_steps or mask_opts.pop("default_mask_steps", None) or variant.mask_steps
     if mask_opts["mask_generator"] == "v1" and (mask_steps < 1 or 1000 % mask_steps):
         raise ValueError(f"--mask-steps {mask_steps}: must divide 1000 (DDPM)")
+    if mask_steps < 1:
+        raise ValueError(f"--mask-steps {mask_steps}: must be >= 1")
     return variant, dict(size=size, spacing=spacing, modality_code=code, steps=steps, guidance_scale=guidance,
                          anatomy=anatomy, anatomy_size_db=anatomy_db, mask_steps=mask_steps, sampler=request.sampler,
                          body_region=tuple(request.body_region), **mask_opts)
@@ -165,21 +168,20 @@ def _mask_generator(request: GenerateRequest, variant) -> tuple:
 
     paired = request.workflow == "paired"
     choice = request.mask_generator
-    note = None  # the automatic choice, said once every input has passed its checks
     auto = choice is None and paired and "mask_diffusion" in variant.files and bool(request.weights)
     if auto:  # (the built-in demo keeps v1 unless asked: its v2 generator is a quick CPU-trained toy)
         found = any((Path(request.weights) / f"{variant.v2_mask_file}{ext}").is_file()
                     for ext in (".pt", ".safetensors"))
         choice = "v2" if found else "v1"
-        note = (f"mask generator: {choice} ({variant.v2_mask_file} {'found' if found else 'not found'} in --weights; "
-                "--mask-generator picks)")
+    source = (f"{variant.v2_mask_file} {'found' if choice == 'v2' else 'not found'} in --weights" if auto
+              else "--mask-generator" if request.mask_generator else "default")
     choice = choice or "v1"
     if choice == "v1":
         if request.demographics:
             raise ValueError("--demographic needs the v2 mask generator (--mask-generator v2)")
         if request.mask_guidance_scale is not None:
             raise ValueError("--mask-guidance-scale is for the v2 mask generator (--mask-generator v2)")
-        return variant, {"mask_generator": "v1", "mask_generator_note": note}
+        return variant, {"mask_generator": "v1", "mask_generator_source": source}
     if "mask_diffusion" not in variant.files:
         raise ValueError(f"--mask-generator v2: variant {variant.name} has no mask generator (a CT variant has)")
     organ_sizes = dict(request.organ_sizes)
@@ -194,8 +196,9 @@ def _mask_generator(request: GenerateRequest, variant) -> tuple:
     if guidance < 0:
         raise ValueError(f"--mask-guidance-scale {guidance}: must be >= 0 (0: off)")
     return variant.with_mask_generator("v2"), {
-        "mask_generator": "v2", "mask_condition": mc.condition_vector(organ_sizes, demographics),
-        "mask_guidance_scale": float(guidance), "default_mask_steps": mc.V2_STEPS, "mask_generator_note": note}
+        "mask_generator": "v2", "mask_generator_source": source,
+        "mask_condition": mc.condition_vector(organ_sizes, demographics),
+        "mask_guidance_scale": float(guidance), "default_mask_steps": mc.V2_STEPS}
 
 
 def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = False, *, manifest: str | None = None,
@@ -225,8 +228,9 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         roles += ["mask_autoencoder", "mask_diffusion"]
     weights_dir = _weights_dir(request, variant, roles, opts, dry_run)
     _say_sizes_left_unset(request, opts)
-    if opts.get("mask_generator_note"):
-        print(opts["mask_generator_note"], file=sys.stderr)
+    if "--weights" in opts.get("mask_generator_source", ""):  # the automatic choice, said once the run goes ahead
+        print(f"mask generator: {opts['mask_generator']} ({opts['mask_generator_source']}; --mask-generator "
+              "picks)", file=sys.stderr)
     masks = {}  # the command line's mask (or mask database) is read and checked now; manifest rows' when made
     if request.mask and not manifest:
         masks[_mask_key(request, opts)] = _load_user_mask(request, opts, request.mask)

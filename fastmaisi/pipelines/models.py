@@ -118,6 +118,8 @@ def load_models(variant: Variant, weights_dir: str | Path, roles, device: torch.
         scheduler_def = config.get("noise_scheduler", scheduler_def)
         if "mask_generation_latent_shape" in config:
             extra["mask_latent_shape"] = tuple(config["mask_generation_latent_shape"])
+        if "mask_diffusion" in nets and "mask_diffusion" not in scales and "mask_generation_scale_factor" in config:
+            scales["mask_diffusion"] = float(config["mask_generation_scale_factor"])  # checkpoint without one
     return Models(variant=variant, scheduler_def=scheduler_def, dtype=dtype, files=files, **extra,
                   scale_factor=scales.get("diffusion_unet", 1.0), mask_scale_factor=scales.get("mask_diffusion", 1.0),
                   **nets)
