@@ -133,7 +133,10 @@ def _coerce(value: Any, hint: Any, field: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         options = [a for a in args if a is not type(None)]
         errors = []
-        for option in sorted(options, key=lambda a: a is str):  # str last: "5" is an int where an int is allowed
+        # numbers first ("5" is an int where an int is allowed), then text, then lists ("a.nii.gz" is one path
+        # where a path or a list of paths is allowed; a JSON list still becomes a list)
+        containers = (list, tuple, dict)
+        for option in sorted(options, key=lambda a: (a is dict or typing.get_origin(a) in containers, a is str)):
             try:
                 return _coerce(value, option, field)
             except (ValueError, TypeError) as exc:
