@@ -58,7 +58,7 @@ def made(weights, tmp_path_factory):
                               "--mask", "mask.nii.gz", "--seed", "7", "--max-retries", "0", *GRID])
     finally:
         os.chdir(cwd)
-    assert code == 0
+    assert code in (0, 3)  # 3: written; the random networks fail the HU quality check
     return root / "out", inputs
 
 
@@ -82,7 +82,7 @@ def test_record_reproduces_from_another_folder_under_the_original_name(made, tmp
     assert Path(record["request"]["mask"]).is_absolute() and Path(record["request"]["weights"]).is_absolute()
     monkeypatch.chdir(tmp_path)  # another folder than the one the inputs were named from
     shutil.copy(out / "sample_000007_record.json", tmp_path / "moved.json")
-    assert generate_main(["-o", "again", "--from-record", "moved.json", "-q"]) == 0
+    assert generate_main(["-o", "again", "--from-record", "moved.json", "-q"]) in (0, 3)
     again = tmp_path / "again"
     for kind in ("image", "label"):  # the same volume; the gzip member header is another matter (see docs/trust.md)
         a = gzip.open(out / f"sample_000007_{kind}.nii.gz").read()

@@ -145,7 +145,7 @@ def test_generate_from_totalsegmentator_output_holds_the_liver_as_maisi_1(tmp_pa
     else:
         args = [TS_DATA / "example_seg_fast"]
     code, out = _demo_generate(tmp_path, *args)
-    assert code == 0
+    assert code in (0, 3)  # 3: written; the toy networks may fail the HU quality check
     label = nib.load(out / "sample_000000_label.nii.gz")
     lab = np.asarray(label.dataobj)
     assert (lab == 1).sum() > 1000 and (lab == 200).any()
@@ -257,7 +257,7 @@ def test_generate_from_dicom_folder_keeps_lps_origin(tmp_path):
     _write_dicom_series(tmp_path / "dcm", label.astype(np.int16), ras_affine(spacing, origin), "ct",
                         {"variant": "label", "seed": 0})
     code, out = _demo_generate(tmp_path, tmp_path / "dcm")
-    assert code == 0
+    assert code in (0, 3)
     img = nib.load(out / "sample_000000_image.nii.gz")
     lab = nib.load(out / "sample_000000_label.nii.gz")
     assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
