@@ -19,9 +19,16 @@ then paints tissue there. The steps, in the reference's order (all morphology 3^
 
 "Largest piece" is the reference's rule: 26-connected pieces, and of the piece map (background included) the two
 most frequent values are kept, which is the background and the largest piece unless a piece outnumbers the rest.
+
+Speed (same voxels as scipy's binary morphology and one labelling per organ): the 3^3 cube dilation/erosion is three
+1-D passes of shifted boolean OR/AND, and the organs' pieces are labelled in a thread pool (scipy's labelling
+releases the GIL), each on its organ's box.
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -55,12 +62,59 @@ def bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
     return tuple(out)
 
 
-def _dilate(mask: np.ndarray, times: int = 1) -> np.ndarray:
-    from scipy import ndimage
+def _axis_pairs(ndim: int, axis: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Index tuples of `[1:]` and `[:-1]` along `axis` (the two shifted views of a 1-voxel step)."""
+    hi = tuple(slice(1, None) if a == axis else slice(None) for a in range(ndim))
+    lo = tuple(slice(None, -1) if a == axis else slice(None) for a in range(ndim))
+    return hi, lo
 
+
+def _dilate_once(mask: np.ndarray) -> np.ndarray:
+    """Binary dilation by the 3^3 cube, outside = 0 (= scipy's binary_dilation with it): one 3-wide OR per axis."""
+    out = mask
+    for axis in range(mask.ndim):
+        hi, lo = _axis_pairs(mask.ndim, axis)
+        grown = out.copy()
+        grown[hi] |= out[lo]
+        grown[lo] |= out[hi]
+        out = grown
+    return out if out is not mask else mask.copy()
+
+
+def _erode_once(mask: np.ndarray) -> np.ndarray:
+    """Binary erosion by the 3^3 cube, outside = 0 (= scipy's binary_erosion with it): one 3-wide AND per axis."""
+    out = mask
+    for axis in range(mask.ndim):
+        hi, lo = _axis_pairs(mask.ndim, axis)
+        shrunk = out.copy()
+        shrunk[hi] &= out[lo]
+        shrunk[lo] &= out[hi]
+        edge = [slice(None)] * mask.ndim
+        for end in (0, -1):
+            edge[axis] = end
+            shrunk[tuple(edge)] = False
+        out = shrunk
+    return out if out is not mask else mask.copy()
+
+
+def _close(mask: np.ndarray) -> np.ndarray:
+    """Binary closing by the 3^3 cube, outside = 0 in both steps (= scipy's binary_closing with it)."""
+    return _erode_once(_dilate_once(mask))
+
+
+def _dilate(mask: np.ndarray, times: int = 1) -> np.ndarray:
     for _ in range(times):
-        mask = ndimage.binary_dilation(mask, _CUBE)
+        mask = _dilate_once(mask)
     return mask
+
+
+def _workers() -> int:
+    """Threads for the per-organ labelling: the cores this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on Linux)
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
 
 
 def _dropped_pieces(sub: np.ndarray, volume_size: int | None = None) -> tuple[np.ndarray | None, bool]:
@@ -78,23 +132,31 @@ def _dropped_pieces(sub: np.ndarray, volume_size: int | None = None) -> tuple[np
     keep = values[np.argsort(counts[values])[::-1][:2]]
     if len(values) <= len(keep):
         return None, False
-    kept = pieces == keep[0]
-    kept |= pieces == keep[1]
-    return ~kept, bool(0 not in keep)
+    drop = np.ones(n + 1, bool)
+    drop[keep] = False
+    return drop[pieces], bool(0 not in keep)
 
 
 def _keep_largest(label: np.ndarray, ids, fill: int) -> np.ndarray:
     """The reference's `supress_non_largest_components`: pieces are found on `label` as given, then every dropped
-    voxel of every id becomes `fill`. Returns a new array."""
+    voxel of every id becomes `fill`. Returns a new array. The ids are labelled in a thread pool."""
     from scipy import ndimage
 
-    found = ndimage.find_objects(label.astype(np.int32, copy=False))
+    found = ndimage.find_objects(label if label.dtype.kind in "ui" else label.astype(np.int32))
+    boxes = [found[i - 1] for i in dict.fromkeys(ids) if 0 < i <= len(found) and found[i - 1] is not None]
+    ids = [i for i in dict.fromkeys(ids) if 0 < i <= len(found) and found[i - 1] is not None]
+
+    def one(i_box):
+        i, box = i_box
+        return _dropped_pieces(label[box] == i, label.size)
+
+    if len(boxes) > 1 and _workers() > 1:
+        with ThreadPoolExecutor(min(_workers(), len(boxes))) as pool:
+            results = list(pool.map(one, zip(ids, boxes)))
+    else:
+        results = [one(ib) for ib in zip(ids, boxes)]
     dropped = np.zeros(label.shape, bool)
-    for i in dict.fromkeys(ids):
-        if i > len(found) or found[i - 1] is None:
-            continue
-        box = found[i - 1]
-        sub_dropped, background_too = _dropped_pieces(label[box] == i, label.size)
+    for box, (sub_dropped, background_too) in zip(boxes, results):
         if sub_dropped is not None:
             dropped[box] |= sub_dropped
         if background_too:  # (outside the box: all background of this id)
@@ -109,8 +171,6 @@ def _keep_largest(label: np.ndarray, ids, fill: int) -> np.ndarray:
 def _closing_fill(label: np.ndarray, i: int, box: tuple[slice, ...] | None = None, times: int = 1) -> None:
     """The reference's `organ_fill_by_closing`, `times` times: the mask of `i`, dilated and eroded twice, is written
     as `i` over any label. `box`: a box known to hold every voxel of `i` (found when None)."""
-    from scipy import ndimage
-
     for _ in range(times):
         if box is None:
             box = bounding_box(label == i)
@@ -118,7 +178,7 @@ def _closing_fill(label: np.ndarray, i: int, box: tuple[slice, ...] | None = Non
             return
         grown = tuple(slice(max(s.start - 3, 0), min(s.stop + 3, n)) for s, n in zip(box, label.shape))
         sub = label[grown]
-        closed = ndimage.binary_closing(ndimage.binary_closing(sub == i, _CUBE), _CUBE)
+        closed = _close(_close(sub == i))
         sub[closed] = i
         box = tuple(slice(max(s.start - 2, 0), min(s.stop + 2, n)) for s, n in zip(box, label.shape))
 
@@ -141,11 +201,11 @@ def postprocess_mask(label: np.ndarray, anatomy_sizes) -> np.ndarray:
 
     vessel, airway = label == HEPATIC_VESSEL, label == AIRWAY
     # 1. body: one piece
-    body = ndimage.binary_erosion(label > 0, _CUBE)
+    body = _erode_once(label > 0)
     removed, _ = _dropped_pieces(body)
     if removed is not None:
         body &= ~removed
-    out = np.where(ndimage.binary_dilation(body, _CUBE), label, 0).astype(label.dtype)
+    out = np.where(_dilate_once(body), label, 0).astype(label.dtype)
     # 2. tumours: the others to their host, the requested one closed and (most) in one piece
     target = target_tumour(anatomy_sizes)
     for tumour in TUMOUR_LABELS:
