@@ -70,3 +70,20 @@ def test_shift_morphology_equals_scipys_cube_morphology(shape):
         assert np.array_equal(mp._erode_once(mask), ndimage.binary_erosion(mask, cube))
         assert np.array_equal(mp._close(mask), ndimage.binary_closing(mask, cube))
         assert mp._dilate_once(mask) is not mask
+
+
+def test_sparse_organ_with_far_islands_and_ties():
+    """Islands far apart (empty planes between them: the labelling leaves those planes out) and equal-size pieces
+    (the two-largest rule's tie order must be the previous one's)."""
+    label = np.zeros((60, 50, 40), np.uint8)
+    label[2:58, 2:48, 2:38] = 200
+    label[10:20, 10:20, 10:20] = 1
+    for c in ((3, 3, 3), (40, 45, 35), (55, 4, 20), (30, 30, 3), (50, 40, 30)):
+        label[c[0]:c[0] + 2, c[1]:c[1] + 2, c[2]:c[2] + 2] = 1  # equal islands
+    for c in ((5, 5, 30), (45, 10, 5), (25, 44, 25)):  # an organ made of equal pieces only
+        label[c] = 5
+    label[30:34, 30:34, 30:34] = 4
+    label[52:56, 40:44, 5:9] = 4  # a second equal piece of 4, far away
+    for target, sizes in SIZES.items():
+        assert np.array_equal(mp.postprocess_mask(label, sizes), postprocess_mask_reference(label, sizes))
+    assert mp._occupied_planes(label == 1) is not None

@@ -137,6 +137,19 @@ def _dropped_pieces(sub: np.ndarray, volume_size: int | None = None) -> tuple[np
     return drop[pieces], bool(0 not in keep)
 
 
+def _occupied_planes(mask: np.ndarray) -> tuple[np.ndarray, ...] | None:
+    """Per axis, the plane indices that hold a voxel of `mask` plus the first of each run of empty planes after one:
+    the box with the other empty planes left out has the same 26-connected pieces, numbered in the same (raster)
+    order. None when no plane can go (nothing to gain)."""
+    keep = []
+    for axis in range(mask.ndim):
+        hit = mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))
+        kept = hit.copy()
+        kept[1:] |= hit[:-1]
+        keep.append(np.nonzero(kept)[0])
+    return None if all(len(k) == n for k, n in zip(keep, mask.shape)) else tuple(keep)
+
+
 def _keep_largest(label: np.ndarray, ids, fill: int) -> np.ndarray:
     """The reference's `supress_non_largest_components`: pieces are found on `label` as given, then every dropped
     voxel of every id becomes `fill`. Returns a new array. The ids are labelled in a thread pool."""
@@ -148,7 +161,16 @@ def _keep_largest(label: np.ndarray, ids, fill: int) -> np.ndarray:
 
     def one(i_box):
         i, box = i_box
-        return _dropped_pieces(label[box] == i, label.size)
+        sub = label[box] == i
+        planes = _occupied_planes(sub)
+        if planes is None:
+            return _dropped_pieces(sub, label.size)
+        dropped, background_too = _dropped_pieces(sub[np.ix_(*planes)], label.size)
+        if dropped is None:
+            return None, background_too
+        full = np.full(sub.shape, background_too)  # (the planes left out hold background only)
+        full[np.ix_(*planes)] = dropped
+        return full, background_too
 
     if len(boxes) > 1 and _workers() > 1:
         with ThreadPoolExecutor(min(_workers(), len(boxes))) as pool:
