@@ -211,7 +211,10 @@ def _closing_fill(label: np.ndarray, i: int, box: tuple[slice, ...] | None = Non
 
 def _regrow(label: np.ndarray, i: int, where: np.ndarray) -> None:
     """The reference's `organ_fill_by_removed_mask`: voxels of `where` within 3 voxels of `i` become `i`."""
-    label[_dilate(label == i, 3) & where] = i
+    mask = label == i
+    box = bounding_box(mask, pad=3)  # (all that 3 dilations can reach)
+    sub = label[box]
+    sub[_dilate(mask[box], 3) & where[box]] = i
 
 
 def _ring_mode(label: np.ndarray, tumour: np.ndarray) -> int | None:
