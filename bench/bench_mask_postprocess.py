@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         print(f"--size {args.size}: must be a multiple of 64", file=sys.stderr)
         return 2
     reference = None if args.no_reference else _reference()
-    workers = mp._workers()
+    workers = mp._workers(args.size ** 3)
     rows = []
     for kind in args.maps:
         for target, sizes in SIZES.items():
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             row = {"map": kind, "target": target, "size": args.size, "workers": workers}
             row["ours_s"], ours = _best(lambda: mp.postprocess_mask(label, sizes), args.repeats)
             threads = mp._workers
-            mp._workers = lambda: 1
+            mp._workers = lambda *a: 1
             try:
                 row["ours_1_thread_s"], one = _best(lambda: mp.postprocess_mask(label, sizes), args.repeats)
             finally:

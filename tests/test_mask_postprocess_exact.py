@@ -54,9 +54,11 @@ def test_fast_post_process_equals_the_previous_one(seed, target):
 
 
 def test_one_thread_and_several_agree(monkeypatch):
+    assert 1 <= mp._workers(512 ** 3) <= mp._workers(64 ** 3) <= 16
     label = _noisy_map(7)
+    monkeypatch.setattr(mp, "_workers", lambda *a: 4)
     several = mp.postprocess_mask(label, SIZES[23])
-    monkeypatch.setattr(mp, "_workers", lambda: 1)
+    monkeypatch.setattr(mp, "_workers", lambda *a: 1)
     assert np.array_equal(mp.postprocess_mask(label, SIZES[23]), several)
 
 
@@ -87,3 +89,21 @@ def test_sparse_organ_with_far_islands_and_ties():
     for target, sizes in SIZES.items():
         assert np.array_equal(mp.postprocess_mask(label, sizes), postprocess_mask_reference(label, sizes))
     assert mp._occupied_planes(label == 1) is not None
+
+
+def test_bench_smoke(tmp_path):
+    """bench/bench_mask_postprocess.py at 64^3: rows for every map and request, all identical to the oracle."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_mask_postprocess.py"
+    spec = importlib.util.spec_from_file_location("bench_mask_postprocess", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "pp.json"
+    assert bench.main([str(out), "--size", "64", "--repeats", "1"]) == 0
+    result = json.loads(out.read_text())
+    assert result["all_identical"] and len(result["rows"]) == 6
+    assert all(r["ours_s"] > 0 and r["reference_s"] > 0 and 0 < r["changed_fraction"] < 0.5 for r in result["rows"])
+    assert bench.main([str(out), "--size", "100"]) == 2

@@ -108,13 +108,14 @@ def _dilate(mask: np.ndarray, times: int = 1) -> np.ndarray:
     return mask
 
 
-def _workers() -> int:
-    """Threads for the per-organ labelling: the cores this process may use, at most 8."""
+def _workers(voxels: int = 0) -> int:
+    """Threads for the per-organ labelling of a `voxels`-voxel map: the cores this process may use, at most 16, and
+    at most as many as hold their scratch arrays (~16 bytes a voxel each) in 8 GiB."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # (not on Linux)
         cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    return max(1, min(cores, 16, (8 << 30) // max(16 * voxels, 1)))
 
 
 def _dropped_pieces(sub: np.ndarray, volume_size: int | None = None) -> tuple[np.ndarray | None, bool]:
@@ -176,8 +177,9 @@ def _keep_largest(label: np.ndarray, ids, fill: int) -> np.ndarray:
         i, box = i_box
         return _dropped_pieces_boxed(label[box] == i, label.size)
 
-    if len(boxes) > 1 and _workers() > 1:
-        with ThreadPoolExecutor(min(_workers(), len(boxes))) as pool:
+    workers = min(_workers(label.size), len(boxes))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(one, zip(ids, boxes)))
     else:
         results = [one(ib) for ib in zip(ids, boxes)]
