@@ -1,0 +1,109 @@
+"""The fast mask post-process gives the same voxels as its previous implementation (tests/mask_postprocess_oracle.py:
+scipy binary morphology, one labelling per organ, one thread) on noisy label maps, for every tumour request."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from fastmaisi.pipelines import mask_postprocess as mp
+from mask_postprocess_oracle import postprocess_mask_reference
+
+NOISE_IDS = np.array([1, 3, 4, 5, 10, 12, 13, 19, 23, 24, 25, 26, 27, 28, 29, 33, 37, 62, 128, 132, 200])
+SIZES = {  # requested tumour -> organ-size vector
+    None: [0.1] * 5 + [-1] * 5,
+    23: [0.1] * 5 + [0.01, -1, -1, -1, -1],
+    24: [0.1] * 5 + [-1, 0.01, -1, -1, -1],
+    26: [0.1] * 5 + [-1, -1, 0.01, -1, -1],
+    27: [0.1] * 5 + [-1, -1, -1, 0.01, -1],
+    128: [0.1] * 5 + [-1, -1, -1, -1, 0.01],
+}
+
+
+def _noisy_map(seed: int, shape=(40, 44, 36)) -> np.ndarray:
+    """Body with organ blocks, a vertebra column and bowel, then salt noise and small islands of random labels."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.uint8)
+    label[3:-3, 3:-3, 2:-2] = 200
+    for organ in (1, 3, 4, 12, 13, 19, 28, 29, 62, 37):
+        lo = rng.integers(4, np.array(shape) - 14)
+        hi = lo + rng.integers(4, 11, 3)
+        label[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = organ
+    for tumour in (23, 24, 26, 27, 128):
+        c = rng.integers(6, np.array(shape) - 6)
+        label[c[0] - 1:c[0] + 2, c[1] - 1:c[1] + 1, c[2] - 1:c[2] + 2] = tumour
+    for _ in range(40):  # islands of 1-8 voxels
+        c = rng.integers(0, np.array(shape) - 2)
+        e = rng.integers(1, 3, 3)
+        label[c[0]:c[0] + e[0], c[1]:c[1] + e[1], c[2]:c[2] + e[2]] = rng.choice(NOISE_IDS)
+    noise = rng.random(shape) < rng.choice([0.002, 0.01, 0.03])
+    label[noise] = rng.choice(NOISE_IDS, noise.sum())
+    return label
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("target", list(SIZES))
+def test_fast_post_process_equals_the_previous_one(seed, target):
+    label = _noisy_map(seed)
+    before = label.copy()
+    out = mp.postprocess_mask(label, SIZES[target])
+    assert np.array_equal(label, before)  # the input is not written to
+    assert out.dtype == label.dtype
+    assert np.array_equal(out, postprocess_mask_reference(label, SIZES[target]))
+
+
+def test_one_thread_and_several_agree(monkeypatch):
+    assert 1 <= mp._workers(512 ** 3) <= mp._workers(64 ** 3) <= 16
+    label = _noisy_map(7)
+    monkeypatch.setattr(mp, "_workers", lambda *a: 4)
+    several = mp.postprocess_mask(label, SIZES[23])
+    monkeypatch.setattr(mp, "_workers", lambda *a: 1)
+    assert np.array_equal(mp.postprocess_mask(label, SIZES[23]), several)
+
+
+@pytest.mark.parametrize("shape", [(9, 7, 8), (1, 6, 5), (2, 2, 9), (12,), (5, 6)])
+def test_shift_morphology_equals_scipys_cube_morphology(shape):
+    rng = np.random.default_rng(len(shape))
+    cube = np.ones((3,) * len(shape), bool)
+    for density in (0.2, 0.6, 0.95, 1.0):
+        mask = rng.random(shape) < density
+        assert np.array_equal(mp._dilate_once(mask), ndimage.binary_dilation(mask, cube))
+        assert np.array_equal(mp._erode_once(mask), ndimage.binary_erosion(mask, cube))
+        assert np.array_equal(mp._close(mask), ndimage.binary_closing(mask, cube))
+        assert mp._dilate_once(mask) is not mask
+
+
+def test_sparse_organ_with_far_islands_and_ties():
+    """Islands far apart (empty planes between them: the labelling leaves those planes out) and equal-size pieces
+    (the two-largest rule's tie order must be the previous one's)."""
+    label = np.zeros((60, 50, 40), np.uint8)
+    label[2:58, 2:48, 2:38] = 200
+    label[10:20, 10:20, 10:20] = 1
+    for c in ((3, 3, 3), (40, 45, 35), (55, 4, 20), (30, 30, 3), (50, 40, 30)):
+        label[c[0]:c[0] + 2, c[1]:c[1] + 2, c[2]:c[2] + 2] = 1  # equal islands
+    for c in ((5, 5, 30), (45, 10, 5), (25, 44, 25)):  # an organ made of equal pieces only
+        label[c] = 5
+    label[30:34, 30:34, 30:34] = 4
+    label[52:56, 40:44, 5:9] = 4  # a second equal piece of 4, far away
+    for target, sizes in SIZES.items():
+        assert np.array_equal(mp.postprocess_mask(label, sizes), postprocess_mask_reference(label, sizes))
+    assert mp._occupied_planes(label == 1) is not None
+
+
+def test_bench_smoke(tmp_path):
+    """bench/bench_mask_postprocess.py at 64^3: rows for every map and request, all identical to the oracle."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_mask_postprocess.py"
+    spec = importlib.util.spec_from_file_location("bench_mask_postprocess", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "pp.json"
+    assert bench.main([str(out), "--size", "64", "--repeats", "1"]) == 0
+    result = json.loads(out.read_text())
+    assert result["all_identical"] and len(result["rows"]) == 6
+    assert all(r["ours_s"] > 0 and r["reference_s"] > 0 and 0 < r["changed_fraction"] < 0.5 for r in result["rows"])
+    assert bench.main([str(out), "--size", "100"]) == 2
