@@ -97,8 +97,8 @@ def _plan_split(ops, slots, in_shape, out_channels, devices: Sequence, budget: i
                 a, b = band(op.src)
                 held += (max(a - need[0], 0) + max(need[1] - b, 0)) * pl.row_bytes(op.src)  # halo rows
             a, b = band(op.dst)
-            top = max(1, min(b - a, pl.max_rows(k), -(-_SLAB_VOXELS // max(math.prod(slots[op.dst].spatial[1:]), 1))
-                             if cuda else b - a))
+            cap = -(-_SLAB_VOXELS // max(math.prod(slots[op.dst].spatial[1:]), 1))  # wider slabs gain nothing
+            top = max(1, b - a if fill is None else min(b - a, pl.max_rows(k), cap))
             if fill is None:
                 r = top
             else:

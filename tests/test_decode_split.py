@@ -1,0 +1,109 @@
+"""fastmaisi.decode.split: the decode split along D (several devices of one process, or gloo processes) equals the
+whole-volume `vae.decode`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fastmaisi.decode import decode_latent
+from fastmaisi.decode import split
+from fastmaisi.decode.split import _band
+from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_decode import TINY, TINY_MASK, _randomised, _rel  # noqa: E402
+
+SHAPE = (1, 4, 11, 7, 9)  # odd sizes: the bands do not line up across resolutions (latent 11 rows, image 44)
+
+
+def _nets():
+    return {"vae": _randomised(AutoencoderKlMaisi(**TINY)), "mask_vae": _randomised(AutoencoderKlMaisi(**TINY_MASK), 1)}
+
+
+def _latent(shape=SHAPE):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(2))
+
+
+SLAB_VOXELS = 3 * 28 * 36  # three rows of the 44x28x36 image per slab: 15 slabs per part (5 with 3 parts) or more
+BUDGET = 64 << 20
+
+
+@pytest.fixture(autouse=True)
+def _thin_slabs(monkeypatch):
+    monkeypatch.setattr(split, "_SLAB_VOXELS", SLAB_VOXELS)
+
+
+def _check_slabs(plan, parts: int) -> None:
+    slabs = [-(-(b - a) // r) for (a, b), r in zip(plan.bands, plan.slab_rows)]
+    assert len(slabs) == parts and min(slabs) >= 4 and sum(slabs) >= 8, slabs
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return _nets()
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("net", ["vae", "mask_vae"])
+def test_in_process_split_equals_whole_volume(nets, net, parts):
+    vae, z = nets[net], _latent()
+    with torch.no_grad():
+        ref = vae.decode(z)
+    y, plan = decode_latent(vae, z, BUDGET, devices=["cpu"] * parts, return_plan=True)
+    _check_slabs(plan, parts)
+    assert _rel(y, ref) < 1e-5
+    assert len(plan.bands) == parts and plan.bands[0][0] == 0 and plan.bands[-1][1] == ref.shape[2]
+    assert "rows" in plan.describe() and "estimated peak" in str(plan)
+
+
+def test_bands_cover_the_axis_once():
+    for n in (1, 2, 11, 44, 97):
+        for parts in (1, 2, 3, 5):
+            bands = [_band(n, p, parts) for p in range(parts)]
+            assert bands[0][0] == 0 and bands[-1][1] == n
+            assert all(b0[1] == b1[0] for b0, b1 in zip(bands, bands[1:]))
+            assert max(b - a for a, b in bands) - min(b - a for a, b in bands) <= 1
+
+
+def test_more_parts_than_latent_rows(nets):
+    """Empty bands at the latent level (2 rows, 3 parts) still give the whole-volume decode."""
+    vae, z = nets["vae"], _latent((2, 4, 2, 5, 3))
+    with torch.no_grad():
+        ref = vae.decode(z)
+    assert _rel(decode_latent(vae, z, devices=["cpu"] * 3), ref) < 1e-5
+
+
+def test_a_budget_too_small_for_the_bands_says_so(nets):
+    with pytest.raises(ValueError, match="too small for a split decode"):
+        decode_latent(nets["vae"], _latent(), 1 << 12, devices=["cpu", "cpu"])
+
+
+def _worker(rank: int, world: int, init: str, net: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    split._SLAB_VOXELS = SLAB_VOXELS
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        vae = _nets()[net]
+        y, plan = decode_latent(vae, _latent(), BUDGET, group=dist.group.WORLD, return_plan=True)
+        _check_slabs(plan, world)
+        torch.save(y, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("net,world", [("vae", 2), ("mask_vae", 3)])
+def test_gloo_processes_split_equals_whole_volume(tmp_path, nets, net, world):
+    vae, z = nets[net], _latent()
+    with torch.no_grad():
+        ref = vae.decode(z)
+    mp.start_processes(_worker, args=(world, f"file://{tmp_path / 'rendezvous'}", net, str(tmp_path / "y")),
+                       nprocs=world, join=True, start_method="fork")  # fork: no re-import of torch per process
+    for rank in range(world):  # every rank returns the whole volume
+        assert _rel(torch.load(tmp_path / f"y.{rank}"), ref) < 1e-5
