@@ -3,6 +3,7 @@ whole-volume `vae.decode`."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -17,6 +18,7 @@ from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_decode import TINY, TINY_MASK, _randomised, _rel  # noqa: E402
+from test_generate import run, weights  # noqa: E402,F401  (a tiny weights folder; the CLI runner)
 
 SHAPE = (1, 4, 11, 7, 9)  # odd sizes: the bands do not line up across resolutions (latent 11 rows, image 44)
 
@@ -107,3 +109,26 @@ def test_gloo_processes_split_equals_whole_volume(tmp_path, nets, net, world):
                        nprocs=world, join=True, start_method="fork")  # fork: no re-import of torch per process
     for rank in range(world):  # every rank returns the whole volume
         assert _rel(torch.load(tmp_path / f"y.{rank}"), ref) < 1e-5
+
+
+def test_generate_decode_devices_option(weights, tmp_path, capsys):
+    """`generate --decode-devices cpu,cpu`: the same volume as the one-device decode; --dry-run prints the split;
+    a device the machine lacks: exit 2, one line, nothing written."""
+    import nibabel as nib
+    import numpy as np
+
+    assert run(weights, tmp_path / "one", "--device", "cpu") == 0
+    assert run(weights, tmp_path / "two", "--device", "cpu", "--decode-devices", "cpu,cpu") == 0
+    name = "sample_000000_image.nii.gz"
+    a = np.asarray(nib.load(tmp_path / "one" / name).dataobj).astype(int)
+    b = np.asarray(nib.load(tmp_path / "two" / name).dataobj).astype(int)
+    assert a.std() > 0 and np.abs(a - b).max() <= 1  # fp32, then rounded to whole HU
+    record = json.loads((tmp_path / "two" / "sample_000000_record.json").read_text())
+    assert "split along D over 2 parts" in record["decode_plan"]
+    capsys.readouterr()
+    assert run(weights, tmp_path / "dry", "--device", "cpu", "--decode-devices", "cpu,cpu", "--dry-run") == 0
+    text = capsys.readouterr().out
+    assert "split along D over 2 parts" in text and "cpu: rows 0-" in text and not (tmp_path / "dry").exists()
+    assert run(weights, tmp_path / "bad", "--device", "cpu", "--decode-devices", "cuda:7") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--decode-devices" in err[0] and not (tmp_path / "bad").exists()

@@ -87,7 +87,7 @@ def _plan_split(ops, slots, in_shape, out_channels, devices: Sequence, budget: i
     out_bytes = pl.size(n - 1)  # the gathered output
     rows, peaks = [], []
     for p in range(P):
-        r_p, peak_p = [], 0
+        r_p, peak_p, least = [], 0, 0
         for k, op in enumerate(ops):
             band = lambda s: _band(slots[s].spatial[0], p, P)  # noqa: E731
             live = _live(ops, last, k)
@@ -99,19 +99,22 @@ def _plan_split(ops, slots, in_shape, out_channels, devices: Sequence, budget: i
             a, b = band(op.dst)
             cap = -(-_SLAB_VOXELS // max(math.prod(slots[op.dst].spatial[1:]), 1))  # wider slabs gain nothing
             top = max(1, b - a if fill is None else min(b - a, pl.max_rows(k), cap))
+            least = max(least, held + work + pl.ws(k, 1, place))
             if fill is None:
                 r = top
+            elif held + work + pl.ws(k, 1, place) > fill:
+                r = 1
             else:
-                if held + work + pl.ws(k, 1, place) > fill:
-                    need_b = int((held + work + pl.ws(k, 1, place)) / (_PLAN_FRACTION if cuda else 1)) + 1
-                    raise ValueError(
-                        f"memory_budget_bytes={budget} per device is too small for a split decode of "
-                        f"{tuple(in_shape)} over {P} parts: part {p} needs at least {need_b} bytes ({need_b / _GiB:.3f} GiB; every "
-                        f"activation's band stays on its device); use more devices, a larger budget, or the "
-                        f"one-device decode, which can keep activations in host memory")
                 r = pl._widest(k, 1, top, held + work, fill, place)
             r_p.append(r)
             peak_p = max(peak_p, held + work + pl.ws(k, r, place))
+        if fill is not None and least > fill:
+            need_b = int(least / (_PLAN_FRACTION if cuda else 1)) + 1
+            raise ValueError(
+                f"memory_budget_bytes={budget} per device is too small for a split decode of {tuple(in_shape)} over "
+                f"{P} parts: part {p} needs at least {need_b} bytes ({need_b / _GiB:.3f} GiB; every activation's "
+                f"band stays on its device); use more devices, a larger budget, or the one-device decode, which can "
+                f"keep activations in host memory")
         rows.append(r_p)
         peaks.append(int(max(peak_p, 2 * out_bytes + work)))  # the end: the output gathered, bands joined
     out_shape = (B, out_channels, *slots[-1].spatial)

@@ -52,7 +52,7 @@ def decode_to_unit(models: Models, latent: torch.Tensor, memory_budget_bytes: in
 
     z = latent / models.scale_factor
     image = decode_latent(models.autoencoder, z.to(models.dtype), memory_budget_bytes=memory_budget_bytes,
-                          progress=progress)
+                          progress=progress, devices=models.decode_devices)
     return image.float().clamp_(0.0, 1.0)
 
 

@@ -40,6 +40,7 @@ class GenerateRequest:
     max_retries: int = 2
     device: str = "auto"
     memory_budget_gb: float | None = None
+    decode_devices: tuple[str, ...] | None = None  # split the decode along D over these devices (budget per device)
     overwrite: bool = False
     fmt: str = "nifti"
     sampler: str = "euler"  # "euler" (the reference's) or "ab2" (rectified flow only; faster, not bit-compatible)
@@ -138,11 +139,12 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     stems = {i: f"sample_{request.seed + i:06d}" for i in indices}  # seed-named: no two ranks write the same file
     device = _device(request.device, local_rank if world > 1 else None)
     budget = int(request.memory_budget_gb * 2**30) if request.memory_budget_gb else None
+    decode_devices = _decode_devices(request.decode_devices)
     if dry_run:
         from fastmaisi.pipelines.estimate import sampling_plan
 
         print(f"Plan (dry run: nothing is written)\n{sampling_plan(variant, workflow, opts, device)}\n"
-              f"{_decode_plan(opts, device, budget, variant=variant).describe()}")
+              f"{_decode_plan(opts, device, budget, variant=variant, devices=decode_devices).describe()}")
         return []
     io.check_output_dir(request.output_dir, list(stems.values()), overwrite=request.overwrite)
 
@@ -150,7 +152,8 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
     models = model_io.load_models(variant, weights_dir, roles, device=device, dtype=dtype,
                                   network_config=request.network_config)
     models.cuda_graphs = request.cuda_graphs
-    plan = _plan_text(opts, device, budget, models.autoencoder)
+    models.decode_devices = decode_devices
+    plan = _plan_text(opts, device, budget, models.autoencoder, devices=decode_devices)
     results = []
     for i, stem in stems.items():
         attempts = []
@@ -294,14 +297,34 @@ def _weights_dir(request: GenerateRequest, variant, roles, opts, dry_run: bool) 
     return DEMO_WEIGHTS_DIR
 
 
-def _plan_text(opts, device, budget, vae=None, variant=None) -> str:
+def _decode_devices(names):
+    """--decode-devices as torch devices (None: the one-device decode); each checked to exist."""
+    if not names:
+        return None
+    import torch
+
+    devices = []
+    for name in names:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not (
+                torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count())):
+            raise ValueError(f"--decode-devices {','.join(names)}: {name!r} is not a device of this machine")
+        devices.append(torch.device("cuda", 0) if dev.type == "cuda" and dev.index is None else dev)
+    return devices
+
+
+def _plan_text(opts, device, budget, vae=None, variant=None, devices=None) -> str:
     """Steps and the decode's memory/time plan, for the record."""
-    plan = _decode_plan(opts, device, budget, vae, variant)
+    plan = _decode_plan(opts, device, budget, vae, variant, devices)
     return f"{opts['steps']} sampling steps at latent {tuple(plan.input_shape[2:])} on {device}. {plan.describe()}"
 
 
-def _decode_plan(opts, device, budget, vae=None, variant=None):
-    """The decode's plan (of `vae`, else of the variant's autoencoder built without weights)."""
+def _decode_plan(opts, device, budget, vae=None, variant=None, devices=None):
+    """The decode's plan (of `vae`, else of the variant's autoencoder built without weights); with `devices`, the
+    plan of the decode split over them."""
     import torch
 
     from fastmaisi.decode import plan_decode
@@ -314,6 +337,10 @@ def _decode_plan(opts, device, budget, vae=None, variant=None):
 
     latent = (1, 4, *[s // 4 for s in opts["size"]])
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if devices:
+        from fastmaisi.decode.split import plan_split
+
+        return plan_split(latent, devices, budget, dtype, vae=vae)
     return plan_decode(latent, device, budget, dtype, vae=vae)
 
 

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-retries", type=int, default=2, help="quality-check retries with a new seed")
     p.add_argument("-d", "--device", default="auto", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--memory-budget-gb", type=float, help="GPU memory the decode may use (default: what is free)")
+    p.add_argument("--decode-devices", type=lambda s: tuple(d.strip() for d in s.split(",") if d.strip()),
+                   help="split the exact decode along D over these devices, e.g. cuda:0,cuda:1 (budget per device)")
     p.add_argument("--format", choices=["nifti", "dicom"], default="nifti")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--from-record", help="reproduce the volume of a JSON record written by an earlier run")
@@ -94,6 +96,7 @@ def request_from_args(args):
         organ_sizes=dict(args.organ_size), workflow_name=args.workflow, steps=args.steps, mask_steps=args.mask_steps,
         guidance_scale=args.guidance_scale, seed=args.seed, num_samples=args.num_samples,
         max_retries=args.max_retries, device=args.device, memory_budget_gb=args.memory_budget_gb,
+        decode_devices=args.decode_devices,
         overwrite=args.overwrite, fmt=args.format, sampler=args.sampler,
         cuda_graphs=args.cuda_graphs)
 
