@@ -15,7 +15,8 @@ A shape whose split plan does not fit the per-GPU budget is reported with the pl
 
 Run on a 2-GPU machine from the repository root:
     python3 bench/bench_split_decode.py --out bench_split_decode.json
-        [--devices cuda:0,cuda:1] [--budget-gb 70] [--one-gpu-budget-gb 12] [--sections split one_gpu torchrun reference]
+        [--devices cuda:0,cuda:1] [--budget-gb 70] [--one-gpu-budget-gb 12]
+        [--sections split one_gpu torchrun reference]
 CPU smoke run of the same code paths (tiny autoencoder, small latents, gloo):
     python3 bench/bench_split_decode.py --out /tmp/split.json --tiny
 """
@@ -256,7 +257,6 @@ def monai_reference(vae, z, roi, overlap, splits, dev) -> dict:
                                    sw_device=dev, device=torch.device("cpu"), progress=False)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         _, times, peaks = timed(lambda: inferer(network=ref.decode_stage_2_outputs, inputs=z.float()), [dev], 1)
-    del ref
     return {"what": "reference decode (MONAI SlidingWindowInferer, NVIDIA preset)", "window": list(roi),
             "overlap": overlap, "splits": splits, "s": times, "peak_GiB": peaks}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Sequence
@@ -274,26 +273,22 @@ def _from_wire(t: torch.Tensor) -> torch.Tensor:
 
 
 def _run_local(parts: list[_Part], progress: bool):
-    """All parts in this process: halos by copies between devices, statistics merged on the first device; on
-    CUDA each part's ops are launched from its own thread, so the devices compute at the same time."""
+    """All parts in this process: halos by copies between devices, statistics merged on the first device. Nothing
+    here waits for a GPU (kernel launches, copies between devices and the statistics stay asynchronous), so on CUDA
+    the host queues one part's slabs after the other's and the devices compute at the same time."""
     ops, slots, P = parts[0].ops, parts[0].slots, len(parts)
-    pool = ThreadPoolExecutor(P) if all(p.device.type == "cuda" for p in parts) and P > 1 else None
-    try:
-        for k, op in enumerate(tqdm(ops, desc="decode (split)", unit="op", leave=False, disable=not progress)):
-            for p, q, lo, hi in _halo_pieces(ops, slots, k, P):
-                rows = parts[p].run.stores[op.src].rows(lo, hi)
-                parts[q].run.stores[op.src].halo.append((lo, rows.to(parts[q].device)))
-            stats = list(pool.map(lambda part: part.compute(k), parts)) if pool else [part.compute(k) for part in parts]
-            if slots[op.dst].groups is not None:
-                d0 = parts[0].device
-                n, mean, m2 = _merge([(s[0], s[1].to(d0), s[2].to(d0)) if s[1] is not None else s for s in stats])
-                for part in parts:
-                    part.run.stores[op.dst].stats = (n, mean.to(part.device), m2.to(part.device))
+    for k, op in enumerate(tqdm(ops, desc="decode (split)", unit="op", leave=False, disable=not progress)):
+        for p, q, lo, hi in _halo_pieces(ops, slots, k, P):
+            rows = parts[p].run.stores[op.src].rows(lo, hi)
+            parts[q].run.stores[op.src].halo.append((lo, rows.to(parts[q].device, non_blocking=True)))
+        stats = [part.compute(k) for part in parts]
+        if slots[op.dst].groups is not None:
+            d0 = parts[0].device
+            n, mean, m2 = _merge([(s[0], s[1].to(d0), s[2].to(d0)) if s[1] is not None else s for s in stats])
             for part in parts:
-                part.release_after(k)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+                part.run.stores[op.dst].stats = (n, mean.to(part.device), m2.to(part.device))
+        for part in parts:
+            part.release_after(k)
 
 
 def _run_group(part: _Part, group, progress: bool):
