@@ -63,6 +63,29 @@ def test_in_process_split_equals_whole_volume(nets, net, parts):
     assert "rows" in plan.describe() and "estimated peak" in str(plan)
 
 
+def _least_budget(vae, parts: int) -> int:
+    """The least budget (from a ladder of 10 % steps) that the split planner accepts: large activations on the host."""
+    budget = 1 << 16
+    while True:
+        try:
+            plan = split.plan_split(SHAPE, ["cpu"] * parts, budget, torch.float32, vae)
+        except ValueError:
+            budget = int(budget * 1.1)
+            continue
+        assert "host" in plan._place and plan.host_bytes[0] > 0 and "of host memory" in str(plan)
+        return budget
+
+
+@pytest.mark.parametrize("net", ["vae", "mask_vae"])
+def test_host_bands_are_exact(nets, net):
+    """Under a budget too small for every band on the device, the largest bands go to host memory: same result."""
+    vae, z = nets[net], _latent()
+    with torch.no_grad():
+        ref = vae.decode(z)
+    y = decode_latent(vae, z, _least_budget(vae, 2), devices=["cpu", "cpu"])
+    assert _rel(y, ref) < 1e-5
+
+
 def test_bands_cover_the_axis_once():
     for n in (1, 2, 11, 44, 97):
         for parts in (1, 2, 3, 5):
@@ -85,7 +108,7 @@ def test_a_budget_too_small_for_the_bands_says_so(nets):
         decode_latent(nets["vae"], _latent(), 1 << 12, devices=["cpu", "cpu"])
 
 
-def _worker(rank: int, world: int, init: str, net: str, out: str) -> None:
+def _worker(rank: int, world: int, init: str, net: str, out: str, host: bool) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -93,19 +116,21 @@ def _worker(rank: int, world: int, init: str, net: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         vae = _nets()[net]
-        y, plan = decode_latent(vae, _latent(), BUDGET, group=dist.group.WORLD, return_plan=True)
+        budget = _least_budget(vae, world) if host else BUDGET
+        y, plan = decode_latent(vae, _latent(), budget, group=dist.group.WORLD, return_plan=True)
         _check_slabs(plan, world)
+        assert ("host" in plan._place) == host
         torch.save(y, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("net,world", [("vae", 2), ("mask_vae", 3)])
-def test_gloo_processes_split_equals_whole_volume(tmp_path, nets, net, world):
+@pytest.mark.parametrize("net,world,host", [("vae", 2, False), ("mask_vae", 3, False), ("vae", 2, True)])
+def test_gloo_processes_split_equals_whole_volume(tmp_path, nets, net, world, host):
     vae, z = nets[net], _latent()
     with torch.no_grad():
         ref = vae.decode(z)
-    mp.start_processes(_worker, args=(world, f"file://{tmp_path / 'rendezvous'}", net, str(tmp_path / "y")),
+    mp.start_processes(_worker, args=(world, f"file://{tmp_path / 'rendezvous'}", net, str(tmp_path / "y"), host),
                        nprocs=world, join=True, start_method="fork")  # fork: no re-import of torch per process
     for rank in range(world):  # every rank returns the whole volume
         assert _rel(torch.load(tmp_path / f"y.{rank}"), ref) < 1e-5

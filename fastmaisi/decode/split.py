@@ -23,8 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fastmaisi.decode.execute import _Run
-from fastmaisi.decode.plan import (GPU, _CUDA_WORKSPACE, _GiB, _PLAN_FRACTION, _SLAB_VOXELS, _Planner, _default_budget,
-                                   _live, _vae_for_plan, format_seconds)
+from fastmaisi.decode.host_memory import _host_buffer, _host_release
+from fastmaisi.decode.plan import (GPU, HOST, _CUDA_WORKSPACE, _GiB, _PLAN_FRACTION, _SLAB_VOXELS, _Planner,
+                                   _default_budget, _host_available, _live, _vae_for_plan, format_seconds)
 from fastmaisi.decode.program import _compile, _in_rows, _shapes
 from fastmaisi.nets.blocks import group_moments
 
@@ -56,14 +57,18 @@ class SplitPlan:
     peaks: list[int]
     slab_rows: list[int]  # rows per slab of the full-resolution ops, per part
     est_seconds: float
+    host_bytes: list[int] = field(default_factory=list)  # per part: bands of activations kept in host memory
     _rows: list[list[int]] = field(default_factory=list, repr=False)  # per part, per op
+    _place: list[str] = field(default_factory=list, repr=False)  # per slot: GPU (the device) or HOST
 
     def describe(self) -> str:
         size = lambda n: f"{n / _GiB:.2f} GiB" if n >= _GiB else f"{n / (1 << 20):.1f} MiB"  # noqa: E731
         budget = ("no budget" if self.memory_budget_bytes is None
                   else f"a budget of {size(self.memory_budget_bytes)} per device")
         per = "; ".join(f"{d}: rows {a}-{b - 1} ({b - a} rows, slabs of {r}), estimated peak {size(p)}"
-                        for d, (a, b), r, p in zip(self.devices, self.bands, self.slab_rows, self.peaks))
+                        + (f" and {size(h)} of host memory" if h else "")
+                        for d, (a, b), r, p, h in zip(self.devices, self.bands, self.slab_rows, self.peaks,
+                                                      self.host_bytes or [0] * len(self.devices)))
         return (f"Decode {tuple(self.input_shape)} -> {tuple(self.output_shape)} "
                 f"({str(self.dtype).replace('torch.', '')}) split along D over {len(self.devices)} parts with "
                 f"{budget}, halo rows exchanged and GroupNorm statistics merged across parts: {per}. "
@@ -72,25 +77,17 @@ class SplitPlan:
     __str__ = describe
 
 
-def _plan_split(ops, slots, in_shape, out_channels, devices: Sequence, budget: int | None, dtype) -> SplitPlan:
-    """Rows per slab per part and op: the widest slab whose live bands and temporaries fit the per-device budget."""
-    _shapes(ops, slots, in_shape[2:])
-    B, P, n = in_shape[0], len(devices), len(slots)
-    esz = torch.empty((), dtype=dtype).element_size()
-    cuda = torch.device(devices[0]).type == "cuda"
-    pl = _Planner(ops, slots, B, B, esz, "cuda" if cuda else "cpu")
-    place = [GPU] * n
-    last = [s.last_use for s in slots]
-    fill = None if budget is None else (int(budget * _PLAN_FRACTION) if cuda else budget)
-    work = _CUDA_WORKSPACE + (budget or 0) // 32 if cuda else 0
+def _tile_parts(ops, slots, pl: _Planner, place: list[str], P: int, fill: int | None, work: int):
+    """Per part: rows per slab of each op, estimated peak, and the least memory any op needs (one-row slabs) with
+    the op that needs it. Bands of activations placed on the host are not counted; their slabs' copies are."""
+    n, last = len(slots), [s.last_use for s in slots]
     out_bytes = pl.size(n - 1)  # the gathered output
-    rows, peaks = [], []
+    parts = []
     for p in range(P):
-        r_p, peak_p, least = [], 0, 0
+        band = lambda s: _band(slots[s].spatial[0], p, P)  # noqa: E731
+        r_p, peak_p, least = [], 0, (0, 0)
         for k, op in enumerate(ops):
-            band = lambda s: _band(slots[s].spatial[0], p, P)  # noqa: E731
-            live = _live(ops, last, k)
-            held = sum((band(s)[1] - band(s)[0]) * pl.row_bytes(s) for s in live)
+            held = sum((band(s)[1] - band(s)[0]) * pl.row_bytes(s) for s in _live(ops, last, k) if place[s] == GPU)
             need = _need(op, p, P, slots)
             if need is not None and op.src != 0:
                 a, b = band(op.src)
@@ -98,7 +95,7 @@ def _plan_split(ops, slots, in_shape, out_channels, devices: Sequence, budget: i
             a, b = band(op.dst)
             cap = -(-_SLAB_VOXELS // max(math.prod(slots[op.dst].spatial[1:]), 1))  # wider slabs gain nothing
             top = max(1, b - a if fill is None else min(b - a, pl.max_rows(k), cap))
-            least = max(least, held + work + pl.ws(k, 1, place))
+            least = max(least, (held + work + pl.ws(k, 1, place), k))
             if fill is None:
                 r = top
             elif held + work + pl.ws(k, 1, place) > fill:
@@ -107,22 +104,53 @@ def _plan_split(ops, slots, in_shape, out_channels, devices: Sequence, budget: i
                 r = pl._widest(k, 1, top, held + work, fill, place)
             r_p.append(r)
             peak_p = max(peak_p, held + work + pl.ws(k, r, place))
-        if fill is not None and least > fill:
-            need_b = int(least / (_PLAN_FRACTION if cuda else 1)) + 1
+        parts.append((r_p, int(max(peak_p, 2 * out_bytes + work)), least))  # the end: the output gathered
+    return parts
+
+
+def _plan_split(ops, slots, in_shape, out_channels, devices: Sequence, budget: int | None, dtype) -> SplitPlan:
+    """Rows per slab per part and op: the widest slab whose live bands and temporaries fit the per-device budget.
+    When even one-row slabs do not fit, the largest activation live at the op that needs most goes to host memory
+    (its band page-locked, its slabs copied in and out), one at a time, until every op fits."""
+    _shapes(ops, slots, in_shape[2:])
+    B, P, n = in_shape[0], len(devices), len(slots)
+    esz = torch.empty((), dtype=dtype).element_size()
+    cuda = torch.device(devices[0]).type == "cuda"
+    pl = _Planner(ops, slots, B, B, esz, "cuda" if cuda else "cpu")
+    place = [GPU] * n
+    fill = None if budget is None else (int(budget * _PLAN_FRACTION) if cuda else budget)
+    work = _CUDA_WORKSPACE + (budget or 0) // 32 if cuda else 0
+    last = [s.last_use for s in slots]
+    while True:
+        parts = _tile_parts(ops, slots, pl, place, P, fill, work)
+        (need, k), p = max((part[2], i) for i, part in enumerate(parts))
+        if fill is None or need <= fill:
+            break
+        band = lambda s: _band(slots[s].spatial[0], p, P)  # noqa: E731
+        movable = [s for s in _live(ops, last, k) if place[s] == GPU and 0 < s < n - 1]
+        if not movable:
+            need_b = int(need / (_PLAN_FRACTION if cuda else 1)) + 1
             raise ValueError(
                 f"memory_budget_bytes={budget} per device is too small for a split decode of {tuple(in_shape)} over "
-                f"{P} parts: part {p} needs at least {need_b} bytes ({need_b / _GiB:.3f} GiB; every activation's "
-                f"band stays on its device); use more devices, a larger budget, or the one-device decode, which can "
-                f"keep activations in host memory")
-        rows.append(r_p)
-        peaks.append(int(max(peak_p, 2 * out_bytes + work)))  # the end: the output gathered, bands joined
+                f"{P} parts: part {p} needs at least {need_b} bytes ({need_b / _GiB:.3f} GiB) with every large "
+                f"activation in host memory; use more devices or a larger budget")
+        place[max(movable, key=lambda s: (band(s)[1] - band(s)[0]) * pl.row_bytes(s))] = HOST
     out_shape = (B, out_channels, *slots[-1].spatial)
     full = [slots[op.dst].spatial[0] for op in ops]
-    secs = max(pl.costs(place, [max(1, min(r, f)) for r, f in zip(rows[p], full)], full)[0] for p in range(P)) / P
+    gpu = [slots[s].spatial[0] if place[s] == GPU else 0 for s in range(n)]
+    secs = max(pl.costs(place, [max(1, min(r, f)) for r, f in zip(part[0], full)], gpu)[0] for part in parts) / P
     top_k = max(range(len(ops)), key=lambda k: slots[ops[k].dst].spatial[0])
+    host = [sum((_band(slots[s].spatial[0], p, P)[1] - _band(slots[s].spatial[0], p, P)[0]) * pl.row_bytes(s)
+                for s in range(n) if place[s] == HOST) for p in range(P)]
+    limit = _host_available() if cuda and any(host) else None
+    if limit is not None and sum(host) > limit:
+        raise ValueError(
+            f"memory_budget_bytes={budget} per device: a split decode of {tuple(in_shape)} over {P} parts would keep "
+            f"{sum(host) / _GiB:.1f} GiB in page-locked host memory and {limit / _GiB:.1f} GiB is available; use a "
+            f"larger budget or more devices")
     return SplitPlan(tuple(in_shape), out_shape, [str(d) for d in devices], dtype, budget,
-                     [_band(out_shape[2], p, P) for p in range(P)], peaks, [rows[p][top_k] for p in range(P)], secs,
-                     rows)
+                     [_band(out_shape[2], p, P) for p in range(P)], [part[1] for part in parts],
+                     [part[0][top_k] for part in parts], secs, host, [part[0] for part in parts], place)
 
 
 def plan_split(latent_shape: Sequence[int], devices: Sequence[str | torch.device],
@@ -138,11 +166,12 @@ def plan_split(latent_shape: Sequence[int], devices: Sequence[str | torch.device
 
 
 class _BandStore:
-    """An activation's rows owned by one part (`own`, rows [a, b)) and the halo rows received for the next read;
-    `read(lo, hi)` returns rows [lo, hi) in global coordinates, as `_Run.slab` reads stores."""
+    """An activation's rows owned by one part (`own`, rows [a, b): on the part's device, or in host memory) and the
+    halo rows received for the next read; `read(lo, hi)` returns rows [lo, hi) in whole-volume row numbers on the
+    part's device, as `_Run.slab` reads stores."""
 
-    def __init__(self, own: torch.Tensor, a: int):
-        self.own, self.a, self.halo, self.stats = own, a, [], None
+    def __init__(self, own: torch.Tensor, a: int, device: torch.device, buf: torch.Tensor | None = None):
+        self.own, self.a, self.device, self.buf, self.halo, self.stats = own, a, device, buf, [], None
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
         pieces = sorted([(self.a, self.own)] + self.halo, key=lambda e: e[0])
@@ -154,13 +183,29 @@ class _BandStore:
                 at = min(hi, e)
         if at != hi:
             raise RuntimeError(f"rows [{lo}, {hi}) not held by this part (missing halo)")
+        # host rows: copied on the compute stream, after the writes that filled them (also on it)
+        out = [t.to(self.device, non_blocking=True) for t in out]
         return out[0] if len(out) == 1 else torch.cat(out, 2)
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
-        return self.own[:, :, lo - self.a : hi - self.a]
+        """Own rows [lo, hi) on the part's device (for a neighbour's halo)."""
+        return self.own[:, :, lo - self.a : hi - self.a].to(self.device, non_blocking=True)
 
     def release(self) -> None:
-        self.own, self.halo = None, []
+        if self.buf is not None:  # back to the pool once this device's copies from and to it are done
+            torch.cuda.current_stream(self.device).synchronize()
+            _host_release(self.buf)
+        self.own, self.halo, self.buf = None, [], None
+
+
+def _host_band(shape, dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A (B, C, r, H, W) band in host memory: page-locked and pooled (channels_last_3d) for a CUDA part."""
+    if device.type != "cuda":
+        return torch.empty(shape, dtype=dtype), None
+    B, C, r, H, W = shape
+    nbytes = B * C * r * H * W * torch.empty((), dtype=dtype).element_size()
+    buf = _host_buffer(max(nbytes, 1))
+    return buf[:nbytes].view(dtype).view(B, r, H, W, C).permute(0, 4, 1, 2, 3), buf
 
 
 def _merge(stats: list) -> tuple:
@@ -186,10 +231,10 @@ class _Part:
         self.ops, self.slots = _compile(vae.decoder.blocks, vae.latent_channels, vae.post_quant_conv)
         _shapes(self.ops, self.slots, z.shape[2:])
         self.fmt = torch.channels_last_3d if self.device.type == "cuda" else torch.contiguous_format
-        self.run = _Run(self.ops, self.slots, SimpleNamespace(_place=[GPU] * len(self.slots)), self.device, dtype,
-                        self.fmt)
+        self.place = plan._place
+        self.run = _Run(self.ops, self.slots, SimpleNamespace(_place=self.place), self.device, dtype, self.fmt)
         x = z.to(device=self.device, dtype=dtype, memory_format=self.fmt)
-        self.run.stores[0] = _BandStore(x, 0)  # every part holds the whole latent
+        self.run.stores[0] = _BandStore(x, 0, self.device)  # every part holds the whole latent
         if self.slots[0].groups is not None:  # the input itself normalised (not in MAISI's nets)
             self.run.stores[0].stats = group_moments(x, self.slots[0].groups)
         self.rows = plan._rows[index]
@@ -204,17 +249,20 @@ class _Part:
             op, slot = self.ops[k], self.slots[self.ops[k].dst]
             a, b = self.band(op.dst)
             B = self.run.stores[0].own.shape[0]
-            out = torch.empty((B, slot.channels, b - a, *slot.spatial[1:]), dtype=self.dtype, device=self.device,
-                              memory_format=self.fmt)
+            shape = (B, slot.channels, b - a, *slot.spatial[1:])
+            if self.place[op.dst] == HOST:
+                out, buf = _host_band(shape, self.dtype, self.device)
+            else:
+                out, buf = torch.empty(shape, dtype=self.dtype, device=self.device, memory_format=self.fmt), None
             slabs = []
             for lo in range(a, b, self.rows[k]):
                 hi = min(lo + self.rows[k], b)
                 y = self.run.slab(k, lo, hi)
-                out[:, :, lo - a : hi - a].copy_(y)
+                out[:, :, lo - a : hi - a].copy_(y, non_blocking=True)  # to host: on the compute stream
                 if slot.groups is not None:
                     slabs.append(group_moments(y, slot.groups))
             stats = None if slot.groups is None else _merge(slabs)
-            self.run.stores[op.dst] = _BandStore(out, a)
+            self.run.stores[op.dst] = _BandStore(out, a, self.device, buf)
             self.run.stores[op.src].halo = []
             return stats
 
@@ -280,7 +328,7 @@ def _run_local(parts: list[_Part], progress: bool):
     for k, op in enumerate(tqdm(ops, desc="decode (split)", unit="op", leave=False, disable=not progress)):
         for p, q, lo, hi in _halo_pieces(ops, slots, k, P):
             rows = parts[p].run.stores[op.src].rows(lo, hi)
-            parts[q].run.stores[op.src].halo.append((lo, rows.to(parts[q].device, non_blocking=True)))
+            parts[q].run.stores[op.src].halo.append((lo, rows.to(parts[q].device)))
         stats = [part.compute(k) for part in parts]
         if slots[op.dst].groups is not None:
             d0 = parts[0].device
