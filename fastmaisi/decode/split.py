@@ -6,9 +6,9 @@ Per op it receives from its neighbours the input rows its band reads past its ow
 x2's extra row), computes its band slab by slab with the one-device executor's slab code (`_Run.slab`, so zero padding
 and the trilinear clamp happen only at the true ends of the volume), and the GroupNorm statistics of the op's output
 (count, mean, M2 in fp64 per sample and group) are gathered from every part and merged in part order before any part
-normalises. The result is the whole-volume `vae.decode` up to the order of fp64 sums. Every activation's band stays
-on its device (no host stores, no recomputation): memory per part is the live bands of an op (input, output,
-residual, plus halo rows) and one slab's temporaries.
+normalises. The result is the whole-volume `vae.decode` up to the order of fp64 sums. Memory per part: the live
+bands of an op (input, output, residual, plus halo rows) and one slab's temporaries; when the per-device budget
+cannot hold them, the largest bands live in page-locked host memory instead (no recomputation, no copy overlap).
 """
 
 from __future__ import annotations
