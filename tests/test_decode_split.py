@@ -63,8 +63,10 @@ def test_in_process_split_equals_whole_volume(nets, net, parts):
     assert "rows" in plan.describe() and "estimated peak" in str(plan)
 
 
-def _least_budget(vae, parts: int) -> int:
-    """The least budget (from a ladder of 10 % steps) that the split planner accepts: large activations on the host."""
+def _least_budget(vae, parts: int, where: str) -> int:
+    """The least budget (from a ladder of 10 % steps) that the split planner accepts when it may move activations
+    off the device only to `where` (recomputed or host); the plan does so."""
+    split._OFF_DEVICE = (where,)
     budget = 1 << 16
     while True:
         try:
@@ -72,17 +74,21 @@ def _least_budget(vae, parts: int) -> int:
         except ValueError:
             budget = int(budget * 1.1)
             continue
-        assert "host" in plan._place and plan.host_bytes[0] > 0 and "of host memory" in str(plan)
+        assert where in plan._place
+        assert (plan.host_bytes[0] > 0 and "of host memory" in str(plan)) == (where == "host")
         return budget
 
 
+@pytest.mark.parametrize("where", ["host", "recompute"])
 @pytest.mark.parametrize("net", ["vae", "mask_vae"])
-def test_host_bands_are_exact(nets, net):
-    """Under a budget too small for every band on the device, the largest bands go to host memory: same result."""
+def test_off_device_bands_are_exact(nets, net, where, monkeypatch):
+    """Under a budget too small for every band on the device, the largest activations are recomputed when read or
+    kept in host memory: the same result."""
+    monkeypatch.setattr(split, "_OFF_DEVICE", split._OFF_DEVICE)
     vae, z = nets[net], _latent()
     with torch.no_grad():
         ref = vae.decode(z)
-    y = decode_latent(vae, z, _least_budget(vae, 2), devices=["cpu", "cpu"])
+    y = decode_latent(vae, z, _least_budget(vae, 2, where), devices=["cpu", "cpu"])
     assert _rel(y, ref) < 1e-5
 
 
@@ -108,7 +114,7 @@ def test_a_budget_too_small_for_the_bands_says_so(nets):
         decode_latent(nets["vae"], _latent(), 1 << 12, devices=["cpu", "cpu"])
 
 
-def _worker(rank: int, world: int, init: str, net: str, out: str, host: bool) -> None:
+def _worker(rank: int, world: int, init: str, net: str, out: str, where: str | None) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -116,21 +122,22 @@ def _worker(rank: int, world: int, init: str, net: str, out: str, host: bool) ->
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         vae = _nets()[net]
-        budget = _least_budget(vae, world) if host else BUDGET
+        budget = _least_budget(vae, world, where) if where else BUDGET
         y, plan = decode_latent(vae, _latent(), budget, group=dist.group.WORLD, return_plan=True)
         _check_slabs(plan, world)
-        assert ("host" in plan._place) == host
+        assert set(plan._place) - {"GPU"} == ({where} if where else set())
         torch.save(y, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("net,world,host", [("vae", 2, False), ("mask_vae", 3, False), ("vae", 2, True)])
-def test_gloo_processes_split_equals_whole_volume(tmp_path, nets, net, world, host):
+@pytest.mark.parametrize("net,world,where", [("vae", 2, None), ("mask_vae", 3, None), ("vae", 2, "host"),
+                                             ("mask_vae", 2, "recompute")])
+def test_gloo_processes_split_equals_whole_volume(tmp_path, nets, net, world, where):
     vae, z = nets[net], _latent()
     with torch.no_grad():
         ref = vae.decode(z)
-    mp.start_processes(_worker, args=(world, f"file://{tmp_path / 'rendezvous'}", net, str(tmp_path / "y"), host),
+    mp.start_processes(_worker, args=(world, f"file://{tmp_path / 'rendezvous'}", net, str(tmp_path / "y"), where),
                        nprocs=world, join=True, start_method="fork")  # fork: no re-import of torch per process
     for rank in range(world):  # every rank returns the whole volume
         assert _rel(torch.load(tmp_path / f"y.{rank}"), ref) < 1e-5

@@ -22,10 +22,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fastmaisi.decode.execute import _Run
+from fastmaisi.decode.execute import _Recomputed, _Run
 from fastmaisi.decode.host_memory import _host_buffer, _host_release
-from fastmaisi.decode.plan import (GPU, HOST, _CUDA_WORKSPACE, _GiB, _PLAN_FRACTION, _SLAB_VOXELS, _Planner,
-                                   _default_budget, _host_available, _live, _vae_for_plan, format_seconds)
+from fastmaisi.decode.plan import (GPU, HOST, RECOMPUTE, _CUDA_WORKSPACE, _GiB, _PLAN_FRACTION, _SLAB_VOXELS, _Planner,
+                                   _default_budget, _host_available, _lifetimes, _live, _vae_for_plan, format_seconds)
 from fastmaisi.decode.program import _compile, _in_rows, _shapes
 from fastmaisi.nets.blocks import group_moments
 
@@ -80,7 +80,7 @@ class SplitPlan:
 def _tile_parts(ops, slots, pl: _Planner, place: list[str], P: int, fill: int | None, work: int):
     """Per part: rows per slab of each op, estimated peak, and the least memory any op needs (one-row slabs) with
     the op that needs it. Bands of activations placed on the host are not counted; their slabs' copies are."""
-    n, last = len(slots), [s.last_use for s in slots]
+    n, last = len(slots), _lifetimes(ops, slots, place)
     out_bytes = pl.size(n - 1)  # the gathered output
     parts = []
     for p in range(P):
@@ -108,10 +108,21 @@ def _tile_parts(ops, slots, pl: _Planner, place: list[str], P: int, fill: int | 
     return parts
 
 
+_OFF_DEVICE = (RECOMPUTE, HOST)  # where the planner may move an activation's bands off the device (tests narrow it)
+
+
+def _seconds(ops, slots, pl: _Planner, place: list[str], parts, P: int) -> float:
+    """Rough time: the one-device estimate of the slowest part's slabs over the whole volume, divided by P."""
+    full = [slots[op.dst].spatial[0] for op in ops]
+    gpu = [slots[s].spatial[0] if place[s] == GPU else 0 for s in range(len(slots))]
+    return max(pl.costs(place, [max(1, min(r, f)) for r, f in zip(part[0], full)], gpu)[0] for part in parts) / P
+
+
 def _plan_split(ops, slots, in_shape, out_channels, devices: Sequence, budget: int | None, dtype) -> SplitPlan:
     """Rows per slab per part and op: the widest slab whose live bands and temporaries fit the per-device budget.
-    When even one-row slabs do not fit, the largest activation live at the op that needs most goes to host memory
-    (its band page-locked, its slabs copied in and out), one at a time, until every op fits."""
+    When even one-row slabs do not fit, the largest activation live at the op that needs most is recomputed from
+    its producer's inputs whenever read, or goes to host memory (its band page-locked, its slabs copied in and out),
+    whichever the time estimate prefers, one at a time, until every op fits."""
     _shapes(ops, slots, in_shape[2:])
     B, P, n = in_shape[0], len(devices), len(slots)
     esz = torch.empty((), dtype=dtype).element_size()
@@ -120,25 +131,31 @@ def _plan_split(ops, slots, in_shape, out_channels, devices: Sequence, budget: i
     place = [GPU] * n
     fill = None if budget is None else (int(budget * _PLAN_FRACTION) if cuda else budget)
     work = _CUDA_WORKSPACE + (budget or 0) // 32 if cuda else 0
-    last = [s.last_use for s in slots]
+    parts = _tile_parts(ops, slots, pl, place, P, fill, work)
     while True:
-        parts = _tile_parts(ops, slots, pl, place, P, fill, work)
         (need, k), p = max((part[2], i) for i, part in enumerate(parts))
         if fill is None or need <= fill:
             break
         band = lambda s: _band(slots[s].spatial[0], p, P)  # noqa: E731
-        movable = [s for s in _live(ops, last, k) if place[s] == GPU and 0 < s < n - 1]
-        if not movable:
+        movable = [s for s in _live(ops, _lifetimes(ops, slots, place), k) if place[s] == GPU and 0 < s < n - 1]
+        if movable:  # the largest, recomputed or on the host, whichever the estimate prefers
+            s = max(movable, key=lambda s: (band(s)[1] - band(s)[0]) * pl.row_bytes(s))
+            options = []
+            for where in _OFF_DEVICE:
+                cand = place[:s] + [where] + place[s + 1:]
+                c_parts = _tile_parts(ops, slots, pl, cand, P, fill, work)
+                c_need = max(part[2][0] for part in c_parts)  # plans that fit first, then the faster, else the least
+                rank = (0, _seconds(ops, slots, pl, cand, c_parts, P)) if c_need <= fill else (1, c_need)
+                options.append((rank, where, cand, c_parts))
+            _, _, place, parts = min(options, key=lambda o: o[0])
+        else:
             need_b = int(need / (_PLAN_FRACTION if cuda else 1)) + 1
             raise ValueError(
                 f"memory_budget_bytes={budget} per device is too small for a split decode of {tuple(in_shape)} over "
                 f"{P} parts: part {p} needs at least {need_b} bytes ({need_b / _GiB:.3f} GiB) with every large "
-                f"activation in host memory; use more devices or a larger budget")
-        place[max(movable, key=lambda s: (band(s)[1] - band(s)[0]) * pl.row_bytes(s))] = HOST
+                f"activation recomputed or in host memory; use more devices or a larger budget")
     out_shape = (B, out_channels, *slots[-1].spatial)
-    full = [slots[op.dst].spatial[0] for op in ops]
-    gpu = [slots[s].spatial[0] if place[s] == GPU else 0 for s in range(n)]
-    secs = max(pl.costs(place, [max(1, min(r, f)) for r, f in zip(part[0], full)], gpu)[0] for part in parts) / P
+    secs = _seconds(ops, slots, pl, place, parts, P)
     top_k = max(range(len(ops)), key=lambda k: slots[ops[k].dst].spatial[0])
     host = [sum((_band(slots[s].spatial[0], p, P)[1] - _band(slots[s].spatial[0], p, P)[0]) * pl.row_bytes(s)
                 for s in range(n) if place[s] == HOST) for p in range(P)]
@@ -232,6 +249,7 @@ class _Part:
         _shapes(self.ops, self.slots, z.shape[2:])
         self.fmt = torch.channels_last_3d if self.device.type == "cuda" else torch.contiguous_format
         self.place = plan._place
+        self.last = _lifetimes(self.ops, self.slots, self.place)
         self.run = _Run(self.ops, self.slots, SimpleNamespace(_place=self.place), self.device, dtype, self.fmt)
         x = z.to(device=self.device, dtype=dtype, memory_format=self.fmt)
         self.run.stores[0] = _BandStore(x, 0, self.device)  # every part holds the whole latent
@@ -250,25 +268,35 @@ class _Part:
             a, b = self.band(op.dst)
             B = self.run.stores[0].own.shape[0]
             shape = (B, slot.channels, b - a, *slot.spatial[1:])
-            if self.place[op.dst] == HOST:
+            where = self.place[op.dst]
+            if where == HOST:
                 out, buf = _host_band(shape, self.dtype, self.device)
-            else:
+            elif where == GPU:
                 out, buf = torch.empty(shape, dtype=self.dtype, device=self.device, memory_format=self.fmt), None
             slabs = []
-            for lo in range(a, b, self.rows[k]):
-                hi = min(lo + self.rows[k], b)
-                y = self.run.slab(k, lo, hi)
-                out[:, :, lo - a : hi - a].copy_(y, non_blocking=True)  # to host: on the compute stream
-                if slot.groups is not None:
-                    slabs.append(group_moments(y, slot.groups))
+            self.run.memo.clear()
+            if where != RECOMPUTE or slot.groups is not None:  # a recomputed activation: a statistics pass only
+                for lo in range(a, b, self.rows[k]):
+                    hi = min(lo + self.rows[k], b)
+                    y = self.run.slab(k, lo, hi)
+                    if where != RECOMPUTE:
+                        out[:, :, lo - a : hi - a].copy_(y, non_blocking=True)  # to host: on the compute stream
+                    if slot.groups is not None:
+                        slabs.append(group_moments(y, slot.groups))
+            self.run.memo.clear()
             stats = None if slot.groups is None else _merge(slabs)
-            self.run.stores[op.dst] = _BandStore(out, a, self.device, buf)
-            self.run.stores[op.src].halo = []
+            if where == RECOMPUTE:
+                self.run.stores[op.dst] = _Recomputed(self.run, k)
+            else:
+                self.run.stores[op.dst] = _BandStore(out, a, self.device, buf)
+            for st in self.run.stores:
+                if isinstance(st, _BandStore):
+                    st.halo = []
             return stats
 
     def release_after(self, k: int) -> None:
-        for s in range(1, len(self.slots) - 1):
-            if self.run.stores[s] is not None and self.slots[s].last_use <= k:
+        for s in range(1, len(self.slots) - 1):  # a recomputed activation keeps its producer's inputs alive
+            if self.run.stores[s] is not None and self.last[s] <= k:
                 self.run.stores[s].release()
                 self.run.stores[s] = None
 
@@ -281,24 +309,37 @@ class _nullcontext:
         return False
 
 
-def _halo_pieces(ops, slots, k: int, parts: int):
-    """(sender, receiver, lo, hi) for the input rows of op k that each part reads from another part's band."""
-    op = ops[k]
-    if op.src == 0:
-        return []
-    n_in = slots[op.src].spatial[0]
+def _reads(ops, slots, place, k: int, part: int, parts: int) -> dict[int, tuple[int, int]]:
+    """Stored activations (slot -> rows [lo, hi)) that `part`'s band of op k reads, through recomputed activations
+    (which read their producer's inputs) and fused residual shortcuts; the latent (slot 0) left out."""
+    a, b = _band(slots[ops[k].dst].spatial[0], part, parts)
+    found: dict[int, tuple[int, int]] = {}
+
+    def walk(op, a: int, b: int) -> None:
+        for s, (lo, hi) in ((op.src, _in_rows(op, a, b, slots[op.src].spatial[0])), (op.res, (a, b))):
+            if s is None or s == 0:
+                continue
+            if place[s] == RECOMPUTE:
+                walk(ops[s - 1], lo, hi)
+            else:
+                old = found.get(s, (lo, hi))
+                found[s] = (min(old[0], lo), max(old[1], hi))
+
+    if b > a:
+        walk(ops[k], a, b)
+    return found
+
+
+def _halo_pieces(ops, slots, place, k: int, parts: int):
+    """(slot, sender, receiver, lo, hi) for the rows that op k's band on each part reads from another part's band."""
     pieces = []
     for q in range(parts):
-        need = _need(op, q, parts, slots)
-        if need is None:
-            continue
-        for p in range(parts):
-            if p == q:
-                continue
-            a, b = _band(n_in, p, parts)
-            lo, hi = max(a, need[0]), min(b, need[1])
-            if hi > lo:
-                pieces.append((p, q, lo, hi))
+        for s, (lo_q, hi_q) in _reads(ops, slots, place, k, q, parts).items():
+            for p in range(parts):
+                a, b = _band(slots[s].spatial[0], p, parts)
+                lo, hi = max(a, lo_q), min(b, hi_q)
+                if p != q and hi > lo:
+                    pieces.append((s, p, q, lo, hi))
     return pieces
 
 
@@ -326,9 +367,9 @@ def _run_local(parts: list[_Part], progress: bool):
     the host queues one part's slabs after the other's and the devices compute at the same time."""
     ops, slots, P = parts[0].ops, parts[0].slots, len(parts)
     for k, op in enumerate(tqdm(ops, desc="decode (split)", unit="op", leave=False, disable=not progress)):
-        for p, q, lo, hi in _halo_pieces(ops, slots, k, P):
-            rows = parts[p].run.stores[op.src].rows(lo, hi)
-            parts[q].run.stores[op.src].halo.append((lo, rows.to(parts[q].device)))
+        for s, p, q, lo, hi in _halo_pieces(ops, slots, parts[0].place, k, P):
+            rows = parts[p].run.stores[s].rows(lo, hi)
+            parts[q].run.stores[s].halo.append((lo, rows.to(parts[q].device)))
         stats = [part.compute(k) for part in parts]
         if slots[op.dst].groups is not None:
             d0 = parts[0].device
@@ -346,19 +387,20 @@ def _run_group(part: _Part, group, progress: bool):
     ops, slots, P, me = part.ops, part.slots, part.parts, part.index
     for k, op in enumerate(tqdm(ops, desc="decode (split)", unit="op", leave=False, disable=not progress or me)):
         p2p, recvs = [], []
-        for p, q, lo, hi in _halo_pieces(ops, slots, k, P):
+        for s, p, q, lo, hi in _halo_pieces(ops, slots, part.place, k, P):
             if p == me:
-                t = _wire(part.run.stores[op.src].rows(lo, hi))
+                t = _wire(part.run.stores[s].rows(lo, hi))
                 p2p.append(dist.P2POp(dist.isend, t, dist.get_global_rank(group, q) if group else q, group))
             elif q == me:
-                shape = (part.run.stores[0].own.shape[0], slots[op.src].channels, hi - lo, *slots[op.src].spatial[1:])
+                shape = (part.run.stores[0].own.shape[0], slots[s].channels, hi - lo, *slots[s].spatial[1:])
                 t = _unwire_empty(shape, part.dtype, part.device)
                 p2p.append(dist.P2POp(dist.irecv, t, dist.get_global_rank(group, p) if group else p, group))
-                recvs.append((lo, t))
+                recvs.append((s, lo, t))
         if p2p:
             for req in dist.batch_isend_irecv(p2p):
                 req.wait()
-        part.run.stores[op.src].halo = [(lo, _from_wire(t)) for lo, t in recvs]
+        for s, lo, t in recvs:
+            part.run.stores[s].halo.append((lo, _from_wire(t)))
         stats = part.compute(k)
         if slots[op.dst].groups is not None:
             B, G = part.run.stores[0].own.shape[0], slots[op.dst].groups
