@@ -3,20 +3,20 @@ process group), against our one-GPU decode and the reference presets, on one mul
 
 MAISI's image autoencoder (official config), random weights (timings do not depend on them), fp16; latents 128^3
 (512^3 image) and 128x128x192 (512x512x768). Per shape, in one run:
-  split     decode_latent(z, budget, devices=DEVICES): seconds (3 calls), peak allocated per device
-            (torch.cuda.max_memory_allocated of each device, above what it held before), the plan's estimated peak
-            per device, max |split - one-GPU| / max |one-GPU| (the one-GPU decode at --one-gpu-budget-gb)
-  one-GPU   decode_latent(z, budget) on the first device under the same per-GPU budget, then at --one-gpu-budget-gb
+  split     decode_latent(z, budget, devices=DEVICES) at each per-GPU budget (--budgets-gb): seconds (3 calls), peak
+            allocated per device (torch.cuda.max_memory_allocated of each device, above what it held before), the
+            plan's estimated peak and host memory per device, max |split - one-GPU| / max |one-GPU| (the one-GPU
+            decode at the first budget that ran)
+  one-GPU   decode_latent(z, budget) on the first device at each of the same budgets
   torchrun  the same split through a process group: `python -m torch.distributed.run --nproc-per-node N` runs this
             file with --worker (NCCL), each rank timing decode_latent(z, budget, group=WORLD) and its own peak
   reference MONAI's AutoencoderKlMaisi with SlidingWindowInferer (NVIDIA's presets: window, overlap, conv splits,
             stitched on the CPU), and fastmaisi's decode_latent_sliding_window (same windows, blended on the GPU)
-A shape whose split plan does not fit the per-GPU budget is reported with the planner's message and skipped.
+A budget the split planner refuses is reported with its message and skipped.
 
 Run on a 2-GPU machine from the repository root:
     python3 bench/bench_split_decode.py --out bench_split_decode.json
-        [--devices cuda:0,cuda:1] [--budget-gb 70] [--one-gpu-budget-gb 12]
-        [--sections split one_gpu torchrun reference]
+        [--devices cuda:0,cuda:1] [--budgets-gb 12 24 70] [--sections split one_gpu torchrun reference]
 CPU smoke run of the same code paths (tiny autoencoder, small latents, gloo):
     python3 bench/bench_split_decode.py --out /tmp/split.json --tiny
 """
@@ -121,18 +121,21 @@ def worker(args) -> None:
     recs = []
     for shape in (TINY_SHAPES if args.tiny else SHAPES):
         z = latent(shape, dev, dtype)
-        try:
-            (y, plan), times, peaks = timed(lambda: decode_latent(vae, z, args.budget, group=dist.group.WORLD,
-                                                                    return_plan=True), [dev], 3)
-        except ValueError as e:
-            recs.append({"latent": list(shape[2:]), "skipped": str(e)})
-            continue
-        recs.append({"latent": list(shape[2:]), "rank": dist.get_rank(), "s": times, "peak_GiB": peaks,
-                     "plan_peak_GiB": [round(p / GiB, 2) for p in plan.peaks],
-                     "checksum": float(y.float().sum().cpu())})
-        del y
-        if cuda:
-            torch.cuda.empty_cache()
+        for budget in args.budgets:
+            try:
+                (y, plan), times, peaks = timed(lambda: decode_latent(vae, z, budget, group=dist.group.WORLD,
+                                                                        return_plan=True), [dev], 3)
+            except ValueError as e:
+                recs.append({"latent": list(shape[2:]), "budget_per_gpu_GiB": budget / GiB, "skipped": str(e)})
+                continue
+            recs.append({"latent": list(shape[2:]), "budget_per_gpu_GiB": round(budget / GiB, 3),
+                         "rank": dist.get_rank(), "s": times, "peak_GiB": peaks,
+                         "plan_peak_GiB": [round(p / GiB, 2) for p in plan.peaks],
+                         "checksum": float(y.float().sum().cpu())})
+            del y
+            free_host_memory()
+            if cuda:
+                torch.cuda.empty_cache()
     Path(f"{args.out}.rank{dist.get_rank()}").write_text(json.dumps(recs))
     dist.destroy_process_group()
 
@@ -141,16 +144,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--devices", default=None, help="comma-separated (default: every visible GPU; --tiny: cpu,cpu)")
-    ap.add_argument("--budget-gb", type=float, default=None,
-                    help="per-GPU budget of the split decode (default 70; --tiny: 0.05)")
-    ap.add_argument("--one-gpu-budget-gb", type=float, default=12.0, help="the one-GPU decode's second budget")
+    ap.add_argument("--budgets-gb", type=float, nargs="+", default=None,
+                    help="per-GPU budgets, each for the split and the one-GPU decode (default 12 24 70; --tiny: "
+                         "0.05 0.002)")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny autoencoder, small latents, gloo")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.update(ENV)
-    budget_gb = args.budget_gb if args.budget_gb is not None else (0.05 if args.tiny else 70.0)
-    args.budget = int(budget_gb * GiB)
+    budgets_gb = args.budgets_gb or ([0.05, 0.002] if args.tiny else [12.0, 24.0, 70.0])
+    args.budgets = [int(b * GiB) for b in budgets_gb]
     if args.worker:
         worker(args)
         return 0
@@ -161,9 +164,8 @@ def main() -> int:
     devices = [torch.device(n) for n in names]
     cuda = devices[0].type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
-    one_budget = int(args.one_gpu_budget_gb * GiB) if not args.tiny else args.budget // 2
     results = {"device": torch.cuda.get_device_name(devices[0]) if cuda else "cpu", "devices": names,
-               "torch": torch.__version__, "weights": "random", "dtype": str(dtype), "budget_per_gpu_GiB": budget_gb,
+               "torch": torch.__version__, "weights": "random", "dtype": str(dtype), "budgets_per_gpu_GiB": budgets_gb,
                "date": time.strftime("%Y-%m-%d", time.gmtime()), "records": []}
 
     def emit(rec: dict) -> None:
@@ -177,40 +179,41 @@ def main() -> int:
             z = latent(shape, devices[0], dtype)
             lat = list(shape[2:])
             reference_y = None
-            if "one_gpu" in args.sections or "split" in args.sections:
-                for b in (args.budget, one_budget):
-                    try:
-                        (y, plan), times, peaks = timed(lambda: decode_latent(vae, z, b, return_plan=True),
-                                                        devices[:1], 3)
-                    except (ValueError, RuntimeError) as e:
-                        emit({"what": "one-GPU decode_latent", "latent": lat, "budget_GiB": b / GiB, "error": str(e)})
-                        continue
-                    emit({"what": "one-GPU decode_latent", "latent": lat, "budget_GiB": round(b / GiB, 3),
-                          "s": times, "peak_GiB": peaks, "plan_peak_GiB": round(plan.peak_bytes / GiB, 2),
-                          "est_s": round(plan.est_seconds, 2), "plan": str(plan)})
-                    reference_y = y.cpu()
-                    del y
-                    free_host_memory()
-                    if cuda:
-                        torch.cuda.empty_cache()
-            if "split" in args.sections:
+            for b in args.budgets if ("one_gpu" in args.sections or "split" in args.sections) else []:
                 try:
-                    plan = plan_split(shape, devices, args.budget, dtype, vae)
+                    (y, plan), times, peaks = timed(lambda: decode_latent(vae, z, b, return_plan=True), devices[:1], 3)
+                except (ValueError, RuntimeError) as e:
+                    emit({"what": "one-GPU decode_latent", "latent": lat, "budget_GiB": b / GiB, "error": str(e)})
+                    continue
+                emit({"what": "one-GPU decode_latent", "latent": lat, "budget_GiB": round(b / GiB, 3),
+                      "s": times, "peak_GiB": peaks, "plan_peak_GiB": round(plan.peak_bytes / GiB, 2),
+                      "est_s": round(plan.est_seconds, 2), "plan": str(plan)})
+                if reference_y is None:
+                    reference_y = y.cpu()
+                del y
+                free_host_memory()
+                if cuda:
+                    torch.cuda.empty_cache()
+            for b in args.budgets if "split" in args.sections else []:
+                try:
+                    plan = plan_split(shape, devices, b, dtype, vae)
                 except ValueError as e:
-                    emit({"what": "split decode_latent(devices=...)", "latent": lat, "skipped": str(e)})
-                    plan = None
-                if plan is not None:
-                    y, times, peaks = timed(lambda: decode_latent(vae, z, args.budget, devices=devices), devices, 3)
-                    rec = {"what": "split decode_latent(devices=...)", "latent": lat, "devices": names,
-                           "budget_per_gpu_GiB": budget_gb, "s": times, "peak_GiB": peaks,
-                           "plan_peak_GiB": [round(p / GiB, 2) for p in plan.peaks],
-                           "est_s": round(plan.est_seconds, 2), "plan": str(plan)}
-                    if reference_y is not None:
-                        rec["max_rel_diff_vs_one_gpu"] = rel(y, reference_y)
-                    emit(rec)
-                    del y
-                    if cuda:
-                        torch.cuda.empty_cache()
+                    emit({"what": "split decode_latent(devices=...)", "latent": lat, "budget_per_gpu_GiB": b / GiB,
+                          "skipped": str(e)})
+                    continue
+                y, times, peaks = timed(lambda: decode_latent(vae, z, b, devices=devices), devices, 3)
+                rec = {"what": "split decode_latent(devices=...)", "latent": lat, "devices": names,
+                       "budget_per_gpu_GiB": round(b / GiB, 3), "s": times, "peak_GiB": peaks,
+                       "plan_peak_GiB": [round(p / GiB, 2) for p in plan.peaks],
+                       "host_GiB": [round(h / GiB, 2) for h in plan.host_bytes], "est_s": round(plan.est_seconds, 2),
+                       "plan": str(plan)}
+                if reference_y is not None:
+                    rec["max_rel_diff_vs_one_gpu"] = rel(y, reference_y)
+                emit(rec)
+                del y
+                free_host_memory()
+                if cuda:
+                    torch.cuda.empty_cache()
             if "reference" in args.sections:
                 for roi, overlap, splits in PRESETS:
                     roi = roi if not args.tiny else (8, 8, 8)
@@ -225,7 +228,7 @@ def main() -> int:
                 out = Path(tmp) / "rank"
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                        f"--nproc-per-node={len(devices)}", __file__, "--worker", "--out", str(out),
-                       "--budget-gb", str(budget_gb)] + (["--tiny"] if args.tiny else [])
+                       "--budgets-gb", *map(str, budgets_gb)] + (["--tiny"] if args.tiny else [])
                 env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
                 if cuda:
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d.index) for d in devices)
