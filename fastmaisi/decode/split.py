@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from fastmaisi.decode.execute import _Recomputed, _Run
 from fastmaisi.decode.host_memory import _host_buffer, _host_release
-from fastmaisi.decode.plan import (GPU, HOST, RECOMPUTE, _CUDA_WORKSPACE, _GiB, _PLAN_FRACTION, _SLAB_VOXELS, _Planner,
-                                   _default_budget, _host_available, _lifetimes, _live, _vae_for_plan, format_seconds)
+from fastmaisi.decode.plan import (GPU, HOST, RECOMPUTE, _CUDA_WORKSPACE, _ELEMENTWISE_BW, _GiB, _HOST_BW,
+                                   _PLAN_FRACTION, _SLAB_VOXELS, _Planner, _default_budget, _host_available,
+                                   _lifetimes, _live, _vae_for_plan, format_seconds)
 from fastmaisi.decode.program import _compile, _in_rows, _shapes
 from fastmaisi.nets.blocks import group_moments
 
@@ -112,10 +113,21 @@ _OFF_DEVICE = (RECOMPUTE, HOST)  # where the planner may move an activation's ba
 
 
 def _seconds(ops, slots, pl: _Planner, place: list[str], parts, P: int) -> float:
-    """Rough time: the one-device estimate of the slowest part's slabs over the whole volume, divided by P."""
+    """Rough time: the one-device estimate of the slowest part's slabs over the whole volume, divided by P, with
+    host copies added to the convolutions (the split does not overlap them)."""
     full = [slots[op.dst].spatial[0] for op in ops]
     gpu = [slots[s].spatial[0] if place[s] == GPU else 0 for s in range(len(slots))]
-    return max(pl.costs(place, [max(1, min(r, f)) for r, f in zip(part[0], full)], gpu)[0] for part in parts) / P
+    bw = _HOST_BW if pl.cuda else float("inf")
+    worst = 0.0
+    for part in parts:
+        rows = [max(1, min(r, f)) for r, f in zip(part[0], full)]
+        total = 0.0
+        for k in pl.passes(place):
+            _, acc, n_slabs = pl.pass_cost(k, place, rows, gpu)
+            total += n_slabs * (acc["conv"] + (sum(acc["h2d"].values()) + acc["d2h"]) / bw
+                                + acc["ew"] / _ELEMENTWISE_BW)
+        worst = max(worst, total)
+    return worst / P
 
 
 def _plan_split(ops, slots, in_shape, out_channels, devices: Sequence, budget: int | None, dtype) -> SplitPlan:
