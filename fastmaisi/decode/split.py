@@ -13,6 +13,7 @@ cannot hold them, the largest bands live in page-locked host memory instead (no 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -274,7 +275,7 @@ class _Part:
 
     def compute(self, k: int) -> tuple | None:
         """Op k over this part's band, slab by slab; returns the local GroupNorm statistics of its output, if read."""
-        ctx = torch.cuda.device(self.device) if self.device.type == "cuda" else _nullcontext()
+        ctx = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with ctx, torch.no_grad():
             op, slot = self.ops[k], self.slots[self.ops[k].dst]
             a, b = self.band(op.dst)
@@ -311,14 +312,6 @@ class _Part:
             if self.run.stores[s] is not None and self.last[s] <= k:
                 self.run.stores[s].release()
                 self.run.stores[s] = None
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _reads(ops, slots, place, k: int, part: int, parts: int) -> dict[int, tuple[int, int]]:
