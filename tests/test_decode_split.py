@@ -112,6 +112,8 @@ def test_more_parts_than_latent_rows(nets):
 def test_a_budget_too_small_for_the_bands_says_so(nets):
     with pytest.raises(ValueError, match="too small for a split decode"):
         decode_latent(nets["vae"], _latent(), 1 << 12, devices=["cpu", "cpu"])
+    with pytest.raises(ValueError, match="devices of one kind"):
+        decode_latent(nets["vae"], _latent(), devices=["cpu", "cuda:0"])
 
 
 def _worker(rank: int, world: int, init: str, net: str, out: str, where: str | None) -> None:
@@ -126,6 +128,7 @@ def _worker(rank: int, world: int, init: str, net: str, out: str, where: str | N
         y, plan = decode_latent(vae, _latent(), budget, group=dist.group.WORLD, return_plan=True)
         _check_slabs(plan, world)
         assert set(plan._place) - {"GPU"} == ({where} if where else set())
+        assert plan.devices[rank] == f"rank {rank} (cpu)" and f"rank {(rank + 1) % world}:" in str(plan)
         torch.save(y, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()

@@ -437,6 +437,8 @@ def decode_latent_split(vae, z: torch.Tensor, devices: Sequence[str | torch.devi
     dtype = next(vae.parameters()).dtype
     if devices:
         devs = [torch.device(d) for d in devices]
+        if len({d.type for d in devs}) > 1:
+            raise ValueError(f"a split decode runs on devices of one kind, got {', '.join(map(str, devs))}")
         plan = plan_split(z.shape, devs, memory_budget_bytes, dtype, vae)
         parts = [_Part(i, len(devs), _device_copy(vae, d), z, plan, d, dtype) for i, d in enumerate(devs)]
         _run_local(parts, progress)
@@ -450,6 +452,7 @@ def decode_latent_split(vae, z: torch.Tensor, devices: Sequence[str | torch.devi
         P, me = dist.get_world_size(group), dist.get_rank(group)
         dev = next(vae.parameters()).device
         plan = plan_split(z.shape, [dev] * P, memory_budget_bytes, dtype, vae)
+        plan.devices = [f"rank {r}" + (f" ({dev})" if r == me else "") for r in range(P)]
         part = _Part(me, P, vae, z, plan, dev, dtype)
         _run_group(part, group, progress)
         own = part.run.stores[-1].own
