@@ -167,3 +167,6 @@ def test_generate_decode_devices_option(weights, tmp_path, capsys):
     assert run(weights, tmp_path / "bad", "--device", "cpu", "--decode-devices", "cuda:7") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--decode-devices" in err[0] and not (tmp_path / "bad").exists()
+    if torch.cuda.is_available():
+        assert run(weights, tmp_path / "mix", "--decode-devices", "cpu,cuda:0") == 2
+        assert "one kind" in capsys.readouterr().err and not (tmp_path / "mix").exists()

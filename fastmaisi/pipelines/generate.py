@@ -313,6 +313,8 @@ def _decode_devices(names):
                 torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count())):
             raise ValueError(f"--decode-devices {','.join(names)}: {name!r} is not a device of this machine")
         devices.append(torch.device("cuda", 0) if dev.type == "cuda" and dev.index is None else dev)
+    if len({d.type for d in devices}) > 1:
+        raise ValueError(f"--decode-devices {','.join(names)}: give devices of one kind (all cuda, or all cpu)")
     return devices
 
 
