@@ -57,6 +57,8 @@ Modules, each importing only those above it:
     host_memory.py      the page-locked host buffer pool (`free_host_memory`)
     plan.py             the planner: `DecodePlan`, `plan_decode`, `plan_encode`, the plan cache
     execute.py          the executor: slab passes, host stores and copies, recomputation (`TRACE` for benchmarks)
+    split.py            the decode split along D over several devices or a process group (`decode_latent_split`,
+                        `plan_split`): bands of rows per part, halo rows exchanged, GroupNorm statistics merged
     exact.py            `decode_latent`, `encode_image`
     sliding_window.py   `decode_latent_sliding_window`, `importance_map`
 """
@@ -70,6 +72,8 @@ from fastmaisi.decode.plan import (  # noqa: F401
     _PLANS, _SLAB_CAPS, _vae_for_plan, format_seconds, plan_decode, plan_encode)
 from fastmaisi.decode.program import _compile, _shapes  # noqa: F401
 from fastmaisi.decode.sliding_window import decode_latent_sliding_window, importance_map
+from fastmaisi.decode.split import SplitPlan, decode_latent_split, plan_split
 
-__all__ = ["DecodePlan", "GPU", "HOST", "RECOMPUTE", "decode_latent", "decode_latent_sliding_window", "encode_image",
-           "format_seconds", "free_host_memory", "importance_map", "plan_decode", "plan_encode"]
+__all__ = ["DecodePlan", "GPU", "HOST", "RECOMPUTE", "SplitPlan", "decode_latent", "decode_latent_sliding_window",
+           "decode_latent_split", "encode_image", "format_seconds", "free_host_memory", "importance_map", "plan_decode",
+           "plan_encode", "plan_split"]

@@ -10,6 +10,7 @@ from fastmaisi.decode.host_memory import free_host_memory
 from fastmaisi.decode.plan import _default_budget, plan_decode, plan_encode
 from fastmaisi.decode.program import _compile, _shapes
 from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
+from fastmaisi.decode.split import decode_latent_split
 
 
 
@@ -64,6 +65,8 @@ def decode_latent(
     out_device: str | torch.device | None = None,
     return_plan: bool = False,
     progress: bool = False,
+    devices=None,
+    group=None,
 ):
     """Exact `vae.decode(z)` for any (B, latent, d, h, w) latent within a device-memory budget.
 
@@ -71,8 +74,12 @@ def decode_latent(
     in host memory (channels_last_3d strides; `plan.output_device` says which), unless `out_device` is given.
     On CUDA out-of-memory it retries once with half the budget, then raises RuntimeError.
     Returns the image, or (image, plan) with `return_plan=True`. `progress`: a bar over the slabs (tiled runs).
+    `devices=[...]` (several devices of this process) or `group=` (a torch.distributed process group): the same
+    decode split along D, the budget per device (`decode_latent_split`, `SplitPlan`).
     """
     _check(vae, z, vae.latent_channels, "latent z", memory_budget_bytes)
+    if devices is not None or group is not None:
+        return decode_latent_split(vae, z, devices, group, memory_budget_bytes, out_device, return_plan, progress)
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     program = lambda: _compile(vae.decoder.blocks, vae.latent_channels, vae.post_quant_conv)  # noqa: E731

@@ -59,7 +59,7 @@ def decode_to_unit(models: Models, latent: torch.Tensor, memory_budget_bytes: in
     z = latent / models.scale_factor
     with reuse_derived_weights(models.autoencoder):
         image = decode_latent(models.autoencoder, z.to(models.dtype), memory_budget_bytes=memory_budget_bytes,
-                              progress=progress)
+                              progress=progress, devices=models.decode_devices)
     return image.float().clamp_(0.0, 1.0 if models.variant.modality == "ct" else None)
 
 

@@ -47,6 +47,7 @@ class GenerateRequest:
     max_retries: int = 2
     device: str = "auto"
     memory_budget_gb: float | None = None
+    decode_devices: tuple[str, ...] | None = None  # split the decode along D over these devices (budget per device)
     overwrite: bool = False
     fmt: str = "nifti"
     sampler: str = "euler"  # "euler" (the reference's) or "ab2" (rectified flow only; faster, not bit-compatible)
@@ -245,9 +246,10 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
         mine = [dataclasses.replace(s, stem=request.output_stem) for s in mine[:1]]
     device = _device(request.device, local_rank if world > 1 else None)
     budget = int(request.memory_budget_gb * 2**30) if request.memory_budget_gb else None
+    decode_devices = _decode_devices(request.decode_devices)
     from fastmaisi.pipelines.preflight import check_resources
 
-    decode_plan = _decode_plan(opts, device, budget, variant=variant)
+    decode_plan = _decode_plan(opts, device, budget, variant=variant, devices=decode_devices)
     resources = check_resources(variant, request.workflow, opts, device, budget, request.output_dir, len(mine),
                                 decode_plan)
     if dry_run:
@@ -282,6 +284,7 @@ def generate(request: GenerateRequest, progress: bool = True, dry_run: bool = Fa
             models = model_io.load_models(variant, weights_dir, roles, device=device, dtype=dtype,
                                           network_config=request.network_config)
             models.cuda_graphs = request.cuda_graphs
+            models.decode_devices = decode_devices
             _check_kept_weights(plan.kept, models.files, request.output_dir)
             made = _make_samples(plan.todo, len(mine), len(plan.kept), models, variant, device, budget, job_fp,
                                  my_shard, (rank, world), progress, on_sample, masks)
@@ -387,7 +390,8 @@ def _make_samples(todo, total, done, models, variant, device, budget, job_fp, sh
                                      "mask": mask_info})
             size = tuple(sample.opts["size"])
             if size not in plans:
-                plans[size] = _plan_text(sample.opts, device, budget, models.autoencoder)
+                plans[size] = _plan_text(sample.opts, device, budget, models.autoencoder,
+                                         devices=models.decode_devices)
             work.update(image_hu=image_hu, label=label, plan=plans[size], out_affine=out_affine)
             writer.submit(work)
         writer.close()
@@ -563,14 +567,36 @@ def _weights_dir(request: GenerateRequest, variant, roles, opts, dry_run: bool) 
     return DEMO_WEIGHTS_DIR
 
 
-def _plan_text(opts, device, budget, vae=None, variant=None) -> str:
+def _decode_devices(names):
+    """--decode-devices as torch devices (None: the one-device decode); each checked to exist."""
+    if not names:
+        return None
+    import torch
+
+    devices = []
+    for name in names:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not (
+                torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count())):
+            raise ValueError(f"--decode-devices {','.join(names)}: {name!r} is not a device of this machine")
+        devices.append(torch.device("cuda", 0) if dev.type == "cuda" and dev.index is None else dev)
+    if len({d.type for d in devices}) > 1:
+        raise ValueError(f"--decode-devices {','.join(names)}: give devices of one kind (all cuda, or all cpu)")
+    return devices
+
+
+def _plan_text(opts, device, budget, vae=None, variant=None, devices=None) -> str:
     """Steps and the decode's memory/time plan, for the record."""
-    plan = _decode_plan(opts, device, budget, vae, variant)
+    plan = _decode_plan(opts, device, budget, vae, variant, devices)
     return f"{opts['steps']} sampling steps at latent {tuple(plan.input_shape[2:])} on {device}. {plan.describe()}"
 
 
-def _decode_plan(opts, device, budget, vae=None, variant=None):
-    """The decode's plan (of `vae`, else of the variant's autoencoder built without weights)."""
+def _decode_plan(opts, device, budget, vae=None, variant=None, devices=None):
+    """The decode's plan (of `vae`, else of the variant's autoencoder built without weights); with `devices`, the
+    plan of the decode split over them."""
     import torch
 
     from fastmaisi.decode import plan_decode
@@ -583,6 +609,10 @@ def _decode_plan(opts, device, budget, vae=None, variant=None):
 
     latent = (1, 4, *[s // 4 for s in opts["size"]])
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if devices:
+        from fastmaisi.decode.split import plan_split
+
+        return plan_split(latent, devices, budget, dtype, vae=vae)
     return plan_decode(latent, device, budget, dtype, vae=vae)
 
 

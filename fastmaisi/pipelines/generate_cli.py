@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--device", type=argtypes.device, default="auto", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--memory-budget-gb", type=argtypes.positive_gib,
                    help="GPU memory the decode may use (default: what is free)")
+    p.add_argument("--decode-devices", type=lambda s: tuple(d.strip() for d in s.split(",") if d.strip()),
+                   help="split the exact decode along D over these devices, e.g. cuda:0,cuda:1 (budget per device)")
     p.add_argument("--format", choices=["nifti", "dicom"], default="nifti")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of a different request in the output folder (a rerun of the same "
@@ -149,6 +151,7 @@ def request_from_args(args, parser=None):
         demographics=_demographics(args.demographic), mask_guidance_scale=args.mask_guidance_scale,
         seed=args.seed, num_samples=args.num_samples,
         max_retries=args.max_retries, device=args.device, memory_budget_gb=args.memory_budget_gb,
+        decode_devices=args.decode_devices,
         overwrite=args.overwrite, fmt=args.format, sampler=args.sampler,
         cuda_graphs=args.cuda_graphs, force=args.force)
 

@@ -25,7 +25,7 @@ from typing import Any
 ALIASES = {"guidance": "guidance_scale", "workflow": "workflow_name", "organ_size": "organ_sizes",
            "format": "fmt", "mask_guidance": "mask_guidance_scale"}
 PER_RUN = {"output_dir", "variant", "weights", "network_config", "num_samples", "device", "memory_budget_gb",
-           "overwrite", "fmt", "cuda_graphs"}
+           "overwrite", "fmt", "cuda_graphs", "decode_devices", "force"}
 PATH_FIELDS = {"mask", "mask_db"}
 NAME_COLUMN = "name"
 

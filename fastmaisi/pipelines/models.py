@@ -29,6 +29,7 @@ class Models:
     mask_spacing: tuple = (1.5, 1.5, 1.5)  # mm per voxel of the decoded mask (reference: 256^3 at 1.5 mm)
     files: dict = field(default_factory=dict)  # role -> {"path", "sha256"} for the record
     cuda_graphs: bool = True  # on CUDA, sampling loops replay denoiser calls from a CUDA graph (small latents)
+    decode_devices: list | None = None  # the decode split along D over these devices (`decode_latent(devices=)`)
 
     @property
     def device(self) -> torch.device:

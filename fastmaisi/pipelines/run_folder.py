@@ -31,7 +31,7 @@ LOCK_FILE = ".fastmaisi.lock"
 CLAIM_LOCK_FILE = ".fastmaisi-claim.lock"
 # request fields that change how a run goes, not what it writes (the weights are checked by their SHA-256 instead)
 RUN_ONLY = {"output_dir", "num_samples", "overwrite", "device", "memory_budget_gb", "cuda_graphs", "weights", "force",
-            "replay", "output_stem"}
+            "replay", "output_stem", "decode_devices"}
 _TEMPORARY = re.compile(r"^\.(?P<final>.+)\.(?:partial|old)-[^/]*$")
 
 
