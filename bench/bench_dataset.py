@@ -51,7 +51,7 @@ from fastmaisi.variants import get_variant  # noqa: E402
 LAYOUTS = {"diffusion_unet": "unet", "controlnet": "controlnet", "mask_diffusion": "unet"}  # others: raw state dict
 
 
-def write_weights(folder: Path, tiny: bool) -> Path | None:
+def write_weights(folder: Path, tiny: bool, mask_generator: str = "v1") -> Path | None:
     """Random-init rflow-ct networks in the official layouts; returns the tiny network config (None: built-in)."""
     from fastmaisi.nets import build
 
@@ -72,6 +72,11 @@ def write_weights(folder: Path, tiny: bool) -> Path | None:
         obj = ({"unet_state_dict": state, "scale_factor": torch.tensor(1.0)} if layout == "unet"
                else {"controlnet_state_dict": state} if layout == "controlnet" else state)
         torch.save(obj, folder / f"{stem}.pt")
+    if mask_generator == "v2":  # NVIDIA's rflow-mask generator beside the v1 one (generate picks v2 when asked)
+        v2 = variant.with_mask_generator("v2")
+        definition = v2.definitions()["mask_diffusion"]
+        torch.save({"unet_state_dict": build(definition).state_dict(), "scale_factor": torch.tensor(1.0)},
+                   folder / f"{v2.v2_mask_file}.pt")
     return config
 
 
@@ -183,6 +188,7 @@ def run_size(size: int, spacing: float, args, weights: Path, config: Path | None
                               network_config=str(config) if config else None, size=(size,) * 3,
                               spacing=(spacing,) * 3, organ_sizes={"liver": 0.5}, workflow_name="paired",
                               steps=args.steps, mask_steps=args.mask_steps, seed=args.seed,
+                              mask_generator=args.mask_generator,
                               num_samples=args.warmup + args.samples, max_retries=0, device=str(device))
     done: list[float] = []
     if device.type == "cuda":
@@ -200,8 +206,11 @@ def run_size(size: int, spacing: float, args, weights: Path, config: Path | None
     stages = {k: round(statistics.median(r["attempts"][-1]["timings"].get(k, 0.0) for r in steady), 2)
               for k in ("mask_s", "mask_postprocess_s", "sample_s", "decode_s")}
     reference = reference_per_sample(args.baselines, size, args.steps) if args.baselines else None
+    if args.mask_generator == "v2":  # the baselines hold the v1 reference only (bench_mask_v2.py times v2's)
+        reference = None
     ref_s = reference and reference["s_per_sample"]
     row = {"size": [size] * 3, "spacing": [spacing] * 3, "workflow": "paired", "steps": args.steps,
+           "mask_generator": args.mask_generator,
            "mask_steps": args.mask_steps, "warmup_samples": args.warmup, "samples": args.samples,
            "s_per_sample": round(s_per_sample, 3), "samples_per_hour": round(3600 / s_per_sample, 1),
            "gpu_idle_share": None if util is None else round(1 - util / 100, 3),
@@ -227,7 +236,9 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=5, help="steady-state samples timed (after the warm-up)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--mask-steps", type=int, default=1000)
+    p.add_argument("--mask-steps", type=int, help="default: 1000 (v1), 100 (v2)")
+    p.add_argument("--mask-generator", choices=["v1", "v2"], default="v1",
+                   help="v1: the 1000-step DDPM mask generator; v2: NVIDIA's rflow-mask (100 guided steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--tiny", action="store_true", help="CPU smoke: tiny networks, sizes 32 and 64, 2 steps")
@@ -237,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep-work", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.mask_steps is None:
+        args.mask_steps = 1000 if args.mask_generator == "v1" else 100
     if args.tiny:
         args.sizes, args.spacings, args.steps, args.mask_steps = [32, 64], [10.0, 5.0], 2, 2
         args.samples, args.warmup = min(args.samples, 2), 1
@@ -246,7 +259,7 @@ def main(argv=None) -> int:
     try:
         weights = work / "weights"
         weights.mkdir()
-        config = write_weights(weights, args.tiny)
+        config = write_weights(weights, args.tiny, args.mask_generator)
         rows = [run_size(s, sp, args, weights, config, work) for s, sp in zip(args.sizes, args.spacings)]
     finally:
         if not args.keep_work:
