@@ -397,3 +397,16 @@ def test_manifest_of_masks_reads_the_next_mask_ahead(tmp_path):
         assert record["workflow"] == "from-mask" and record["mask"]["sha256"] == digest(tmp_path / f"{mask}.nii.gz")
         label = np.asarray(nib.load(out / f"sample_00000{seed}_label.nii.gz").dataobj)
         assert (label == 200).any()
+
+
+def test_a_sample_with_a_damaged_file_is_made_again(unsharded, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(unsharded, out)
+    image = out / "sample_000008_image.nii.gz"
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) // 2])  # truncated (a copy cut short): its recorded size differs
+    assert generate_main(["-o", str(out), "--num-samples", "3", *IMAGE]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["made"] == 1
+    assert image.read_bytes() == whole
