@@ -63,6 +63,11 @@ class SplitPlan:
     _rows: list[list[int]] = field(default_factory=list, repr=False)  # per part, per op
     _place: list[str] = field(default_factory=list, repr=False)  # per slot: GPU (the device) or HOST
 
+    @property
+    def peak_bytes(self) -> int:
+        """The largest part's estimated peak: what one device needs (the budget is per device)."""
+        return max(self.peaks, default=0)
+
     def describe(self) -> str:
         size = lambda n: f"{n / _GiB:.2f} GiB" if n >= _GiB else f"{n / (1 << 20):.1f} MiB"  # noqa: E731
         budget = ("no budget" if self.memory_budget_bytes is None
