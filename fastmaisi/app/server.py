@@ -116,7 +116,7 @@ def create_app(output_dir: str | Path, weights: str | None = None, variant: str 
     def job_status(job_id: str):
         job = _job(app, job_id)
         out = {**job.summary(), "position": app.state.queue.position(job) if job.status == "queued" else None}
-        if job.status == "done" and "image" in out.get("outputs", {}):
+        if job.status == "done" and str(out.get("outputs", {}).get("image", "")).endswith((".nii", ".nii.gz")):
             from fastmaisi.app.views import copy_name, view_info
 
             view = view_info(job.folder / out["outputs"]["image"])

@@ -203,7 +203,7 @@ async function showResult(job) {
   links.push(`<a href="api/jobs/${job.id}/dicom" download>DICOM series + SEG (zip)</a>`);
   $("downloads").innerHTML = "<b>Download:</b> " + links.join(" · ");
   // the viewer loads the server's view: the file itself, or a display copy of at most 256^3 voxels
-  const view = job.view, viewUrl = (kind) => `api/jobs/${job.id}/view/${kind}`;
+  const view = job.view || { reduced: false, names: out }, viewUrl = (kind) => `api/jobs/${job.id}/view/${kind}`;
   $("view-note").textContent = view.reduced ?
     `display copy: ${view.shape.join("x")} of ${view.source_shape.join("x")}; downloads are full resolution` : "";
   await showVolumes({ url: viewUrl("image"), name: view.names.image },
