@@ -122,7 +122,7 @@ def display_copy(job_folder: str | os.PathLike, source: str | os.PathLike, kind:
         view = nib.Nifti1Image(small, affine, header=header)
         view.set_qform(affine, int(header["qform_code"]) or 1)
         view.set_sform(affine, int(header["sform_code"]) or 1)
-        tmp = target.with_name(f".partial-{secrets.token_hex(4)}-{target.name}")  # .nii last: nibabel reads the format from it
+        tmp = target.with_name(f".partial-{secrets.token_hex(4)}-{target.name}")  # nibabel needs .nii last
         try:
             nib.save(view, str(tmp))
             os.replace(tmp, target)
