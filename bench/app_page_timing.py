@@ -6,10 +6,14 @@ Starts `fastmaisi app` (demo, CPU), then in Debian's headless Chromium (Playwrig
 1. page load, `--loads` times, each in a fresh browser profile: navigation start -> DOMContentLoaded, -> load event,
    -> the form usable (config fetched, form built: the page's performance mark `fastmaisi-form-ready`), -> the
    NiiVue viewer attached (mark `fastmaisi-viewer-attached`; the viewer script loads after the form);
-2. a SIZE^3 int16 CT-like NIfTI (.nii.gz, as the app writes) plus a uint8 label map, loaded into the page's NiiVue
-   viewer (NiiVue's reading alone, no WebGL; then shown in the axial view; then in the page's default three planes):
-   seconds until shown, and the longest main-thread task (PerformanceObserver "longtask") and the longest
-   gap between animation frames while it loads: the tab is frozen for as long as those last.
+2. a SIZE^3 int16 CT-like NIfTI (.nii.gz, as the app writes) plus a uint8 label map, and what the page's viewer
+   loads for them: the server's display copies (`fastmaisi.app.views.display_copy`, the code behind
+   `GET /api/jobs/{id}/view/{kind}`: at most 256^3 voxels, uncompressed; the files themselves up to 256^3), made here
+   and timed (the server makes them once, on the first view). Loaded into the page's NiiVue viewer: NiiVue's reading
+   alone (no WebGL) of the view and, as the baseline, of the full-resolution file; then the view shown in the axial
+   view and in the page's default three planes (unless --no-webgl): seconds until shown, and the longest main-thread
+   task (PerformanceObserver "longtask") and the longest gap between animation frames while it loads: the tab is
+   frozen for as long as those last.
 The volumes are served with CORS by a small HTTP server of this script. Writes one JSON object to the given path.
 """
 
@@ -112,7 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=512, help="edge of the cubic test volume (voxels)")
     p.add_argument("--loads", type=int, default=5, help="page loads to time")
     p.add_argument("--no-webgl", action="store_true", help="time NiiVue's reading of the volume only (software WebGL "
-                   "on a machine without a GPU takes minutes at 512^3)")
+                   "on a machine without a GPU takes minutes at 256^3)")
+    p.add_argument("--no-full", action="store_true", help="skip the baseline: NiiVue reading the full-resolution file")
     args = p.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -121,6 +126,14 @@ def main(argv=None) -> int:
     image, label = write_volumes(work, args.size)
     print(f"wrote {args.size}^3 test volumes in {time.perf_counter() - t:.1f} s "
           f"({image.stat().st_size / 2**20:.0f} + {label.stat().st_size / 2**20:.0f} MiB)", file=sys.stderr)
+    from fastmaisi.app.views import display_copy, view_info
+
+    t = time.perf_counter()
+    view_image = display_copy(work, image, "image")
+    view_label = display_copy(work, label, "label", image_path=image)
+    view_seconds = time.perf_counter() - t
+    print(f"display copies in {view_seconds:.1f} s: {view_info(image)}", file=sys.stderr)
+    rel = lambda path: path.relative_to(work).as_posix()  # noqa: E731
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_CORSHandler, directory=str(work)))
     threading.Thread(target=files.serve_forever, daemon=True).start()
     files_url = f"http://127.0.0.1:{files.server_address[1]}/"
@@ -132,7 +145,8 @@ def main(argv=None) -> int:
     result = {"what": "fastmaisi app page: load time and a large volume in the viewer", "host": platform.node(),
               "cpus": os.cpu_count(), "load_average": os.getloadavg(),
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "size": args.size,
-              "browser": CHROMIUM, "webgl": None, "page_loads": []}
+              "browser": CHROMIUM, "webgl": None, "page_loads": [], "view": view_info(image),
+              "view_copy_seconds": round(view_seconds, 2), "view_mib": round(view_image.stat().st_size / 2**20, 1)}
     try:
         for _ in range(300):
             try:
@@ -160,12 +174,15 @@ def main(argv=None) -> int:
                 const e = g.getExtension('WEBGL_debug_renderer_info');
                 return e ? g.getParameter(e.UNMASKED_RENDERER_WEBGL) : g.getParameter(g.RENDERER); }""")
             page.evaluate(OBSERVE)
-            result["volume_parse_only"] = page.evaluate(PARSE, files_url + image.name)
+            result["view_parse_only"] = page.evaluate(PARSE, files_url + rel(view_image))
+            if not args.no_full:
+                page.evaluate(OBSERVE)
+                result["full_parse_only"] = page.evaluate(PARSE, files_url + image.name)
             views = () if args.no_webgl else (("axial", 0), ("multiplanar", 3))  # 3: the page's default view
             for name, slice_type in views:
                 page.evaluate(OBSERVE)
-                result[f"volume_{name}"] = page.evaluate(LOAD, [files_url + image.name, files_url + label.name,
-                                                                 slice_type])
+                result[f"view_{name}"] = page.evaluate(LOAD, [files_url + rel(view_image),
+                                                               files_url + rel(view_label), slice_type])
                 page.screenshot(path=str(Path(args.output).with_suffix(f".{name}.png")))
             result["image_mib_gz"] = round(image.stat().st_size / 2**20, 1)
             ctx.close()

@@ -69,6 +69,9 @@ def test_paired_demo_job_runs_and_its_image_downloads_as_int16_nifti(client, don
     img = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
     assert img.get_data_dtype() == np.int16 and img.shape == (64, 64, 64)
     assert client.get("/api/jobs").json()["jobs"][0]["id"] == done_job["id"]
+    # the viewer loads the demo's 64^3 files as they are (display copies are for volumes over 256^3)
+    assert done_job["view"]["reduced"] is False and done_job["view"]["names"]["image"] == done_job["outputs"]["image"]
+    assert client.get(f"/api/jobs/{done_job['id']}/view/image").content == r.content
 
 
 def test_dicom_zip_of_a_done_job(client, done_job):

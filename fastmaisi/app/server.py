@@ -8,6 +8,8 @@
     GET  /api/jobs/{id}            status, stage, progress, plan, record, label volumes, files
     GET  /api/jobs/{id}/files/{n}  one output file of the job (never a path outside its folder)
     GET  /api/jobs/{id}/dicom      the image as a DICOM series (+ SEG) in a zip, written on first request
+    GET  /api/jobs/{id}/view/{kind} what the viewer loads (kind: image | label): the file itself up to 256^3 voxels,
+                                   else a reduced display copy (fastmaisi.app.views), written on first request
 
 Bad requests answer 4xx with {"error": one line, "field": the request field or null}.
 """
@@ -113,7 +115,15 @@ def create_app(output_dir: str | Path, weights: str | None = None, variant: str 
     @app.get("/api/jobs/{job_id}")
     def job_status(job_id: str):
         job = _job(app, job_id)
-        return {**job.summary(), "position": app.state.queue.position(job) if job.status == "queued" else None}
+        out = {**job.summary(), "position": app.state.queue.position(job) if job.status == "queued" else None}
+        if job.status == "done" and str(out.get("outputs", {}).get("image", "")).endswith((".nii", ".nii.gz")):
+            from fastmaisi.app.views import copy_name, view_info
+
+            view = view_info(job.folder / out["outputs"]["image"])
+            view["names"] = {k: copy_name(out["outputs"][k]) if view["reduced"] else out["outputs"][k]
+                             for k in ("image", "label") if k in out["outputs"]}  # NiiVue reads the format from it
+            out["view"] = view
+        return out
 
     @app.get("/api/jobs/{job_id}/files/{name}")
     def job_file(job_id: str, name: str):
@@ -132,6 +142,22 @@ def create_app(output_dir: str | Path, weights: str | None = None, variant: str 
         except (ImportError, ValueError) as exc:
             raise ApiError(501 if isinstance(exc, ImportError) else 422, str(exc).splitlines()[0], None) from None
         return FileResponse(path, filename=path.name, media_type="application/zip")
+
+    @app.get("/api/jobs/{job_id}/view/{kind}")
+    def job_view(job_id: str, kind: str):
+        from fastmaisi.app.views import display_copy
+
+        job = _job(app, job_id)
+        if kind not in ("image", "label"):
+            raise ApiError(404, f"no view {kind!r}: image or label", "kind")
+        if job.status != "done":
+            raise ApiError(409, f"job {job_id} is {job.status}: its view comes once it is done", "id")
+        outputs = {k: Path(v).name for k, v in job.results[0]["paths"].items()}
+        if kind not in outputs or not outputs[kind].endswith((".nii", ".nii.gz")):
+            raise ApiError(404, f"job {job_id} has no {kind} NIfTI", "kind")
+        source = _file_in(job.folder, outputs[kind])
+        path = display_copy(job.folder, source, kind, image_path=_file_in(job.folder, outputs["image"]))
+        return FileResponse(path, filename=path.name, media_type="application/octet-stream")
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
     return app

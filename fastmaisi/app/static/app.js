@@ -202,7 +202,12 @@ async function showResult(job) {
     .filter(([k]) => out[k]).map(([k, text]) => `<a href="${files(out[k])}" download>${text}</a>`);
   links.push(`<a href="api/jobs/${job.id}/dicom" download>DICOM series + SEG (zip)</a>`);
   $("downloads").innerHTML = "<b>Download:</b> " + links.join(" · ");
-  await showVolumes(files(out.image), out.label ? files(out.label) : null, labels);
+  // the viewer loads the server's view: the file itself, or a display copy of at most 256^3 voxels
+  const view = job.view || { reduced: false, names: out }, viewUrl = (kind) => `api/jobs/${job.id}/view/${kind}`;
+  $("view-note").textContent = view.reduced ?
+    `display copy: ${view.shape.join("x")} of ${view.source_shape.join("x")}; downloads are full resolution` : "";
+  await showVolumes({ url: viewUrl("image"), name: view.names.image },
+                    out.label ? { url: viewUrl("label"), name: view.names.label } : null, labels);
 }
 
 function labelColormap(labels) {
@@ -217,15 +222,16 @@ function labelColormap(labels) {
   return cm;
 }
 
-async function showVolumes(imageUrl, labelUrl, labels) {
+// imageFile, labelFile: {url, name}; NiiVue picks the reader from the name's extension.
+async function showVolumes(imageFile, labelFile, labels) {
   const nv = await viewer();
   for (const v of [...nv.volumes].reverse()) nv.removeVolume(v);
-  const image = { url: imageUrl, colormap: "gray", name: imageUrl.split("/").pop() };
+  const image = { ...imageFile, colormap: "gray" };
   if (state.config.modality === "ct") Object.assign(image, { cal_min: -160, cal_max: 240 }); // soft-tissue window
   const list = [image];
-  if (labelUrl) list.push({ url: labelUrl, opacity: Number($("overlay-opacity").value), name: labelUrl.split("/").pop() });
+  if (labelFile) list.push({ ...labelFile, opacity: Number($("overlay-opacity").value) });
   await nv.loadVolumes(list);
-  if (labelUrl) nv.volumes[1].setColormapLabel(labelColormap(labels));
+  if (labelFile) nv.volumes[1].setColormapLabel(labelColormap(labels));
   nv.updateGLVolume();
   $("viewer-empty").hidden = true;
   document.body.dataset.viewer = "ready";
