@@ -23,7 +23,7 @@ def test_decoded_mr_is_clipped_at_zero_only(monkeypatch, modality):
 
     unit = torch.tensor([-0.2, 0.3, 1.0, 1.5]).view(1, 1, 1, 1, 4)
     monkeypatch.setattr("fastmaisi.decode.decode_latent", lambda vae, z, **kw: unit.clone())
-    models = SimpleNamespace(scale_factor=1.0, dtype=torch.float32, autoencoder=torch.nn.Identity(),
+    models = SimpleNamespace(scale_factor=1.0, dtype=torch.float32, autoencoder=torch.nn.Identity(), decode_devices=None,
                              variant=SimpleNamespace(modality=modality))
     out = common.decode_to_unit(models, torch.zeros(1, 4, 1, 1, 1))
     values = hu_from_unit(out[0, 0], modality).ravel().tolist()
