@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line, "PROG: MESSAGE (see --help)", exit 2 (not usage + message);
+    its subcommands' parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -8,7 +8,6 @@ paired pipeline's mask stage. Warm-up excluded, median and spread of repeats, pe
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fastmaisi import variants
+from fastmaisi.argtypes import OneLineParser
 
 # the seed table (NV-Generate-CTMR docs/performance.md): output size, decode window (latent voxels), overlap, splits
 SEED_ROWS = [((256, 256, 128), (96, 96, 96), 0.25, 2), ((256, 256, 256), (48, 48, 64), 0.6666, 4),
@@ -333,7 +333,7 @@ def plot(out: dict, path: Path) -> bool:
 
 
 def bench_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fastmaisi bench", description=__doc__)
+    p = OneLineParser(prog="fastmaisi bench", description=__doc__)
     p.add_argument("--rows", type=int, nargs="*", help="indices of the seed table's rows (default: all)")
     p.add_argument("--reference", action="store_true", help="also run MONAI's MAISI classes (needs monai)")
     p.add_argument("--tiny", action="store_true", help="tiny networks and sizes (a CPU smoke configuration)")

@@ -3,7 +3,6 @@ quality check), from the samples' records. Also written at the end of every `gen
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from fastmaisi.io.atomic import _staged, _write_file
 from fastmaisi.io.locks import locked
+from fastmaisi.argtypes import OneLineParser
 
 INDEX_FILE = "index.csv"
 INDEX_LOCK_FILE = ".fastmaisi-index.lock"
@@ -93,7 +93,7 @@ def write_index(folder: str | Path, verify: bool = False) -> tuple[Path, list[di
 
 
 def index_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="fastmaisi index", description="Write DIR/index.csv: one row per complete "
+    p = OneLineParser(prog="fastmaisi index", description="Write DIR/index.csv: one row per complete "
                                 "sample of a generated dataset (files, seed, inputs, quality check).")
     p.add_argument("folder", help="a generate output folder")
     p.add_argument("--verify", action="store_true", help="also check every file's SHA-256 against its record")

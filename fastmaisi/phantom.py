@@ -18,7 +18,6 @@ axis 2 inferior to superior; the NIfTI affine is diag(spacing) (RAS+).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from fastmaisi.labels import BODY, LABELS
+from fastmaisi.argtypes import OneLineParser
 
 TUMOURS = (None, "liver", "lung")
 _A0, _B0 = 130.0, 95.0  # template body half-width (x) and anterior half-depth (y), mm
@@ -549,7 +549,7 @@ def _write_one(job) -> dict:
 
 def phantom_main(argv: list[str] | None = None) -> int:
     """`fastmaisi phantom -o DIR -n N [--size X Y Z] [--spacing SX SY SZ] [--seed S] [--tumour ...] [--workers W]`."""
-    ap = argparse.ArgumentParser(prog="fastmaisi phantom",
+    ap = OneLineParser(prog="fastmaisi phantom",
                                  description="Write procedural torso CT phantoms with MAISI labels (NIfTI) and a "
                                              "MAISI-style datalist.json.")
     ap.add_argument("-o", "--output", required=True, help="output folder")

@@ -20,7 +20,6 @@ tensors and plain containers (a pickle that could run code) is refused with `Che
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -37,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fastmaisi.config import read_network_definition
+from fastmaisi.argtypes import OneLineParser
 
 FORMAT = "fastmaisi-weights/1"
 # Checked in this order; the first key holding a dict is the state dict.
@@ -145,7 +145,7 @@ def convert(
 
 def convert_main(argv: list[str] | None = None) -> int:
     """`fastmaisi convert CHECKPOINT -o OUT.safetensors [--network-config JSON --network KEY]`."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fastmaisi convert",
         description="Convert a MAISI checkpoint (.pt/.pth/.safetensors) to safetensors plus a JSON record "
         "(OUT.safetensors.json: source file, its sha256, layout, scale_factor). With --network the checkpoint "

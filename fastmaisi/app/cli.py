@@ -7,15 +7,11 @@ import sys
 from pathlib import Path
 
 from fastmaisi.variants import VARIANTS
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+from fastmaisi.argtypes import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastmaisi app", description=(
+    p = OneLineParser(prog="fastmaisi app", description=(
         "A local web page to plan, generate, view and download volumes (all three workflows), over the same "
         "`generate` as the CLI. Without --weights: the built-in demo networks (toys, not real CT)."))
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")

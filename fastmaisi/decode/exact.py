@@ -13,8 +13,6 @@ from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
 from fastmaisi.decode.split import decode_latent_split
 
 
-
-
 def _check(vae: AutoencoderKlMaisi, t: torch.Tensor, channels: int, what: str, budget) -> None:
     if not isinstance(vae, AutoencoderKlMaisi):
         raise TypeError(f"vae must be a fastmaisi AutoencoderKlMaisi, got {type(vae).__name__}")

@@ -12,8 +12,6 @@ from fastmaisi.decode.exact import _check
 from fastmaisi.nets.autoencoder import AutoencoderKlMaisi
 
 
-
-
 def _window_starts(size: int, roi: int, overlap: float) -> list[int]:
     """Window starts along one axis, as MONAI's dense_patch_slices with its scan interval."""
     interval = roi if roi == size else max(int(roi * (1 - overlap)), 1)

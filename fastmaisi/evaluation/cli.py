@@ -11,9 +11,8 @@ import math
 import sys
 from pathlib import Path
 
+from fastmaisi.argtypes import OneLineParser
 from fastmaisi.argtypes import positive_int as _positive_int
-
-
 
 
 def _ratio(text: str) -> float:
@@ -40,7 +39,7 @@ FID_MIN_VOLUMES = 10  # fewer volumes a side: the score is reported with a warni
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastmaisi eval", description="Evaluate generated volumes or a VAE.")
+    parser = OneLineParser(prog="fastmaisi eval", description="Evaluate generated volumes or a VAE.")
     sub = parser.add_subparsers(dest="what", required=True, metavar="{fid,recon,quality}")
 
     fid = sub.add_parser("fid", help="2.5D FID between two folders of CT volumes (the MAISI recipe)", description=(

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 
-
-
 class _Staging:
     """Files (or folders) written under hidden temporary names beside their final names; `commit` renames them all."""
 

@@ -12,6 +12,7 @@ from fastmaisi import argtypes
 from fastmaisi.argtypes import positive_int as _positive_int
 from fastmaisi.pipelines.shards import parse_shard
 from fastmaisi.variants import VARIANTS
+from fastmaisi.argtypes import OneLineParser
 
 
 def _organ_size(text: str) -> tuple[str, float]:
@@ -31,15 +32,8 @@ def _demographic(text: str) -> tuple[str, str]:
     return name.strip().lower(), value.strip()
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake in one line (exit 2) instead of usage + message."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastmaisi generate", description=(
+    p = OneLineParser(prog="fastmaisi generate", description=(
         "Generate CT/MR volumes: image only (default), from a label map (--mask), or paired mask+image "
         "(--organ-size). Writes int16 NIfTI + label + JSON record + preview PNG per sample. Without --weights: the "
         "built-in demo networks, paired workflow."))

@@ -9,22 +9,16 @@ import sys
 import warnings
 from pathlib import Path
 
+from fastmaisi.argtypes import OneLineParser
 from fastmaisi.vocabularies import NAMES
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake in one line (exit 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastmaisi labels", description=(
+    p = OneLineParser(prog="fastmaisi labels", description=(
         "Label maps of other tools in MAISI ids. convert: a TotalSegmentator / NV-Segment / VISTA3D / MAISI "
         "segmentation (multilabel NIfTI, per-class folder, DICOM SEG, DICOM folder; several are merged) -> a MAISI "
         "label map on the same grid and affine. list: a vocabulary's ids and their MAISI ids."))
-    sub = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
     c = sub.add_parser("convert", help="convert a segmentation to MAISI ids")
     c.add_argument("-i", "--input", action="append", required=True, metavar="SEG",
                    help="segmentation file or folder (repeat to merge: a later input wins where it labels a voxel)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastmaisi.argtypes import device as _device
 from fastmaisi.argtypes import non_negative as _non_negative
-from fastmaisi.argtypes import positive_gib
+from fastmaisi.argtypes import OneLineParser, positive_gib
 from fastmaisi.argtypes import positive_int as _positive_int
 from fastmaisi.variants import ROLE_CONFIG_KEYS as CONFIG_KEYS
 from fastmaisi.variants import VARIANTS
@@ -27,10 +27,6 @@ DEFAULTS = {
     "mask-vae": dict(lr=1e-4, lr_power=0.0),
     "mask-diffusion": dict(lr=1e-4, lr_power=2.0),
 }
-
-
-
-
 
 
 def _fraction(text: str) -> float:
@@ -98,7 +94,7 @@ def checkpointing_mode(flag: str | None) -> bool | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastmaisi train", description=(
+    parser = OneLineParser(prog="fastmaisi train", description=(
         "Train a MAISI network. Writes the official checkpoint layout (loadable by `fastmaisi generate` and by the "
         "reference) plus resume.pt for exact continuation, and train_log.csv."))
     sub = parser.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
@@ -273,7 +269,7 @@ def _finish(dist) -> None:
 
 
 def build_encode_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastmaisi encode", description=(
+    p = OneLineParser(prog="fastmaisi encode", description=(
         "Encode images to latents for diffusion/ControlNet training: <name>_emb.nii.gz (float32 [X/4,Y/4,Z/4,4]) + "
         "<name>_emb.nii.gz.json (dim, spacing, modality[, label, regions]). Reference rules: RAS; each axis resized "
         "to the nearest multiple of 128 (min 128); CT -1000..1000 HU -> 0..1 clipped; MR percentiles 0..99.5 -> "
