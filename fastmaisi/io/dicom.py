@@ -244,18 +244,22 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
-def _read_dicom_seg(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(label array, RAS affine) from a DICOM SEG; segment numbers map to the ids in 'label <id>' tracking ids."""
+def open_dicom_seg(path: Path, accepted: str = "NIfTI (.nii/.nii.gz), a DICOM folder or DICOM SEG") -> Any:
+    """The highdicom Segmentation of a DICOM SEG file; ValueError (one line) for a file that is not one. `accepted`
+    names what the caller would have taken instead, for the message."""
     pydicom = _require_dicom()
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:
-        raise ValueError(f"cannot read {str(path)!r}: not NIfTI (.nii/.nii.gz), a DICOM folder or DICOM SEG ({exc})") \
-            from exc
+        raise ValueError(f"cannot read {str(path)!r}: not {accepted} ({exc})") from None
     if getattr(ds, "Modality", None) != "SEG":
         raise ValueError(f"{str(path)!r} is a single DICOM file but not a SEG; pass the folder of the series")
-    hd = _require_dicom(highdicom=True)
-    seg = hd.seg.Segmentation.from_dataset(ds)
+    return _require_dicom(highdicom=True).seg.Segmentation.from_dataset(ds)
+
+
+def _read_dicom_seg(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(label array, RAS affine) from a DICOM SEG; segment numbers map to the ids in 'label <id>' tracking ids."""
+    seg = open_dicom_seg(path)
     numbers = list(seg.segment_numbers)
     ids = {}
     for n in numbers:  # coded anatomy first (a segment coded Spleen is MAISI 3 whatever its number)

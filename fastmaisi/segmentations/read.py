@@ -125,18 +125,9 @@ def _read_dicom_folder(folder: Path) -> Segmentation:
 
 def _read_dicom_seg(path: Path) -> Segmentation:
     """Segment numbers become ids; each id is named by the segment's coded anatomy (never by its number)."""
-    from fastmaisi.io.dicom import _require_dicom, segment_anatomy_name
+    from fastmaisi.io.dicom import open_dicom_seg, segment_anatomy_name
 
-    pydicom = _require_dicom()
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as exc:
-        raise ValueError(f"cannot read {str(path)!r}: not NIfTI (.nii/.nii.gz), a folder or a DICOM SEG ({exc})") \
-            from None
-    if getattr(ds, "Modality", None) != "SEG":
-        raise ValueError(f"{str(path)!r} is a single DICOM file but not a SEG; pass the folder of the series")
-    hd = _require_dicom(highdicom=True)
-    seg = hd.seg.Segmentation.from_dataset(ds)
+    seg = open_dicom_seg(path, accepted="NIfTI (.nii/.nii.gz), a folder or a DICOM SEG")
     numbers = [int(n) for n in seg.segment_numbers]
     if max(numbers) > 255:
         raise ValueError(f"{str(path)!r} has {len(numbers)} segments; at most 255 can be read")
