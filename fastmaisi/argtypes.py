@@ -13,21 +13,31 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
-def positive_int(text: str) -> int:
+def as_int(text: str) -> int:
+    """`text` as an int, or argparse's one-line error."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def as_number(text: str) -> float:
+    """`text` as a float, or argparse's one-line error."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_int(text: str) -> int:
+    value = as_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
 
 
 def non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = as_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must be >= 0")
     return value
@@ -43,10 +53,7 @@ def finite_non_negative(text: str) -> float:
 
 def positive_gib(text: str) -> float:
     """A finite number of GiB > 0 (memory budgets)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = as_number(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{value} must be > 0 (GiB)")
     return value
@@ -56,20 +63,14 @@ SEED_MAX = 2**32 - 1  # numpy's and NVIDIA's scripts' seed range; torch takes mo
 
 
 def seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = as_int(text)
     if not 0 <= value <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"{value} must be in 0..{SEED_MAX}")
     return value
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = as_int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must be >= 0")
     return value

@@ -11,25 +11,19 @@ import math
 import sys
 from pathlib import Path
 
-from fastmaisi.argtypes import OneLineParser
+from fastmaisi.argtypes import OneLineParser, as_number
 from fastmaisi.argtypes import positive_int as _positive_int
 
 
 def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = as_number(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
     return value
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = as_number(text)
     if not value > 0.0:
         raise argparse.ArgumentTypeError(f"{value} must be > 0")
     return value
