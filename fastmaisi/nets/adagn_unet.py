@@ -24,13 +24,8 @@ from torch import nn
 from fastmaisi.nets.blocks import (
     ResnetBlock,
     _group_norm_affine,
-    add_,
-    add_bias_residual_,
-    add_upsampled_,
-    fast_bias_add,
     fast_group_norm,
     group_norm,
-    norm_silu_pool_x2,
     run_mlp,
     scale_shift,
     upsample_conv,
@@ -41,36 +36,18 @@ from fastmaisi.nets.unet import DiffusionModelUNetMaisi
 class AdaGNResnetBlock(ResnetBlock):
     """`ResnetBlock` with adaptive GroupNorm: `temb` is this block's (B, 2 x Cout) projection, (scale, shift)."""
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def _conv1_norm2(self, h: torch.Tensor, temb: torch.Tensor, coarse_up: bool) -> torch.Tensor:
+        """SiLU(GN2(conv1(h)) * (1 + scale) + shift), (scale, shift) = temb; the rest of the block is the base's."""
         scale, shift = temb.float().chunk(2, dim=1)  # (B, Cout) each
         gain = 1.0 + scale
         conv1 = self.conv1.conv
-        coarse_up = self.up and self.upsample_on_coarse_grid
-        pooled = norm_silu_pool_x2(x, self.norm1) if self.down else None
-        if pooled is not None:
-            x, h = pooled
-        else:
-            h = group_norm(x, self.norm1, silu=True)
-            if not coarse_up and (self.up or self.down):
-                x, h = self._resample(x), self._resample(h)
         if conv1.bias is not None and fast_group_norm(h, self.norm2):
             # one pass: GN2 (conv1's bias folded into its statistics) * (1 + scale) + shift, SiLU
             h = upsample_conv(h, conv1, None) if coarse_up else conv1._conv_forward(h, conv1.weight, None)
             a, b = _group_norm_affine(h, self.norm2, conv1.bias)
-            h = scale_shift(h, a * gain, b * gain + shift, silu=True)
-        else:
-            h = upsample_conv(h, conv1, conv1.bias) if coarse_up else conv1._conv_forward(h, conv1.weight, conv1.bias)
-            h = scale_shift(group_norm(h, self.norm2), gain, shift, silu=True)
-        c2, sk = self.conv2.conv, self.skip_connection.conv if self.skip_connection is not None else None
-        if not coarse_up and c2.bias is not None and fast_bias_add(h):
-            h = c2._conv_forward(h, c2.weight, None)
-            skip = sk._conv_forward(x, sk.weight, None) if sk is not None else x
-            return add_bias_residual_(h, c2.bias if sk is None or sk.bias is None else c2.bias + sk.bias, skip)
-        h = self.conv2(h)
-        skip = self.skip_connection(x) if self.skip_connection is not None else x
-        if coarse_up:
-            return add_upsampled_(h, skip)
-        return add_(h, skip)
+            return scale_shift(h, a * gain, b * gain + shift, silu=True)
+        h = upsample_conv(h, conv1, conv1.bias) if coarse_up else conv1._conv_forward(h, conv1.weight, conv1.bias)
+        return scale_shift(group_norm(h, self.norm2), gain, shift, silu=True)
 
 
 class DiffusionModelUNetMaisiAdaGN(DiffusionModelUNetMaisi):

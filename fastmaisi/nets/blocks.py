@@ -201,27 +201,37 @@ class ResnetBlock(nn.Module):
         return t
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        conv1 = self.conv1.conv
         coarse_up = self.up and self.upsample_on_coarse_grid
+        x, h = self._norm1_resample(x, coarse_up)
+        return self._conv2_skip(self._conv1_norm2(h, temb, coarse_up), x, coarse_up)
+
+    def _norm1_resample(self, x: torch.Tensor, coarse_up: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, SiLU(GN1(x))), both pooled or upsampled as the block resamples (coarse-grid upsampling: neither)."""
         pooled = norm_silu_pool_x2(x, self.norm1) if self.down else None
         if pooled is not None:  # one pass: both pooled inputs, the full-resolution h never written
-            x, h = pooled
-        else:
-            h = group_norm(x, self.norm1, silu=True)
-            if not coarse_up and (self.up or self.down):
-                x, h = self._resample(x), self._resample(h)
+            return pooled
+        h = group_norm(x, self.norm1, silu=True)
+        if not coarse_up and (self.up or self.down):
+            x, h = self._resample(x), self._resample(h)
+        return x, h
+
+    def _conv1_norm2(self, h: torch.Tensor, temb: torch.Tensor, coarse_up: bool) -> torch.Tensor:
+        """SiLU(GN2(conv1(h) + temb)): the time embedding added before the second GroupNorm."""
+        conv1 = self.conv1.conv
         if conv1.bias is not None and fast_group_norm(h, self.norm2):
             # conv1 without bias; GN2 takes bias + temb into its statistics and affine (no pass over h)
             h = upsample_conv(h, conv1, None) if coarse_up else conv1._conv_forward(h, conv1.weight, None)
-            h = group_norm(h, self.norm2, silu=True, pre_bias=conv1.bias + temb)
-        else:
-            # batch 1: conv1(h) + temb == conv with bias (b + temb); saves a pass over the feature map.
-            fold = h.shape[0] == 1 and temb.shape[0] == 1 and conv1.bias is not None
-            bias = conv1.bias + temb[0] if fold else conv1.bias
-            h = upsample_conv(h, conv1, bias) if coarse_up else conv1._conv_forward(h, conv1.weight, bias)
-            if not fold:
-                h = add_(h, temb.reshape(*temb.shape, *([1] * self.spatial_dims)))
-            h = group_norm(h, self.norm2, silu=True)
+            return group_norm(h, self.norm2, silu=True, pre_bias=conv1.bias + temb)
+        # batch 1: conv1(h) + temb == conv with bias (b + temb); saves a pass over the feature map.
+        fold = h.shape[0] == 1 and temb.shape[0] == 1 and conv1.bias is not None
+        bias = conv1.bias + temb[0] if fold else conv1.bias
+        h = upsample_conv(h, conv1, bias) if coarse_up else conv1._conv_forward(h, conv1.weight, bias)
+        if not fold:
+            h = add_(h, temb.reshape(*temb.shape, *([1] * self.spatial_dims)))
+        return group_norm(h, self.norm2, silu=True)
+
+    def _conv2_skip(self, h: torch.Tensor, x: torch.Tensor, coarse_up: bool) -> torch.Tensor:
+        """conv2(h) + skip(x) (x upsampled by broadcasting on the coarse grid)."""
         c2, sk = self.conv2.conv, self.skip_connection.conv if self.skip_connection is not None else None
         if not coarse_up and c2.bias is not None and fast_bias_add(h):
             # conv2 and the 1x1 skip without their biases: both biases and the residual go in with one pass over h
