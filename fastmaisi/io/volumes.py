@@ -44,16 +44,19 @@ def hu_from_unit(x: Any, modality: str | int) -> np.ndarray:
     bad = a.size - int(np.count_nonzero(np.isfinite(a)))
     if bad:
         raise ValueError(f"decoder output has {bad} non-finite values (NaN/inf); refusing to write them as intensities")
-    if is_ct(modality):
-        v = a * 2000.0
-        v -= 1000.0
-        lo, hi = CT_HU_RANGE
-    else:
-        v = a * 1000.0
-        lo, hi = MR_RANGE
+    scale, offset, (lo, hi) = _unit_mapping(modality)
+    v = a * scale
+    if offset:
+        v += offset
     np.clip(v, lo, hi, out=v)
     np.rint(v, out=v)
     return v.astype(np.int16)
+
+
+def _unit_mapping(modality: str | int) -> tuple[float, float, tuple[int, int]]:
+    """(scale, offset, clip range) of decoder output -> intensities: CT x*2000-1000 HU in [-1000, 1000]; MR x*1000,
+    clipped at 0 (and the int16 maximum)."""
+    return (2000.0, -1000.0, CT_HU_RANGE) if is_ct(modality) else (1000.0, 0.0, MR_RANGE)
 
 
 def _hu_from_tensor(t: Any, modality: str | int) -> np.ndarray:
@@ -64,13 +67,10 @@ def _hu_from_tensor(t: Any, modality: str | int) -> np.ndarray:
     bad = t.numel() - int(torch.isfinite(t).sum())
     if bad:
         raise ValueError(f"decoder output has {bad} non-finite values (NaN/inf); refusing to write them as intensities")
-    if is_ct(modality):
-        v = t * 2000.0
-        v -= 1000.0
-        lo, hi = CT_HU_RANGE
-    else:
-        v = t * 1000.0
-        lo, hi = MR_RANGE
+    scale, offset, (lo, hi) = _unit_mapping(modality)
+    v = t * scale
+    if offset:
+        v += offset
     v.clamp_(lo, hi).round_()  # round half to even, as np.rint
     return v.to(torch.int16).cpu().numpy()
 
