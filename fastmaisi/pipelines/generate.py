@@ -451,27 +451,23 @@ def one_volume(models, workflow, opts, seed, user_label, budget, progress):
     timings = {}
     t = time.perf_counter()
     label = user_label
-    if workflow == "paired" and opts.get("mask_generator") == "v2":
-        # 2. mask (v2): 19 numbers -> guided rflow-mask -> mask VAE -> 132-label map, cleaned for the set tumour
-        from fastmaisi.pipelines import paired_v2
+    if workflow == "paired":
+        # 2. mask: organ sizes (v1: DDPM mask DM) or the 19 numbers (v2: guided rflow-mask) -> mask VAE -> 132-label
+        # map on the mask grid, cleaned (for the set tumour) on the host while the GPU waits (timed apart) -> grid
+        if opts.get("mask_generator") == "v2":
+            from fastmaisi.pipelines import paired_v2
 
-        z = paired_v2.sample_mask_latent_v2(models, opts["mask_condition"], seed=seed,
-                                            latent_shape=models.mask_latent_shape, steps=opts["mask_steps"],
-                                            guidance_scale=opts["mask_guidance_scale"], progress=progress)
+            z = paired_v2.sample_mask_latent_v2(models, opts["mask_condition"], seed=seed,
+                                                latent_shape=models.mask_latent_shape, steps=opts["mask_steps"],
+                                                guidance_scale=opts["mask_guidance_scale"], progress=progress)
+            clean = lambda m: paired_v2.postprocess_v2(m, opts["mask_condition"])  # noqa: E731
+        else:
+            z = paired.sample_mask_latent(models, opts["anatomy"], seed=seed, latent_shape=models.mask_latent_shape,
+                                          steps=opts["mask_steps"], progress=progress)
+            clean = lambda m: postprocess_mask(m, opts["anatomy"])  # noqa: E731
         decoded = paired.decode_mask(models, z, budget, progress)
         t_post = time.perf_counter()
-        raw = paired_v2.postprocess_v2(decoded, opts["mask_condition"])  # on the host (timed apart)
-        timings["mask_postprocess_s"] = round(time.perf_counter() - t_post, 2)
-        label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"], device=models.device)
-        timings["mask_s"] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-    elif workflow == "paired":
-        # 2. mask: organ sizes -> mask DM -> mask VAE -> 132-label map on the mask grid -> requested grid
-        z = paired.sample_mask_latent(models, opts["anatomy"], seed=seed, latent_shape=models.mask_latent_shape,
-                                      steps=opts["mask_steps"], progress=progress)
-        decoded = paired.decode_mask(models, z, budget, progress)
-        t_post = time.perf_counter()
-        raw = postprocess_mask(decoded, opts["anatomy"])  # on the host: the GPU waits (timed apart)
+        raw = clean(decoded)
         timings["mask_postprocess_s"] = round(time.perf_counter() - t_post, 2)
         label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"], device=models.device)
         timings["mask_s"] = round(time.perf_counter() - t, 2)
