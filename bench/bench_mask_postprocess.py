@@ -1,6 +1,8 @@
-"""CPU benchmark of the paired workflow's mask post-process: ours (fastmaisi.pipelines.mask_postprocess, with its
-thread pool and with one thread) against its previous implementation (tests/mask_postprocess_oracle.py: scipy
-binary morphology, one labelling per organ, one thread), on the same label maps, checking they agree voxel for voxel.
+"""Benchmark of the paired workflow's mask post-process: ours on the host (fastmaisi.pipelines.mask_postprocess, with
+its thread pool and with one thread) against its previous implementation (tests/mask_postprocess_oracle.py: scipy
+binary morphology, one labelling per organ, one thread), on the same label maps, checking they agree voxel for voxel;
+with --device cuda also the tensor path on the GPU (fastmaisi.pipelines.mask_postprocess_torch, the map already on
+the GPU, timed to a synchronise), checked against the host path.
 
 Maps (--size^3, a multiple of 64): the 64^3 phantom upsampled by repetition, then
   islands  boundary jitter (15 % of the voxels take a face neighbour's label) and 200 stray islands of 1-27 voxels
@@ -11,6 +13,7 @@ each with no tumour, a lung tumour (23) and a hepatic tumour (26) requested (a 5
 Time: wall clock, the best of --repeats (the previous implementation: once). Writes one JSON to OUT.
 
     python3 bench/bench_mask_postprocess.py OUT.json --size 256
+    python3 bench/bench_mask_postprocess.py OUT.json --size 256 --device cuda --no-reference   # GPU vs host
     python3 bench/bench_mask_postprocess.py /tmp/smoke.json --size 64 --maps islands   # smoke
 """
 
@@ -79,13 +82,33 @@ def _best(fn, repeats: int) -> tuple[float, np.ndarray]:
     return best, out
 
 
+def _best_on_device(label: np.ndarray, sizes, device: str, repeats: int) -> tuple[float, np.ndarray]:
+    """The tensor path on `device` after one warm-up: (best seconds to a synchronise, output on the host)."""
+    import torch
+
+    from fastmaisi.pipelines.mask_postprocess_torch import postprocess_mask_tensor
+
+    tensor = torch.from_numpy(label).to(device)
+    sync = torch.cuda.synchronize if tensor.is_cuda else (lambda: None)
+
+    def run():
+        out = postprocess_mask_tensor(tensor, sizes)
+        sync()
+        return out
+
+    run()
+    best, out = _best(run, repeats)
+    return best, out.cpu().numpy()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--maps", nargs="+", default=["islands", "salt"], choices=["islands", "salt"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-reference", action="store_true", help="time ours only (no check)")
+    ap.add_argument("--no-reference", action="store_true", help="leave out the previous implementation")
+    ap.add_argument("--device", help="also the tensor path on this device (e.g. cuda)")
     args = ap.parse_args(argv)
     if args.size % 64:
         print(f"--size {args.size}: must be a multiple of 64", file=sys.stderr)
@@ -106,6 +129,10 @@ def main(argv=None) -> int:
                 mp._workers = threads
             row["changed_fraction"] = float((ours != label).mean())
             same = np.array_equal(ours, one)
+            if args.device:
+                row["device_s"], on_device = _best_on_device(label, sizes, args.device, args.repeats)
+                row["device_identical"] = bool(np.array_equal(on_device, ours))
+                same = same and row["device_identical"]
             if reference is not None:
                 row["reference_s"], ref = _best(lambda: reference(label, sizes), 1)
                 same = same and np.array_equal(ours, ref)
@@ -113,12 +140,20 @@ def main(argv=None) -> int:
             row["identical"] = bool(same)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"bench": "mask_postprocess", "host": platform.node(), "cpus": os.cpu_count(),
+    result = {"bench": "mask_postprocess", "host": platform.node(), "cpus": os.cpu_count(), "device": _device_name(args.device),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows,
               "all_identical": all(r["identical"] for r in rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     return 0 if result["all_identical"] else 1
+
+
+def _device_name(device: str | None) -> str | None:
+    if not device:
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else device
 
 
 if __name__ == "__main__":

@@ -222,3 +222,25 @@ def test_tiny_adagn_unet_through_the_kernels(monkeypatch):
     assert len(calls) >= 8  # every resnet took the fused path
     err = lambda y: float((y - truth).abs().max() / truth.abs().max())  # noqa: E731
     assert err(fast) <= max(2 * err(plain), 1e-5), (err(fast), err(plain))
+
+
+@pytest.mark.parametrize("shape", [(13, 11, 9), (5, 17, 3), (1, 40, 2)])
+def test_label_pieces_kernel(shape):
+    """The 27-voxel neighbour pass of `label_pieces` (Triton) equals its shifted-slice version, and the pieces equal
+    scipy's."""
+    import numpy as np
+    from scipy import ndimage
+
+    from fastmaisi.pipelines import label_pieces as lp
+
+    assert lp._kernels() is not None
+    rng = np.random.default_rng(len(shape) + shape[0])
+    key = torch.from_numpy(np.where(rng.random(shape) < 0.6, rng.integers(0, 3, shape), -1).astype(np.int32))
+    root = torch.arange(key.numel()).view(shape) * 7 % 101
+    assert torch.equal(lp._neighbour_min(key, root, key.numel()), lp._neighbour_min_torch(key, root, key.numel()))
+    pieces = lp.label_pieces(key).numpy()
+    for value in range(3):
+        truth, n = ndimage.label(key.numpy() == value, np.ones((3, 3, 3), bool))
+        assert len(np.unique(pieces[key.numpy() == value])) == n
+        for i in range(1, n + 1):  # every scipy piece is one of ours, named by its first voxel
+            assert (pieces[truth == i] == np.flatnonzero(truth.reshape(-1) == i)[0]).all()

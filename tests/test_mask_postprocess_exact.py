@@ -107,3 +107,66 @@ def test_bench_smoke(tmp_path):
     assert result["all_identical"] and len(result["rows"]) == 6
     assert all(r["ours_s"] > 0 and r["reference_s"] > 0 and 0 < r["changed_fraction"] < 0.5 for r in result["rows"])
     assert bench.main([str(out), "--size", "100"]) == 2
+
+
+# ---------------------------------------------------------------------------------- the same rules on a torch tensor
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("target", list(SIZES))
+def test_tensor_post_process_equals_the_numpy_one(seed, target):
+    """The device path (`mask_postprocess_torch`, run here on CPU tensors) gives the numpy path's voxels."""
+    import torch
+
+    from fastmaisi.pipelines.mask_postprocess_torch import postprocess_any
+
+    label = _noisy_map(seed + 10)
+    tensor = torch.from_numpy(label.copy())
+    out = postprocess_any(tensor, SIZES[target])
+    assert isinstance(out, torch.Tensor) and out.dtype == tensor.dtype
+    assert torch.equal(tensor, torch.from_numpy(label))  # the input is not written to
+    assert np.array_equal(out.numpy(), mp.postprocess_mask(label, SIZES[target]))
+
+
+def test_tensor_post_process_ties_and_far_islands():
+    import torch
+
+    from fastmaisi.pipelines.mask_postprocess_torch import postprocess_mask_tensor
+
+    label = np.zeros((30, 26, 22), np.uint8)
+    label[2:28, 2:24, 2:20] = 200
+    label[8:14, 8:14, 8:14] = 1
+    for c in ((3, 3, 3), (25, 20, 17), (20, 4, 12), (15, 18, 3)):
+        label[c[0]:c[0] + 2, c[1]:c[1] + 2, c[2]:c[2] + 2] = 1  # equal islands: the tie order decides
+    for c in ((5, 5, 15), (22, 10, 5), (12, 20, 14)):
+        label[c] = 5  # an organ made of equal single voxels
+    full = np.full((12, 12, 12), 4, np.uint8)  # two pieces of 4, each outnumbering the rest (a wall of 1)
+    full[6] = 1
+    for case in (label, full):
+        for sizes in SIZES.values():
+            expected = mp.postprocess_mask(case, sizes)
+            assert np.array_equal(postprocess_mask_tensor(torch.from_numpy(case), sizes).numpy(), expected)
+
+
+@pytest.mark.parametrize("shape", [(13, 11, 9), (1, 30, 4), (6, 1, 1), (40, 5)])
+def test_label_pieces_number_pieces_as_scipy_does(shape):
+    import torch
+
+    from fastmaisi.pipelines.label_pieces import label_pieces, largest_rule_drops, piece_table
+
+    rng = np.random.default_rng(sum(shape))
+    for density in (0.3, 0.7):
+        key = np.where(rng.random(shape) < density, rng.integers(0, 3, shape), -1).astype(np.int32)
+        root = label_pieces(torch.from_numpy(key))
+        names, counts, keys = piece_table(root, torch.from_numpy(key))
+        root = root.numpy()
+        assert (root[key < 0] == -1).all()
+        for value in range(3):
+            pieces, n = ndimage.label(key == value, np.ones((3,) * len(shape), bool))
+            mine = keys == value
+            assert mine.sum() == n
+            # named by the first voxel in raster order, so sorted names = scipy's numbering
+            first = [int(np.flatnonzero(pieces.reshape(-1) == i)[0]) for i in range(1, n + 1)]
+            assert names[mine].tolist() == first
+            assert counts[mine].tolist() == np.bincount(pieces.reshape(-1))[1:].tolist()
+            assert np.array_equal(np.searchsorted(names[mine], root[key == value]) + 1, pieces[key == value])
+            dropped, _ = largest_rule_drops(names, counts, keys, value, key.size)
+            assert len(dropped) == max(n - 1, 0) or len(dropped) == max(n - 2, 0)

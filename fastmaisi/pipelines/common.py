@@ -63,18 +63,20 @@ def decode_to_unit(models: Models, latent: torch.Tensor, memory_budget_bytes: in
     return image.float().clamp_(0.0, 1.0 if models.variant.modality == "ct" else None)
 
 
-def resample_label(label: np.ndarray, spacing, size, new_spacing, device=None) -> np.ndarray:
+def resample_label(label, spacing, size, new_spacing, device=None) -> np.ndarray:
     """A label map (X, Y, Z) at `spacing` mm -> `size` at `new_spacing` mm, int16, by the reference's rule (MONAI
     `Spacing(pixdim=new_spacing, mode="nearest")` then `ResizeWithPadOrCrop(size)`), for every label map we resample.
 
     Per axis: the resampled length is round((n - 1) * s / ns) + 1 and output voxel i takes source voxel
     round(i * ns / s) (voxel 0 stays at voxel 0, ties to even); then centre crop (start m // 2 - size // 2) or centre
     pad with 0 (before (size - m) // 2). `device`: where to gather (a GPU takes a 512^3 map in milliseconds, the
-    host in seconds); the same voxels either way, returned as numpy.
+    host in seconds); the same voxels either way, returned as numpy. `label` may be a tensor (gathered where it is).
     """
+    if isinstance(label, torch.Tensor):
+        label, device = (label, label.device) if label.device.type != "cpu" else (label.numpy(), None)
     on_device = device is not None and torch.device(device).type != "cpu"
-    out = torch.from_numpy(np.ascontiguousarray(label)).to(device=device, dtype=torch.int16) if on_device \
-        else np.asarray(label)
+    out = np.asarray(label) if not on_device else torch.as_tensor(
+        label if isinstance(label, torch.Tensor) else np.ascontiguousarray(label)).to(device=device, dtype=torch.int16)
     if tuple(float(s) for s in spacing) != tuple(float(s) for s in new_spacing):
         for axis, (n, s, ns) in enumerate(zip(label.shape, spacing, new_spacing)):
             m = int(np.rint((n - 1) * float(s) / float(ns) + 1))

@@ -446,14 +446,17 @@ def one_volume(models, workflow, opts, seed, user_label, budget, progress):
     """Stages 2-5 for one seed: mask (paired), condition, sample, decode. Returns (image_hu, label or None, timings)."""
     from fastmaisi.io import hu_from_unit
     from fastmaisi.pipelines import common, from_mask, image, paired
-    from fastmaisi.pipelines.mask_postprocess import postprocess_mask
+    import torch
+
+    from fastmaisi.pipelines.mask_postprocess_torch import postprocess_any
 
     timings = {}
     t = time.perf_counter()
     label = user_label
     if workflow == "paired":
         # 2. mask: organ sizes (v1: DDPM mask DM) or the 19 numbers (v2: guided rflow-mask) -> mask VAE -> 132-label
-        # map on the mask grid, cleaned (for the set tumour) on the host while the GPU waits (timed apart) -> grid
+        # map on the mask grid, cleaned for the set tumour where it was decoded (GPU; a CPU run: scipy on the
+        # host), timed apart -> the output grid
         if opts.get("mask_generator") == "v2":
             from fastmaisi.pipelines import paired_v2
 
@@ -464,10 +467,12 @@ def one_volume(models, workflow, opts, seed, user_label, budget, progress):
         else:
             z = paired.sample_mask_latent(models, opts["anatomy"], seed=seed, latent_shape=models.mask_latent_shape,
                                           steps=opts["mask_steps"], progress=progress)
-            clean = lambda m: postprocess_mask(m, opts["anatomy"])  # noqa: E731
-        decoded = paired.decode_mask(models, z, budget, progress)
+            clean = lambda m: postprocess_any(m, opts["anatomy"])  # noqa: E731
+        decoded = paired.decode_mask(models, z, budget, progress, on_device=models.device.type == "cuda")
         t_post = time.perf_counter()
         raw = clean(decoded)
+        if isinstance(raw, torch.Tensor) and raw.is_cuda:
+            torch.cuda.synchronize(raw.device)
         timings["mask_postprocess_s"] = round(time.perf_counter() - t_post, 2)
         label = common.resample_label(raw, models.mask_spacing, opts["size"], opts["spacing"], device=models.device)
         timings["mask_s"] = round(time.perf_counter() - t, 2)

@@ -40,13 +40,17 @@ def sample_mask_latent(models: Models, anatomy_sizes: list[float], *, seed: int,
 
 @torch.no_grad()
 def decode_mask(models: Models, latent: torch.Tensor, memory_budget_bytes: int | None = None,
-                progress: bool = False) -> np.ndarray:
-    """Mask VAE decode of z / scale_factor, argmax over the 125 classes (softmax skipped: same argmax), remap to 132."""
+                progress: bool = False, on_device: bool = False):
+    """Mask VAE decode of z / scale_factor, argmax over the 125 classes (softmax skipped: same argmax), remap to 132.
+    Returns a uint8 numpy map (X, Y, Z), or with `on_device` a uint8 tensor where the decode ran."""
     from fastmaisi.decode import decode_latent
     from fastmaisi.labels import remap_mask_labels
 
     with reuse_derived_weights(models.mask_autoencoder):
         logits = decode_latent(models.mask_autoencoder, (latent / models.mask_scale_factor).to(models.dtype),
                                memory_budget_bytes=memory_budget_bytes, progress=progress)
-    raw = logits.argmax(dim=1)[0].to(torch.int16).cpu().numpy()
-    return remap_mask_labels(raw)
+    raw = logits.argmax(dim=1)[0]
+    del logits
+    if on_device:
+        return remap_mask_labels(raw).to(torch.uint8)
+    return remap_mask_labels(raw.to(torch.int16).cpu().numpy())

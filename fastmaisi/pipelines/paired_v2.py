@@ -78,13 +78,14 @@ def sample_mask_latent_v2(models: Models, condition: list[float], *, seed: int, 
                                cuda_graph=models.cuda_graphs)
 
 
-def postprocess_v2(label: np.ndarray, condition: list[float]) -> np.ndarray:
+def postprocess_v2(label, condition: list[float]):
     """Our mask clean-up aimed at the tumour whose v2 slot is set (the v1 vector's tumour slots are the same five
-    tumours in the same order, so the v2 tumour slots are handed over in its places 5-9)."""
-    from fastmaisi.pipelines.mask_postprocess import postprocess_mask
+    tumours in the same order, so the v2 tumour slots are handed over in its places 5-9). A numpy map is cleaned on
+    the host, a tensor on its device."""
+    from fastmaisi.pipelines.mask_postprocess_torch import postprocess_any
 
     start = CONDITION_DIM - 5 - len(TUMOUR_SLOTS)
-    return postprocess_mask(label, [UNSET] * 5 + list(condition[start:start + len(TUMOUR_SLOTS)]))
+    return postprocess_any(label, [UNSET] * 5 + list(condition[start:start + len(TUMOUR_SLOTS)]))
 
 
 __all__ = ["MASK_V2_SCHEDULER_DEF", "MASK_V2_STEPS", "MASK_V2_GUIDANCE", "rflow_mask_loop", "sample_mask_latent_v2",
