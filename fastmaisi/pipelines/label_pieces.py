@@ -4,7 +4,7 @@
 3^3-cube neighbours of the same key. Each piece is named by the flat (C-order) index of its first voxel in raster
 order, so sorting the names gives scipy's `ndimage.label` numbering (scipy numbers pieces by their first voxel in
 raster order too) and the reference's largest-piece rule, which breaks ties by that numbering, can be replayed
-exactly (`largest_rule_drops`).
+exactly (`largest_rule`).
 
 How: union-find over the volume. Every voxel starts as its own root; each round, every voxel finds the smallest root
 among its same-key neighbours (one 27-voxel pass: a Triton kernel on CUDA, shifted slices elsewhere), roots are
@@ -115,21 +115,37 @@ def piece_table(root: torch.Tensor, key: torch.Tensor) -> tuple[np.ndarray, np.n
     return names.cpu().numpy(), counts.cpu().numpy().astype(np.int64), keys.cpu().numpy().astype(np.int64)
 
 
-def largest_rule_drops(names: np.ndarray, counts: np.ndarray, keys: np.ndarray, value: int,
-                       volume_size: int) -> tuple[list[int], bool]:
-    """The reference's largest-piece rule for the pieces of one key value: of the piece map (background = every
-    voxel not of `value`, then the pieces in scipy's numbering), the two most frequent values are kept, ordered as
-    numpy's argsort orders them. Returns (names of the dropped pieces, whether the background is dropped too)."""
-    mine = keys == value
-    if not mine.any():
-        return [], False
-    piece_counts = counts[mine]
-    table = np.empty(len(piece_counts) + 1, np.int64)
-    table[0] = volume_size - int(piece_counts.sum())
-    table[1:] = piece_counts
-    values = np.nonzero(table)[0]
-    keep = values[np.argsort(table[values])[::-1][:2]]
-    if len(values) <= len(keep):
-        return [], False
-    dropped = np.setdiff1d(np.arange(1, len(table)), keep)
-    return names[mine][dropped - 1].tolist(), bool(0 not in keep)
+def largest_rule(names: np.ndarray, counts: np.ndarray, keys: np.ndarray, values, volume_size: int
+                 ) -> tuple[list[int], list[int], list[int]]:
+    """The reference's largest-piece rule for the pieces of each key value in `values`: of the piece map (background =
+    every voxel not of that value, then its pieces in scipy's numbering) the two most frequent entries are kept, as
+    numpy's argsort orders them. Returns (the values that lose pieces, the names of the pieces those values keep,
+    the values whose background is dropped too). Every piece of a listed value that is not kept is dropped.
+
+    Only the set of the two largest matters, so numpy's (unstable) argsort is replayed on the exact table only when
+    the second and third largest entries tie; otherwise the two largest are found in linear time."""
+    order = np.argsort(keys, kind="stable")  # (stable: each value's pieces stay in raster order)
+    sorted_keys = keys[order]
+    losing, kept, background_dropped = [], [], []
+    for value in dict.fromkeys(values):
+        lo, hi = np.searchsorted(sorted_keys, value, "left"), np.searchsorted(sorted_keys, value, "right")
+        if hi == lo:
+            continue
+        mine = order[lo:hi]
+        table = np.empty(hi - lo + 1, np.int64)
+        table[1:] = counts[mine]
+        table[0] = volume_size - int(table[1:].sum())
+        entries = np.nonzero(table)[0]
+        if len(entries) <= 2:
+            continue
+        sizes = table[entries]
+        top3 = np.partition(sizes, len(sizes) - 3)[-3:]
+        if min(top3[1], top3[2]) > top3[0]:  # no tie at the cut: the two largest, whatever the sort
+            keep = entries[np.argpartition(sizes, len(sizes) - 2)[-2:]]
+        else:
+            keep = entries[np.argsort(sizes)[::-1][:2]]
+        losing.append(value)
+        kept += [int(names[mine[k - 1]]) for k in keep if k > 0]
+        if 0 not in keep:
+            background_dropped.append(value)
+    return losing, kept, background_dropped

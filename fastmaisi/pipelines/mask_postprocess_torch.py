@@ -9,11 +9,10 @@ host time; the numpy version stays the CPU path (a CPU run is faster with scipy'
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from fastmaisi.labels import BODY
-from fastmaisi.pipelines.label_pieces import label_pieces, largest_rule_drops, piece_table
+from fastmaisi.pipelines.label_pieces import label_pieces, largest_rule, piece_table
 from fastmaisi.pipelines.mask_postprocess import (AIRWAY, BOWEL, HEPATIC_VESSEL, LIVER, LUNG_LOBES, ORGANS, SPLEEN,
                                                   TUMOUR_HOSTS, TUMOUR_LABELS, TUMOURS_SEVERAL_PIECES, VERTEBRAE,
                                                   postprocess_mask, target_tumour)
@@ -79,17 +78,13 @@ def _drops(key: torch.Tensor, values, volume_size: int) -> tuple[torch.Tensor, l
     """The largest-piece rule for each of `values` on one labelling of `key` (< 0 = not taking part): (voxels of the
     dropped pieces, the values whose background goes too)."""
     root = label_pieces(key)
-    names, counts, keys = piece_table(root, key)
-    dropped_names, background_too = [], []
-    for value in values:
-        names_v, background = largest_rule_drops(names, counts, keys, value, volume_size)
-        dropped_names += names_v
-        if background:
-            background_too.append(value)
-    if not dropped_names:
+    losing, kept, background_too = largest_rule(*piece_table(root, key), values, volume_size)
+    if not losing:
         return torch.zeros(key.shape, dtype=torch.bool, device=key.device), background_too
-    gone = torch.as_tensor(np.asarray(dropped_names, np.int64), device=key.device)
-    return torch.isin(root, gone), background_too
+    dropped = torch.isin(key, torch.as_tensor(losing, device=key.device, dtype=key.dtype))
+    if kept:
+        dropped &= ~torch.isin(root, torch.as_tensor(kept, device=key.device, dtype=root.dtype))
+    return dropped, background_too
 
 
 def _keep_largest(label: torch.Tensor, ids, fill: int) -> torch.Tensor:
