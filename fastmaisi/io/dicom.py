@@ -88,7 +88,8 @@ def _dicom_series(image: np.ndarray, affine: np.ndarray, modality: str | int, re
         ds.StudyDescription = ds.SeriesDescription = SYNTHETIC_DESCRIPTION
         ds.Modality = "CT" if ct else "MR"
         ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, 1
-        ds.PatientPosition, ds.Laterality = "HFS", ""  # head first supine: the axial orientation written below
+        ds.PatientPosition = "HFS"  # head first supine: the axial orientation written below
+        ds.ImageLaterality = "U"  # unpaired body part: the series' Laterality is then absent, not empty
         ds.SeriesDate, ds.SeriesTime, ds.ContentDate, ds.ContentTime = date, time_, date, time_
         ds.Manufacturer, ds.ManufacturerModelName = "fastmaisi", str(record.get("variant") or "fastmaisi")
         ds.SoftwareVersions = __version__
