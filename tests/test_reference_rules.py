@@ -181,3 +181,21 @@ def test_bad_anatomy_size_db_is_one_line_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and len(err.strip().splitlines()) == 1 and "anatomy-size" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_blanking_outside_the_body_equals_cropping_the_mapped_image():
+    """Outside every label the reference writes air (CT -1000 HU) / 0 (MR) into the mapped image; we blank the decoder
+    output first (unit 0), which must give the same voxels."""
+    import torch
+
+    from fastmaisi.io import hu_from_unit
+    from fastmaisi.pipelines.from_mask import blank_outside_body
+
+    g = torch.Generator().manual_seed(0)
+    unit = torch.rand(9, 8, 7, generator=g) * 1.2 - 0.1
+    label = np.random.default_rng(0).integers(0, 3, (9, 8, 7)).astype(np.int16)
+    for modality, background in (("ct", -1000), ("mr", 0)):
+        cropped = hu_from_unit(unit, modality).copy()
+        cropped[label == 0] = background
+        assert np.array_equal(hu_from_unit(blank_outside_body(unit, label), modality), cropped)
+        assert np.array_equal(hu_from_unit(blank_outside_body(unit, torch.from_numpy(label)), modality), cropped)

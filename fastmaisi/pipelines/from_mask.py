@@ -103,8 +103,10 @@ def sample_latent_from_mask(models: Models, label: np.ndarray, *, spacing, modal
                       desc="image DM", method=sampler, cuda_graph=models.cuda_graphs)
 
 
-def crop_to_body(image_hu: np.ndarray, label: np.ndarray, background: int) -> np.ndarray:
-    """Voxels outside every label (label 0) become air / background, as the reference does."""
-    out = image_hu.copy()
-    out[label == 0] = background
-    return out
+def blank_outside_body(unit: torch.Tensor, label) -> torch.Tensor:
+    """The reference's crop to the body: voxels outside every label (label 0) become air (CT, -1000 HU) or 0 (MR).
+    Done on the decoder output (unit range, (*S)) where it lies, before the intensity mapping: unit 0 maps to
+    exactly those values, so this equals cropping the mapped image, without a pass over it on the host."""
+    outside = torch.as_tensor(np.ascontiguousarray(label) if isinstance(label, np.ndarray) else label,
+                              device=unit.device) == 0
+    return unit.masked_fill(outside, 0.0)

@@ -488,10 +488,10 @@ def one_volume(models, workflow, opts, seed, user_label, budget, progress):
     timings["sample_s"] = round(time.perf_counter() - t, 2)
     # 5. decode: exact whole-volume decode -> HU
     t = time.perf_counter()
-    unit = common.decode_to_unit(models, z, budget, progress)
-    image_hu = hu_from_unit(unit[0, 0], models.variant.modality)
+    unit = common.decode_to_unit(models, z, budget, progress)[0, 0]
     if label is not None:
-        image_hu = from_mask.crop_to_body(image_hu, label, -1000 if models.variant.modality == "ct" else 0)
+        unit = from_mask.blank_outside_body(unit, label)
+    image_hu = hu_from_unit(unit, models.variant.modality)
     timings["decode_s"] = round(time.perf_counter() - t, 2)
     return image_hu, label, timings
 
