@@ -37,7 +37,7 @@ def main():
     label = paired.decode_mask(models, z, on_device=True)
     np.savez_compressed(str(out) + ".npz", label=label.cpu().numpy())
     rounds = []
-    real = lp._neighbour_min
+    real = lp.same_label_neighbour_min
 
     def counting(*a, **k):
         rounds[-1] += 1
@@ -54,7 +54,7 @@ def main():
               f"{int((key >= 0).sum())} voxels", flush=True)
         return r
 
-    lp._neighbour_min = counting
+    lp.same_label_neighbour_min = counting
     mpt.label_pieces = pieces
     bone_lesion = [-1] * 9 + [0.3]  # (the v1 vector's places; bench_mask_v2's condition asks for a bone lesion)
     mpt.postprocess_any(label, bone_lesion)  # warm-up: kernel compilation

@@ -7,7 +7,7 @@ raster order too) and the reference's largest-piece rule, which breaks ties by t
 exactly (`largest_rule`).
 
 How: union-find over the volume. Every voxel starts as its own root; each round, every voxel finds the smallest root
-among its same-key neighbours (one 27-voxel pass: a Triton kernel on CUDA, shifted slices elsewhere), roots are
+among its same-key neighbours (`nets.label_neighbours`: one 27-voxel pass), roots are
 hooked onto the smallest such root (scatter `amin`, always to a smaller index: no cycles), and pointer jumping makes
 every voxel point at its root again. A piece's final root is its smallest index. Rounds end when no voxel sees a
 smaller root; a few tens for organ-shaped pieces.
@@ -18,68 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastmaisi.nets.kernel_device import kernels_run_on, lazy_kernels
-
-_BLOCK = 512
-
-
-def _build(triton, tl):
-    @triton.jit
-    def neighbour_min(key_ptr, root_ptr, out_ptr, N, D1, D2, BIG, BLOCK: tl.constexpr):
-        # out[v] = min(root[u]) over u in v's 3^3 cube (v included) with key[u] == key[v] >= 0; BIG where key[v] < 0
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < N
-        k = tl.load(key_ptr + offs, mask=valid, other=-1)
-        i2 = offs % D2
-        i1 = (offs // D2) % D1
-        i0 = offs // (D2 * D1)
-        D0 = N // (D1 * D2)
-        best = tl.zeros([BLOCK], tl.int64) + BIG
-        for a in tl.static_range(3):
-            for b in tl.static_range(3):
-                for c in tl.static_range(3):
-                    j0 = i0 + (a - 1)
-                    j1 = i1 + (b - 1)
-                    j2 = i2 + (c - 1)
-                    inside = valid & (k >= 0) & (j0 >= 0) & (j0 < D0) & (j1 >= 0) & (j1 < D1) & (j2 >= 0) & (j2 < D2)
-                    n = offs + ((a - 1) * D1 + (b - 1)) * D2 + (c - 1)
-                    kn = tl.load(key_ptr + n, mask=inside, other=-2)
-                    same = inside & (kn == k)
-                    r = tl.load(root_ptr + n, mask=same, other=BIG)
-                    best = tl.minimum(best, r)
-        tl.store(out_ptr + offs, best, mask=valid)
-
-    return neighbour_min
-
-
-_kernels = lazy_kernels(_build)
-
-
-def _shifted(n: int, step: int) -> tuple[slice, slice]:
-    """Along one axis of length n: the slice of voxels v and the slice of their neighbours v + step."""
-    return slice(max(0, -step), n - max(0, step)), slice(max(0, step), n - max(0, -step))
-
-
-def _neighbour_min_torch(key: torch.Tensor, root: torch.Tensor, big: int) -> torch.Tensor:
-    """The kernel's result with shifted slices (13 neighbour directions, both ways)."""
-    best = torch.where(key >= 0, root, big)
-    steps = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) > (0, 0, 0)]
-    for step in steps:
-        here, there = zip(*(_shifted(n, s) for n, s in zip(key.shape, step)))
-        same = (key[here] == key[there]) & (key[here] >= 0)
-        best[here] = torch.minimum(best[here], torch.where(same, root[there], big))
-        best[there] = torch.minimum(best[there], torch.where(same, root[here], big))
-    return best
-
-
-def _neighbour_min(key: torch.Tensor, root: torch.Tensor, big: int) -> torch.Tensor:
-    kernel = _kernels() if kernels_run_on(key) else None
-    if kernel is None or key.ndim != 3:
-        return _neighbour_min_torch(key, root, big)
-    out = torch.empty_like(root)
-    n = key.numel()
-    kernel[(-(-n // _BLOCK),)](key, root, out, n, key.shape[1], key.shape[2], big, BLOCK=_BLOCK)
-    return out
+from fastmaisi.nets.label_neighbours import same_label_neighbour_min
 
 
 @torch.no_grad()
@@ -94,7 +33,7 @@ def label_pieces(key: torch.Tensor) -> torch.Tensor:
     parent = torch.cat([parent, parent.new_full((1,), big)])
     while True:
         root = parent[:n]
-        smallest = _neighbour_min(key, root.view(key.shape), big).reshape(-1)
+        smallest = same_label_neighbour_min(key, root.view(key.shape), big).reshape(-1)
         hook = smallest < root
         if not bool(hook.any()):
             break
