@@ -438,3 +438,24 @@ def test_cpu_statistics_tiles_cover_every_voxel_once(shape, channels_last):
     assert S == math.prod(shape[2:]) and (T - 1) * span < S <= T * span
     assert grid[0] == T and grid[2] == B and grid[1] * kw["BLOCK_C"] >= C and mean.shape == m2.shape == (B, T, C)
     assert span == kw["BLOCK_S"] * args[-1]  # tiles of BLOCK_S voxels, ITERS of them a program
+
+
+@cuda
+@pytest.mark.parametrize("target", [None, 23, 26, 128])
+def test_mask_clean_up_on_the_gpu_equals_the_host_path(target):
+    """The GPU mask clean-up (Triton neighbour pass, union-find, the largest-piece rule) gives the host's voxels."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_mask_postprocess_exact import SIZES, _noisy_map
+
+    from fastmaisi.pipelines.mask_postprocess import postprocess_mask
+    from fastmaisi.pipelines.mask_postprocess_torch import postprocess_mask_tensor
+
+    for seed in range(3):
+        label = _noisy_map(seed, shape=(70, 64, 58))
+        on_gpu = postprocess_mask_tensor(torch.from_numpy(label).cuda(), SIZES[target])
+        assert on_gpu.is_cuda and np.array_equal(on_gpu.cpu().numpy(), postprocess_mask(label, SIZES[target]))

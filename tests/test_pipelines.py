@@ -248,3 +248,25 @@ def test_image_denoiser_keeps_the_condition_embedding_not_the_condition(rflow_ne
         gc.collect()
         assert alive() is None
         torch.testing.assert_close(denoise(x, t), want, rtol=0, atol=0)
+
+
+def test_paired_sample_is_the_same_when_its_mask_is_cleaned_as_a_tensor(monkeypatch):
+    """On a GPU the decoded mask stays a tensor and is cleaned, resampled and used there; on the CPU it goes through
+    numpy. The glue between the stages must give the same sample either way (here: the tensor path forced on CPU)."""
+    from fastmaisi import demo
+    from fastmaisi.pipelines import paired
+
+    models = demo.load_demo_models()
+    host_image, host_label = demo.paired_volume(models, seed=3, steps=2, mask_steps=4)
+    decode = paired.decode_mask
+    kinds = []
+
+    def decode_as_tensor(*args, **kwargs):
+        out = decode(*args, **{**kwargs, "on_device": True})
+        kinds.append(type(out).__name__)
+        return out
+
+    monkeypatch.setattr(paired, "decode_mask", decode_as_tensor)
+    image, label = demo.paired_volume(models, seed=3, steps=2, mask_steps=4)
+    assert kinds == ["Tensor"]
+    assert np.array_equal(label, host_label) and np.array_equal(image, host_image)
