@@ -70,24 +70,31 @@ def _axis_pairs(ndim: int, axis: int) -> tuple[tuple[slice, ...], tuple[slice, .
     return hi, lo
 
 
-def _dilate_once(mask: np.ndarray) -> np.ndarray:
-    """Binary dilation by the 3^3 cube, outside = 0 (= scipy's binary_dilation with it): one 3-wide OR per axis."""
+def _copy(mask):
+    """A copy of a numpy array or a torch tensor (the morphology below serves both paths)."""
+    return mask.clone() if hasattr(mask, "clone") else mask.copy()
+
+
+def _dilate_once(mask):
+    """Binary dilation by the 3^3 cube, outside = 0 (= scipy's binary_dilation with it): one 3-wide OR per axis.
+    A bool numpy array or torch tensor (on its device)."""
     out = mask
     for axis in range(mask.ndim):
         hi, lo = _axis_pairs(mask.ndim, axis)
-        grown = out.copy()
+        grown = _copy(out)
         grown[hi] |= out[lo]
         grown[lo] |= out[hi]
         out = grown
-    return out if out is not mask else mask.copy()
+    return out if out is not mask else _copy(mask)
 
 
-def _erode_once(mask: np.ndarray) -> np.ndarray:
-    """Binary erosion by the 3^3 cube, outside = 0 (= scipy's binary_erosion with it): one 3-wide AND per axis."""
+def _erode_once(mask):
+    """Binary erosion by the 3^3 cube, outside = 0 (= scipy's binary_erosion with it): one 3-wide AND per axis.
+    A bool numpy array or torch tensor (on its device)."""
     out = mask
     for axis in range(mask.ndim):
         hi, lo = _axis_pairs(mask.ndim, axis)
-        shrunk = out.copy()
+        shrunk = _copy(out)
         shrunk[hi] &= out[lo]
         shrunk[lo] &= out[hi]
         edge = [slice(None)] * mask.ndim
@@ -95,15 +102,15 @@ def _erode_once(mask: np.ndarray) -> np.ndarray:
             edge[axis] = end
             shrunk[tuple(edge)] = False
         out = shrunk
-    return out if out is not mask else mask.copy()
+    return out if out is not mask else _copy(mask)
 
 
-def _close(mask: np.ndarray) -> np.ndarray:
+def _close(mask):
     """Binary closing by the 3^3 cube, outside = 0 in both steps (= scipy's binary_closing with it)."""
     return _erode_once(_dilate_once(mask))
 
 
-def _dilate(mask: np.ndarray, times: int = 1) -> np.ndarray:
+def _dilate(mask, times: int = 1):
     for _ in range(times):
         mask = _dilate_once(mask)
     return mask
