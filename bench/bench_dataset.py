@@ -16,6 +16,8 @@ What it measures, per size (256^3 at 1.5 mm and 512^3 at 1.0 mm by default):
   - the reference's per-sample time for the same work, from its per-stage measurements on an H100 in
     ../shared/baselines (MONAI 1.6.1's MAISI classes): mask DM 1000 DDPM steps + mask VAE decode + 30 ControlNet+UNet
     steps at the latent size + the fastest measured sliding-window decode of that size; the ratio against ours.
+    With --mask-generator v2 the mask stages are replaced by the reference's v2 loop + decode that
+    bench/bench_mask_v2.py measured in the same run (--reference-mask-v2 its JSON); without it, no ratio.
 Networks: the official rflow-ct definitions (fastmaisi.variants, the official config_network values), random weights
 (timings do not depend on weight values) saved in the official checkpoint layouts into a temporary folder.
 
@@ -181,6 +183,20 @@ def reference_per_sample(baselines: Path, size: int, steps: int) -> dict:
             "source": str(baselines), "device": "NVIDIA H100 80GB HBM3 (the baselines' machine)"}
 
 
+def with_v2_mask_stage(reference: dict | None, mask_v2_json: Path | None) -> dict | None:
+    """The reference per sample with its v1 mask stages replaced by its v2 mask stage (100 guided steps + decode)
+    as bench_mask_v2.py measured it, on this machine in the same device run; None without that file."""
+    if reference is None or mask_v2_json is None:
+        return None
+    measured = json.loads(mask_v2_json.read_text())
+    mask_s = measured["mask_stage"]["reference"]["stage_s_without_postprocess"]
+    stages = {k: v for k, v in reference["stages"].items() if not k.startswith("mask_")}
+    stages["mask_v2_loop_and_decode_s"] = mask_s
+    total = None if None in stages.values() else round(sum(stages.values()), 2)
+    return {**reference, "s_per_sample": total, "stages": stages,
+            "mask_stage_source": f"{mask_v2_json.name} ({measured.get('device')}, same run)"}
+
+
 def run_size(size: int, spacing: float, args, weights: Path, config: Path | None, work: Path) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     out = work / f"out_{size}"
@@ -206,8 +222,8 @@ def run_size(size: int, spacing: float, args, weights: Path, config: Path | None
     stages = {k: round(statistics.median(r["attempts"][-1]["timings"].get(k, 0.0) for r in steady), 2)
               for k in ("mask_s", "mask_postprocess_s", "sample_s", "decode_s")}
     reference = reference_per_sample(args.baselines, size, args.steps) if args.baselines else None
-    if args.mask_generator == "v2":  # the baselines hold the v1 reference only (bench_mask_v2.py times v2's)
-        reference = None
+    if args.mask_generator == "v2":  # the baselines hold the v1 mask stage only: take v2's from bench_mask_v2.py
+        reference = with_v2_mask_stage(reference, args.reference_mask_v2)
     ref_s = reference and reference["s_per_sample"]
     row = {"size": [size] * 3, "spacing": [spacing] * 3, "workflow": "paired", "steps": args.steps,
            "mask_generator": args.mask_generator,
@@ -245,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--baselines", type=Path, help="the reference's measurements (default: shared/baselines in or "
                    "beside the checkout)", default=next((d / "shared" / "baselines" for d in (ROOT, *ROOT.parents[:2])
                                                         if (d / "shared" / "baselines").is_dir()), None))
+    p.add_argument("--reference-mask-v2", type=Path,
+                   help="bench_mask_v2.py's JSON from the same run: the reference's v2 mask stage for the v2 ratio")
     p.add_argument("--keep-work", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
