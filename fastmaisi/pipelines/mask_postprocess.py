@@ -20,7 +20,10 @@ then paints tissue there. The steps, in the reference's order (all morphology 3^
 "Largest piece" is the reference's rule: 26-connected pieces, and of the piece map (background included) the two
 most frequent values are kept, which is the background and the largest piece unless a piece outnumbers the rest.
 
-Speed, with the same voxels as scipy's binary morphology and one whole-volume labelling per organ (the previous
+The rules are written once (`clean_label_map`) over a few array operations: `HostOps` here (numpy, scipy's
+labelling) and `mask_postprocess_torch.DeviceOps` (tensors on the GPU).
+
+Speed on the host, with the same voxels as scipy's binary morphology and one whole-volume labelling per organ (the previous
 implementation, kept as the test oracle tests/mask_postprocess_oracle.py): the 3^3 cube dilation/erosion is three 1-D
 passes of shifted boolean OR/AND; each organ's pieces are labelled on its box without its spare empty planes, in a
 thread pool (scipy's labelling releases the GIL); the bowel union and the tumour regrowths work on their boxes.
@@ -205,103 +208,136 @@ def _keep_largest(label: np.ndarray, ids, fill: int) -> np.ndarray:
     return out
 
 
-def _closing_fill(label: np.ndarray, i: int, box: tuple[slice, ...] | None = None, times: int = 1) -> None:
+def _closing_fill(label, i: int, ops, box: tuple[slice, ...] | None = None, times: int = 1) -> None:
     """The reference's `organ_fill_by_closing`, `times` times: the mask of `i`, dilated and eroded twice, is written
     as `i` over any label. `box`: a box known to hold every voxel of `i` (found when None)."""
     for _ in range(times):
         if box is None:
-            box = bounding_box(label == i)
+            box = ops.bounding_box(label == i)
         if any(s.stop <= s.start for s in box):
             return
         grown = tuple(slice(max(s.start - 3, 0), min(s.stop + 3, n)) for s, n in zip(box, label.shape))
         sub = label[grown]
-        closed = _close(_close(sub == i))
-        sub[closed] = i
+        sub[_close(_close(sub == i))] = i
         box = tuple(slice(max(s.start - 2, 0), min(s.stop + 2, n)) for s, n in zip(box, label.shape))
 
 
-def _regrow(label: np.ndarray, i: int, where: np.ndarray) -> None:
+def _regrow(label, i: int, where, ops) -> None:
     """The reference's `organ_fill_by_removed_mask`: voxels of `where` within 3 voxels of `i` become `i`."""
     mask = label == i
-    box = bounding_box(mask, pad=3)  # (all that 3 dilations can reach)
+    box = ops.bounding_box(mask, pad=3)  # (all that 3 dilations can reach)
+    if any(s.stop <= s.start for s in box):
+        return
     sub = label[box]
     sub[_dilate(mask[box], 3) & where[box]] = i
 
 
-def _ring_mode(label: np.ndarray, tumour: np.ndarray) -> int | None:
-    """Most frequent non-zero label in the 1-voxel ring around `tumour` (smallest on ties); None if none."""
-    values = label[_dilate(tumour) & ~tumour]
-    values = values[values != 0].astype(np.int64)
-    return int(np.bincount(values).argmax()) if values.size else None
+class HostOps:
+    """What the rules need from an array library, for numpy arrays (scipy's labelling, organs in a thread pool).
+    `mask_postprocess_torch.DeviceOps` is the same for tensors on their device."""
+
+    bounding_box = staticmethod(bounding_box)
+    keep_largest = staticmethod(_keep_largest)
+
+    @staticmethod
+    def isin(label: np.ndarray, ids) -> np.ndarray:
+        return np.isin(label, ids)
+
+    @staticmethod
+    def where_else_zero(mask: np.ndarray, label: np.ndarray) -> np.ndarray:
+        return np.where(mask, label, 0).astype(label.dtype)
+
+    @staticmethod
+    def dropped(mask: np.ndarray) -> np.ndarray:
+        """The voxels of `mask` that the largest-piece rule drops (the rule applied to the mask as one id)."""
+        out = np.zeros(mask.shape, bool)
+        box = bounding_box(mask)
+        if all(s.stop > s.start for s in box):
+            sub_dropped, _ = _dropped_pieces_boxed(mask[box], mask.size)
+            if sub_dropped is not None:
+                out[box] = sub_dropped & mask[box]
+        return out
+
+    @staticmethod
+    def boxes(label: np.ndarray, ids) -> dict[int, tuple[slice, ...]]:
+        """{id: its bounding box} for the ids present in `label`."""
+        from scipy import ndimage
+
+        found = ndimage.find_objects(label.astype(np.int32, copy=False))
+        return {i: found[i - 1] for i in dict.fromkeys(ids) if i <= len(found) and found[i - 1] is not None}
+
+    @staticmethod
+    def ring_mode(label: np.ndarray, tumour: np.ndarray) -> int | None:
+        """Most frequent non-zero label in the 1-voxel ring around `tumour` (smallest on ties); None if none."""
+        values = label[_dilate(tumour) & ~tumour]
+        values = values[values != 0].astype(np.int64)
+        return int(np.bincount(values).argmax()) if values.size else None
 
 
-def postprocess_mask(label: np.ndarray, anatomy_sizes) -> np.ndarray:
-    """A generated label map (X, Y, Z), 132-label vocabulary -> the cleaned map (same shape and dtype)."""
-    from scipy import ndimage
-
+def clean_label_map(label, anatomy_sizes, ops):
+    """The rules (module docstring), written once over the array operations `ops` (`HostOps` or the device one):
+    a label map (X, Y, Z), 132-label vocabulary -> the cleaned map (same shape and dtype, a new array)."""
     vessel, airway = label == HEPATIC_VESSEL, label == AIRWAY
     # 1. body: one piece
     body = _erode_once(label > 0)
-    removed, _ = _dropped_pieces(body)
-    if removed is not None:
-        body &= ~removed
-    out = np.where(_dilate_once(body), label, 0).astype(label.dtype)
+    body &= ~ops.dropped(body)
+    out = ops.where_else_zero(_dilate_once(body), label)
     # 2. tumours: the others to their host, the requested one closed and (most) in one piece
     target = target_tumour(anatomy_sizes)
     for tumour in TUMOUR_LABELS:
         if tumour != target:
             out[out == tumour] = TUMOUR_HOSTS[tumour]
         else:
-            _closing_fill(out, tumour, times=2)
+            _closing_fill(out, tumour, ops, times=2)
     if target is not None and target not in TUMOURS_SEVERAL_PIECES:
-        out = _keep_largest(out, [target], BODY)
+        out = ops.keep_largest(out, [target], BODY)
     target_mask = out == target if target is not None else None
-    # 3. organs and vertebrae in one piece, the bowel in one piece, then each organ closed
+    # 3. organs and vertebrae in one piece, the bowel in one piece (only small bowel and colon leave it), then each
+    # organ closed
     organs = ORGANS + (VERTEBRAE if target != 128 else ())
-    data = _keep_largest(out, organs, BODY)
+    data = ops.keep_largest(out, organs, BODY)
     organ_removed = out != data
-    bowel = (data == BOWEL[0]) | (data == BOWEL[1]) | (data == BOWEL[2]) | (data == BOWEL[3])
-    bowel_removed = np.zeros(data.shape, bool)
-    box = bounding_box(bowel)
-    dropped = _dropped_pieces_boxed(bowel[box], bowel.size)[0] if bowel[box].size else None
-    if dropped is not None:  # (only small bowel and colon go, all inside the box)
-        bowel_removed[box] = dropped & ((data[box] == 19) | (data[box] == 62))
+    bowel_removed = ops.dropped(ops.isin(data, BOWEL)) & ops.isin(data, (19, 62))
     data[bowel_removed] = BODY
-    found = ndimage.find_objects(data.astype(np.int32, copy=False))
-    boxes = {i: found[i - 1] for i in set(organs) if i <= len(found) and found[i - 1] is not None}
+    boxes = ops.boxes(data, organs)
     for organ in organs:
         if organ in boxes:
-            _closing_fill(data, organ, boxes[organ])
+            _closing_fill(data, organ, ops, boxes[organ])
             boxes[organ] = tuple(slice(max(s.start - 2, 0), min(s.stop + 2, n)) for s, n in zip(boxes[organ],
                                                                                               data.shape))
     # 4. the requested tumour's refills
-    if target == 23 and target_mask.any():
+    if target == 23 and bool(target_mask.any()):
         tumour = data == 23
         ring = _dilate(tumour)
-        mode = _ring_mode(data, tumour)
+        mode = ops.ring_mode(data, tumour)
         if mode in LUNG_LOBES:
             ring = _dilate(ring)
-            _regrow(data, mode, ring & ~tumour)
+            _regrow(data, mode, ring & ~tumour, ops)
         ring = _dilate(ring)
-        _regrow(data, 23, ring & organ_removed)
+        _regrow(data, 23, ring & organ_removed, ops)
         for lobe in LUNG_LOBES:
-            _closing_fill(data, lobe, times=3)
-    elif target == 26 and target_mask.any():
+            _closing_fill(data, lobe, ops, times=3)
+    elif target == 26 and bool(target_mask.any()):
         for _ in range(2):
-            _regrow(data, LIVER, bowel_removed)
+            _regrow(data, LIVER, bowel_removed, ops)
         for _ in range(2):
-            _regrow(data, SPLEEN, organ_removed)
-        _regrow(data, 26, _dilate(data == 26, 2) & organ_removed)
+            _regrow(data, SPLEEN, organ_removed, ops)
+        _regrow(data, 26, _dilate(data == 26, 2) & organ_removed, ops)
         # The reference then keeps the largest piece of "tumour + vessel + liver" through a test (sum of the three
         # disjoint masks > 1) that no voxel passes: nothing becomes body, and the tumour mask it restores at the end
         # is empty. Reproduced: the hepatic tumour is not written back.
-        target_mask = np.zeros(data.shape, bool)
-        _closing_fill(data, LIVER, times=3)
-    elif target == 27 and target_mask.any():
-        _regrow(data, 27, _dilate(data == 27, 2) & organ_removed)
+        target_mask = None
+        _closing_fill(data, LIVER, ops, times=3)
+    elif target == 27 and bool(target_mask.any()):
+        _regrow(data, 27, _dilate(data == 27, 2) & organ_removed, ops)
     # 5. vessels -> liver; airway and the requested tumour back
     data[vessel] = LIVER
     data[airway] = AIRWAY
     if target_mask is not None:
         data[target_mask] = target
     return data
+
+
+def postprocess_mask(label: np.ndarray, anatomy_sizes) -> np.ndarray:
+    """A generated label map (X, Y, Z), 132-label vocabulary -> the cleaned map (same shape and dtype)."""
+    return clean_label_map(label, anatomy_sizes, HostOps)
