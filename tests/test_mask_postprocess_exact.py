@@ -159,6 +159,7 @@ def test_label_pieces_number_pieces_as_scipy_does(shape):
         names, counts, keys = piece_table(root, torch.from_numpy(key))
         root = root.numpy()
         assert (root[key < 0] == -1).all()
+        assert (np.diff(keys) >= 0).all()  # grouped by key (largest_rule then needs no sort)
         for value in range(3):
             pieces, n = ndimage.label(key == value, np.ones((3,) * len(shape), bool))
             mine = keys == value

@@ -48,9 +48,12 @@ def label_pieces(key: torch.Tensor) -> torch.Tensor:
 
 
 def piece_table(root: torch.Tensor, key: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pieces of `label_pieces(key)` in raster order of their first voxel: (names, voxel counts, keys)."""
+    """The pieces of `label_pieces(key)`, grouped by key and in raster order of their first voxel within a key:
+    (names, voxel counts, keys). The grouping is a stable sort where the tensors are (on the GPU: well under a
+    millisecond for the 2.3 million pieces of a random-weight 256^3 map, where numpy's took 0.2 s)."""
     names, counts = torch.unique(root[root >= 0], return_counts=True)  # (sorted: raster order)
-    keys = key.reshape(-1)[names]
+    keys, order = torch.sort(key.reshape(-1)[names], stable=True)
+    names, counts = names[order], counts[order]
     return names.cpu().numpy(), counts.cpu().numpy().astype(np.int64), keys.cpu().numpy().astype(np.int64)
 
 
@@ -61,18 +64,18 @@ def largest_rule(names: np.ndarray, counts: np.ndarray, keys: np.ndarray, values
     numpy's argsort orders them. Returns (the values that lose pieces, the names of the pieces those values keep,
     the values whose background is dropped too). Every piece of a listed value that is not kept is dropped.
 
-    Only the set of the two largest matters, so numpy's (unstable) argsort is replayed on the exact table only when
+    The table may come in any order (it is grouped here if it is not). Only the set of the two largest matters, so numpy's (unstable) argsort is replayed on the exact table only when
     the second and third largest entries tie; otherwise the two largest are found in linear time."""
-    order = np.argsort(keys, kind="stable")  # (stable: each value's pieces stay in raster order)
-    sorted_keys = keys[order]
+    if len(keys) > 1 and not bool(np.all(keys[:-1] <= keys[1:])):  # (piece_table's tables come grouped)
+        order = np.argsort(keys, kind="stable")  # (stable: each value's pieces stay in raster order)
+        names, counts, keys = names[order], counts[order], keys[order]
     losing, kept, background_dropped = [], [], []
     for value in dict.fromkeys(values):
-        lo, hi = np.searchsorted(sorted_keys, value, "left"), np.searchsorted(sorted_keys, value, "right")
+        lo, hi = np.searchsorted(keys, value, "left"), np.searchsorted(keys, value, "right")
         if hi == lo:
             continue
-        mine = order[lo:hi]
         table = np.empty(hi - lo + 1, np.int64)
-        table[1:] = counts[mine]
+        table[1:] = counts[lo:hi]
         table[0] = volume_size - int(table[1:].sum())
         entries = np.nonzero(table)[0]
         if len(entries) <= 2:
@@ -84,7 +87,7 @@ def largest_rule(names: np.ndarray, counts: np.ndarray, keys: np.ndarray, values
         else:
             keep = entries[np.argsort(sizes)[::-1][:2]]
         losing.append(value)
-        kept += [int(names[mine[k - 1]]) for k in keep if k > 0]
+        kept += [int(names[lo + k - 1]) for k in keep if k > 0]
         if 0 not in keep:
             background_dropped.append(value)
     return losing, kept, background_dropped
