@@ -78,6 +78,15 @@ def _copy(mask):
     return mask.clone() if hasattr(mask, "clone") else mask.copy()
 
 
+def _fill(label, where, value) -> None:
+    """label[where] = value in place, for a numpy array or a tensor; on a tensor without the device sync that boolean
+    indexing costs (masked_fill_ needs no count of the voxels)."""
+    if hasattr(label, "masked_fill_"):
+        label.masked_fill_(where, value)
+    else:
+        np.putmask(label, where, value)
+
+
 def _dilate_once(mask):
     """Binary dilation by the 3^3 cube, outside = 0 (= scipy's binary_dilation with it): one 3-wide OR per axis.
     A bool numpy array or torch tensor (on its device)."""
@@ -218,7 +227,7 @@ def _closing_fill(label, i: int, ops, box: tuple[slice, ...] | None = None, time
             return
         grown = tuple(slice(max(s.start - 3, 0), min(s.stop + 3, n)) for s, n in zip(box, label.shape))
         sub = label[grown]
-        sub[_close(_close(sub == i))] = i
+        _fill(sub, _close(_close(sub == i)), i)
         box = tuple(slice(max(s.start - 2, 0), min(s.stop + 2, n)) for s, n in zip(box, label.shape))
 
 
@@ -229,7 +238,7 @@ def _regrow(label, i: int, where, ops) -> None:
     if any(s.stop <= s.start for s in box):
         return
     sub = label[box]
-    sub[_dilate(mask[box], 3) & where[box]] = i
+    _fill(sub, _dilate(mask[box], 3) & where[box], i)
 
 
 class HostOps:
@@ -286,7 +295,7 @@ def clean_label_map(label, anatomy_sizes, ops):
     target = target_tumour(anatomy_sizes)
     for tumour in TUMOUR_LABELS:
         if tumour != target:
-            out[out == tumour] = TUMOUR_HOSTS[tumour]
+            _fill(out, out == tumour, TUMOUR_HOSTS[tumour])
         else:
             _closing_fill(out, tumour, ops, times=2)
     if target is not None and target not in TUMOURS_SEVERAL_PIECES:
@@ -298,7 +307,7 @@ def clean_label_map(label, anatomy_sizes, ops):
     data = ops.keep_largest(out, organs, BODY)
     organ_removed = out != data
     bowel_removed = ops.dropped(ops.isin(data, BOWEL)) & ops.isin(data, (19, 62))
-    data[bowel_removed] = BODY
+    _fill(data, bowel_removed, BODY)
     boxes = ops.boxes(data, organs)
     for organ in organs:
         if organ in boxes:
@@ -331,10 +340,10 @@ def clean_label_map(label, anatomy_sizes, ops):
     elif target == 27 and bool(target_mask.any()):
         _regrow(data, 27, _dilate(data == 27, 2) & organ_removed, ops)
     # 5. vessels -> liver; airway and the requested tumour back
-    data[vessel] = LIVER
-    data[airway] = AIRWAY
+    _fill(data, vessel, LIVER)
+    _fill(data, airway, AIRWAY)
     if target_mask is not None:
-        data[target_mask] = target
+        _fill(data, target_mask, target)
     return data
 
 

@@ -9,6 +9,7 @@ took 1-2 s; numpy stays the CPU path (scipy's labelling is faster there)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fastmaisi.pipelines.label_pieces import label_pieces, largest_rule, piece_table
@@ -16,16 +17,15 @@ from fastmaisi.pipelines.mask_postprocess import _dilate, clean_label_map, postp
 
 
 def bounding_box(mask: torch.Tensor, pad: int = 0) -> tuple[slice, ...]:
-    """The smallest box holding `mask`'s voxels, grown by `pad` (clipped to the volume); empty slices if none."""
-    out = []
-    for axis in range(mask.ndim):
-        hit = torch.nonzero(mask.any(dim=tuple(a for a in range(mask.ndim) if a != axis))).view(-1)
-        n = mask.shape[axis]
-        if hit.numel():
-            lo, hi = int(hit[0]), int(hit[-1])
-            out.append(slice(max(lo - pad, 0), min(hi + 1 + pad, n)))
-        else:
-            out.append(slice(0, 0))
+    """The smallest box holding `mask`'s voxels, grown by `pad` (clipped to the volume); empty slices if none.
+    One transfer from the device: the per-axis occupancy profiles, together."""
+    profiles = torch.cat([mask.any(dim=tuple(a for a in range(mask.ndim) if a != axis)) for axis in range(mask.ndim)])
+    profiles = profiles.cpu().numpy()
+    out, start = [], 0
+    for n in mask.shape:
+        hit = np.flatnonzero(profiles[start:start + n])
+        start += n
+        out.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, n)) if hit.size else slice(0, 0))
     return tuple(out)
 
 
@@ -51,7 +51,7 @@ def _keep_largest(label: torch.Tensor, ids, fill: int) -> torch.Tensor:
     for value in background_too:  # (a piece outnumbered the rest of the volume: every other voxel is dropped)
         dropped |= label != value
     out = label.clone()
-    out[dropped] = fill
+    out.masked_fill_(dropped, fill)
     return out
 
 

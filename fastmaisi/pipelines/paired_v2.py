@@ -8,7 +8,6 @@ timestep after the last one (MONAI then steps by 1/n), post-processing aimed at 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
