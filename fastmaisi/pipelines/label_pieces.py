@@ -64,8 +64,9 @@ def largest_rule(names: np.ndarray, counts: np.ndarray, keys: np.ndarray, values
     numpy's argsort orders them. Returns (the values that lose pieces, the names of the pieces those values keep,
     the values whose background is dropped too). Every piece of a listed value that is not kept is dropped.
 
-    The table may come in any order (it is grouped here if it is not). Only the set of the two largest matters, so numpy's (unstable) argsort is replayed on the exact table only when
-    the second and third largest entries tie; otherwise the two largest are found in linear time."""
+    The table may come in any order (it is grouped here if it is not). Only the set of the two largest matters, so
+    numpy's (unstable) argsort is replayed on the exact table only when the second and third largest entries tie;
+    otherwise the two largest are found in linear time."""
     if len(keys) > 1 and not bool(np.all(keys[:-1] <= keys[1:])):  # (piece_table's tables come grouped)
         order = np.argsort(keys, kind="stable")  # (stable: each value's pieces stay in raster order)
         names, counts, keys = names[order], counts[order], keys[order]

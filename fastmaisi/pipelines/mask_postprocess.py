@@ -23,10 +23,11 @@ most frequent values are kept, which is the background and the largest piece unl
 The rules are written once (`clean_label_map`) over a few array operations: `HostOps` here (numpy, scipy's
 labelling) and `mask_postprocess_torch.DeviceOps` (tensors on the GPU).
 
-Speed on the host, with the same voxels as scipy's binary morphology and one whole-volume labelling per organ (the previous
-implementation, kept as the test oracle tests/mask_postprocess_oracle.py): the 3^3 cube dilation/erosion is three 1-D
-passes of shifted boolean OR/AND; each organ's pieces are labelled on its box without its spare empty planes, in a
-thread pool (scipy's labelling releases the GIL); the bowel union and the tumour regrowths work on their boxes.
+Speed on the host, with the same voxels as scipy's binary morphology and one whole-volume labelling per organ (the
+previous implementation, kept as the test oracle tests/mask_postprocess_oracle.py): the 3^3 cube dilation/erosion is
+three 1-D passes of shifted boolean OR/AND; each organ's pieces are labelled on its box without its spare empty
+planes, in a thread pool (scipy's labelling releases the GIL); the bowel union and the tumour regrowths work on
+their boxes.
 """
 
 from __future__ import annotations
@@ -217,18 +218,24 @@ def _keep_largest(label: np.ndarray, ids, fill: int) -> np.ndarray:
     return out
 
 
-def _closing_fill(label, i: int, ops, box: tuple[slice, ...] | None = None, times: int = 1) -> None:
+def _grown(box: tuple[slice, ...], by: int, shape) -> tuple[slice, ...]:
+    """`box` grown by `by` voxels on every side, clipped to a volume of `shape`."""
+    return tuple(slice(max(s.start - by, 0), min(s.stop + by, n)) for s, n in zip(box, shape))
+
+
+def _closing_fill(label, i: int, ops, box: tuple[slice, ...] | None = None, times: int = 1) -> tuple[slice, ...]:
     """The reference's `organ_fill_by_closing`, `times` times: the mask of `i`, dilated and eroded twice, is written
-    as `i` over any label. `box`: a box known to hold every voxel of `i` (found when None)."""
+    as `i` over any label. `box`: a box known to hold every voxel of `i` (found when None). Returns a box that holds
+    every voxel of `i` afterwards (two closings reach at most 2 voxels beyond the mask)."""
     for _ in range(times):
         if box is None:
             box = ops.bounding_box(label == i)
         if any(s.stop <= s.start for s in box):
-            return
-        grown = tuple(slice(max(s.start - 3, 0), min(s.stop + 3, n)) for s, n in zip(box, label.shape))
-        sub = label[grown]
+            return box
+        sub = label[_grown(box, 3, label.shape)]
         _fill(sub, _close(_close(sub == i)), i)
-        box = tuple(slice(max(s.start - 2, 0), min(s.stop + 2, n)) for s, n in zip(box, label.shape))
+        box = _grown(box, 2, label.shape)
+    return box
 
 
 def _regrow(label, i: int, where, ops) -> None:
@@ -311,9 +318,7 @@ def clean_label_map(label, anatomy_sizes, ops):
     boxes = ops.boxes(data, organs)
     for organ in organs:
         if organ in boxes:
-            _closing_fill(data, organ, ops, boxes[organ])
-            boxes[organ] = tuple(slice(max(s.start - 2, 0), min(s.stop + 2, n)) for s, n in zip(boxes[organ],
-                                                                                              data.shape))
+            boxes[organ] = _closing_fill(data, organ, ops, boxes[organ])
     # 4. the requested tumour's refills
     if target == 23 and bool(target_mask.any()):
         tumour = data == 23
