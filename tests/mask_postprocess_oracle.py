@@ -6,24 +6,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastmaisi.labels import ANATOMY_SIZE_TUMOURS, BODY
+from fastmaisi.labels import BODY
+from fastmaisi.pipelines.mask_postprocess import (  # the rules' facts; the oracle is the way of applying them
+    AIRWAY,
+    BOWEL,
+    HEPATIC_VESSEL,
+    LIVER,
+    LUNG_LOBES,
+    ORGANS,
+    SPLEEN,
+    TUMOUR_HOSTS,
+    TUMOUR_LABELS,
+    TUMOURS_SEVERAL_PIECES,
+    VERTEBRAE,
+    target_tumour,
+)
 
-TUMOUR_LABELS = (23, 24, 26, 27, 128)  # the tumour slots of the organ-size vector, in slot order
-TUMOUR_HOSTS = {23: 28, 24: 4, 26: 1, 27: 62, 128: BODY}
-TUMOURS_SEVERAL_PIECES = (26, 128)  # hepatic tumours and bone lesions keep every piece
-ORGANS = (1, 4, 10, 12, 3, 28, 29, 30, 31, 32, 5, 14, 13, 6, 7, 8, 9, 10)  # (10 twice, as the reference's list)
-VERTEBRAE = tuple(range(33, 60))
-BOWEL = (12, 13, 19, 62)
-LUNG_LOBES = (28, 29, 30, 31, 32)
-LIVER, SPLEEN, HEPATIC_VESSEL, AIRWAY = 1, 3, 25, 132
 _CUBE = np.ones((3, 3, 3), bool)
-
-
-def target_tumour(anatomy_sizes) -> int | None:
-    """The tumour label the organ-size vector asks for: the last tumour slot that is not -1 (None if all are)."""
-    assert len(ANATOMY_SIZE_TUMOURS) == len(TUMOUR_LABELS)
-    wanted = [lab for lab, v in zip(TUMOUR_LABELS, list(anatomy_sizes)[5:]) if v is not None and v != -1]
-    return wanted[-1] if wanted else None
 
 
 def bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...]:

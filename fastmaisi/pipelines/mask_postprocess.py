@@ -57,14 +57,24 @@ def target_tumour(anatomy_sizes) -> int | None:
     return wanted[-1] if wanted else None
 
 
+def box_from_profiles(profiles, shape, pad: int = 0) -> tuple[slice, ...]:
+    """The box of a mask from its per-axis occupancy profiles (one bool sequence per axis), grown by `pad` and
+    clipped to `shape`; empty slices if the mask is empty."""
+    out = []
+    for hit, n in zip(profiles, shape):
+        hit = np.flatnonzero(hit)
+        out.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, n)) if hit.size else slice(0, 0))
+    return tuple(out)
+
+
+def occupancy(mask, axis: int):
+    """Whether each plane across `axis` holds a voxel of `mask` (numpy array or tensor)."""
+    return mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))
+
+
 def bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
     """The smallest box holding `mask`'s voxels, grown by `pad` (clipped to the volume); empty slices if none."""
-    out = []
-    for axis in range(mask.ndim):
-        hit = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0]
-        n = mask.shape[axis]
-        out.append(slice(max(hit[0] - pad, 0), min(hit[-1] + 1 + pad, n)) if hit.size else slice(0, 0))
-    return tuple(out)
+    return box_from_profiles([occupancy(mask, axis) for axis in range(mask.ndim)], mask.shape, pad)
 
 
 def _axis_pairs(ndim: int, axis: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
@@ -166,7 +176,7 @@ def _occupied_planes(mask: np.ndarray) -> tuple[np.ndarray, ...] | None:
     order. None when no plane can go (nothing to gain)."""
     keep = []
     for axis in range(mask.ndim):
-        hit = mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))
+        hit = occupancy(mask, axis)
         kept = hit.copy()
         kept[1:] |= hit[:-1]
         keep.append(np.nonzero(kept)[0])
@@ -283,11 +293,16 @@ class HostOps:
         return {i: found[i - 1] for i in dict.fromkeys(ids) if i <= len(found) and found[i - 1] is not None}
 
     @staticmethod
-    def ring_mode(label: np.ndarray, tumour: np.ndarray) -> int | None:
-        """Most frequent non-zero label in the 1-voxel ring around `tumour` (smallest on ties); None if none."""
-        values = label[_dilate(tumour) & ~tumour]
-        values = values[values != 0].astype(np.int64)
-        return int(np.bincount(values).argmax()) if values.size else None
+    def most_frequent(values: np.ndarray) -> int:
+        """The most frequent of non-negative integers (the smallest on ties)."""
+        return int(np.bincount(values.astype(np.int64)).argmax())
+
+
+def _ring_mode(label, tumour, ops) -> int | None:
+    """Most frequent non-zero label in the 1-voxel ring around `tumour` (smallest on ties); None if none."""
+    values = label[_dilate(tumour) & ~tumour]
+    values = values[values != 0]
+    return ops.most_frequent(values) if values.shape[0] else None
 
 
 def clean_label_map(label, anatomy_sizes, ops):
@@ -323,7 +338,7 @@ def clean_label_map(label, anatomy_sizes, ops):
     if target == 23 and bool(target_mask.any()):
         tumour = data == 23
         ring = _dilate(tumour)
-        mode = ops.ring_mode(data, tumour)
+        mode = _ring_mode(data, tumour, ops)
         if mode in LUNG_LOBES:
             ring = _dilate(ring)
             _regrow(data, mode, ring & ~tumour, ops)

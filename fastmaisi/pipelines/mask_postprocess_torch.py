@@ -13,20 +13,14 @@ import numpy as np
 import torch
 
 from fastmaisi.pipelines.label_pieces import label_pieces, largest_rule, piece_table
-from fastmaisi.pipelines.mask_postprocess import _dilate, clean_label_map, postprocess_mask
+from fastmaisi.pipelines.mask_postprocess import box_from_profiles, clean_label_map, occupancy, postprocess_mask
 
 
 def bounding_box(mask: torch.Tensor, pad: int = 0) -> tuple[slice, ...]:
     """The smallest box holding `mask`'s voxels, grown by `pad` (clipped to the volume); empty slices if none.
     One transfer from the device: the per-axis occupancy profiles, together."""
-    profiles = torch.cat([mask.any(dim=tuple(a for a in range(mask.ndim) if a != axis)) for axis in range(mask.ndim)])
-    profiles = profiles.cpu().numpy()
-    out, start = [], 0
-    for n in mask.shape:
-        hit = np.flatnonzero(profiles[start:start + n])
-        start += n
-        out.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + 1 + pad, n)) if hit.size else slice(0, 0))
-    return tuple(out)
+    profiles = torch.cat([occupancy(mask, axis) for axis in range(mask.ndim)]).cpu().numpy()
+    return box_from_profiles(np.split(profiles, np.cumsum(mask.shape)[:-1]), mask.shape, pad)
 
 
 def _drops(key: torch.Tensor, values, volume_size: int) -> tuple[torch.Tensor, list[int]]:
@@ -82,11 +76,9 @@ class DeviceOps:
         return {i: box for i, box in found.items() if all(s.stop > s.start for s in box)}
 
     @staticmethod
-    def ring_mode(label: torch.Tensor, tumour: torch.Tensor) -> int | None:
-        """Most frequent non-zero label in the 1-voxel ring around `tumour` (smallest on ties); None if none."""
-        values = label[_dilate(tumour) & ~tumour]
-        values = values[values != 0].long()
-        return int(torch.bincount(values).argmax()) if values.numel() else None
+    def most_frequent(values: torch.Tensor) -> int:
+        """The most frequent of non-negative integers (the smallest on ties)."""
+        return int(torch.bincount(values.long()).argmax())
 
 
 @torch.no_grad()
