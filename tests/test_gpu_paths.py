@@ -79,6 +79,21 @@ def test_gpu_cuda_graph_replay_equals_eager():
         assert torch.equal(got, want)
 
 
+def test_cpu_upsample_taps_are_the_table_and_need_no_host_copy():
+    """The transposed-conv taps are made by arithmetic on the weight's device (recomputed inside a CUDA graph capture,
+    where a host-to-device copy fails) and equal the documented table; the upsample conv still equals conv(nearest)."""
+    from fastmaisi.nets import fused_ops
+
+    assert fused_ops._up_taps(torch.device("cpu")).tolist() == [list(map(float, r)) for r in fused_ops._UP_TAPS]
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, 5, 3, padding=1)
+    x = torch.randn(1, 3, 4, 5, 6)
+    want = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    with torch.no_grad():
+        got = fused_ops.upsample_conv(x, conv, conv.bias)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_cpu_upsample_rows_are_a_slice_of_the_whole():
     from fastmaisi.nets.blocks import upsample_trilinear_x2
 

@@ -186,6 +186,14 @@ def upsample_trilinear_x2(x: torch.Tensor, rows: tuple[int, int] | None = None) 
 # original ones: output 2i gets w[-1] x[i-1] + (w[0] + w[1]) x[i], output 2i+1 gets (w[-1] + w[0]) x[i] + w[1] x[i+1].
 # Row t of _UP_TAPS says which original taps (w[-1], w[0], w[1]) make transposed-conv tap t.
 _UP_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+
+
+def _up_taps(device) -> torch.Tensor:
+    """_UP_TAPS as a float32 (4, 3) tensor made on `device` by arithmetic (tap t uses w[k-1] iff t + k is 2 or 3): no
+    host-to-device copy, so it can be recomputed inside a CUDA graph capture (a host table or item assignment
+    cannot)."""
+    s = torch.arange(4, device=device).view(4, 1) + torch.arange(3, device=device).view(1, 3)
+    return ((s == 2) | (s == 3)).float()
 _UP_EINSUM = {1: "pk,oik->iop", 2: "pk,ql,oikl->iopq", 3: "pk,ql,rm,oiklm->iopqr"}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -200,11 +208,7 @@ def upsample_conv(x: torch.Tensor, conv: nn.Module, bias: torch.Tensor | None) -
     channels_last = _is_channels_last(x)
 
     def transposed_weight() -> torch.Tensor:
-        taps = w.new_zeros(len(_UP_TAPS), 3, dtype=torch.float32)  # filled on w's device: no host-to-device copy
-        for t, row in enumerate(_UP_TAPS):
-            for k, used in enumerate(row):
-                if used:
-                    taps[t, k] = 1.0
+        taps = _up_taps(w.device)
         wt = torch.einsum(_UP_EINSUM[d], *([taps] * d), w.float()).to(w.dtype)  # (Cin, Cout, 4, .., 4)
         return wt.contiguous(memory_format=torch.channels_last_3d) if channels_last else wt
 
