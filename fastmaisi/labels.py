@@ -508,6 +508,8 @@ def quality_check(image_hu, label, stats: Mapping | str | Path | None = None) ->
     lab = _numpy(label)
     if img.shape != lab.shape:
         raise ValueError(f"image_hu shape {img.shape} differs from the label map's {lab.shape}")
+    if img.flags.f_contiguous and lab.flags.f_contiguous:  # (medians ignore the order: walk both in memory order)
+        img, lab = img.T, lab.T
     thresholds = qc_thresholds(stats)
     # one pass: id -> index of its QC group (groups are disjoint); ids outside 0..255 belong to none
     lut = np.zeros(MAX_LABEL + 2, dtype=np.uint8)
@@ -516,6 +518,10 @@ def quality_check(image_hu, label, stats: Mapping | str | Path | None = None) ->
         lut[[i for i in QC_ORGAN_GROUPS.get(organ, ()) if i <= MAX_LABEL]] = g
     if lab.dtype == np.uint8:  # every id is in the table: no range test, no 8-byte copy of the map
         group = lut[lab]
+    elif lab.dtype in (np.int16, np.uint16):  # one gather through a 2^16 table (negative ids: its upper half, none)
+        wide = np.zeros(1 << 16, dtype=np.uint8)
+        wide[:MAX_LABEL + 1] = lut[:MAX_LABEL + 1]
+        group = wide[lab.view(np.uint16)]
     else:
         idx = lab.astype(np.int64, copy=False)
         group = lut[np.where((idx >= 0) & (idx <= MAX_LABEL), idx, MAX_LABEL + 1)]

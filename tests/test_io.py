@@ -163,6 +163,7 @@ def test_killed_write_leaves_no_final_file(tmp_path):
             time.sleep(60)  # killed here, with part of the file on disk
             return n
         gzip.GzipFile.write = slow
+        io.nifti._gzip_class = lambda: gzip.GzipFile  # (zlib's writer, also where python-isal is installed)
         io.write_nifti({str(out / "a.nii.gz")!r}, np.load({str(tmp_path / "image.npy")!r}), (1, 1, 1))
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], cwd=Path(io.__file__).resolve().parents[2])
@@ -478,3 +479,41 @@ def test_overwrite_switching_format_removes_stale_set(tmp_path):
     paths = io.write_outputs(tmp_path, "s", image, label, SPACING, _record(), fmt="nifti", overwrite=True,
                              modality="ct")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
+
+
+def test_writer_layout_gives_the_same_files_and_quality_check(tmp_path):
+    """generate hands the writer Fortran-ordered volumes (NIfTI's order on disk, transposed where the decode ran; the
+    label as uint8 when its ids fit): same values, the same file bytes and label table as C-ordered input, the same
+    quality check, and ids outside 0..255 still reach the writer's refusal."""
+    import gzip
+
+    import torch
+
+    from fastmaisi.io import nifti
+    from fastmaisi.labels import quality_check
+    from fastmaisi.pipelines.generate import _for_writing
+
+    image, label = _volumes()
+    unit = torch.from_numpy((image.astype(np.float32) + 1000) / 2000)
+    image_f, label_f = _for_writing(unit, label.astype(np.int16), "ct")
+    assert image_f.flags.f_contiguous and label_f.flags.f_contiguous and label_f.dtype == np.uint8
+    assert np.array_equal(image_f, image) and np.array_equal(label_f, label)
+    assert quality_check(image_f, label_f).as_dict() == quality_check(image, label.astype(np.int16)).as_dict()
+    for deflate in ("default", "zlib"):
+        real = nifti._gzip_class
+        if deflate == "zlib":
+            nifti._gzip_class = lambda: gzip.GzipFile
+        try:
+            for layout in ("c", "f"):
+                (tmp_path / deflate / layout).mkdir(parents=True)
+            a = io.write_outputs(tmp_path / deflate / "c", "s", image, label, SPACING, _record(), modality="ct")
+            b = io.write_outputs(tmp_path / deflate / "f", "s", image_f, label_f, SPACING, _record(), modality="ct")
+        finally:
+            nifti._gzip_class = real
+        for kind in ("image", "label", "labels", "preview", "record"):
+            assert a[kind].read_bytes() == b[kind].read_bytes(), (deflate, kind)
+    _, wide = _for_writing(unit, np.where(label == 5, 300, label.astype(np.int16)), "ct")
+    assert wide.dtype == np.int16 and wide.flags.f_contiguous
+    (tmp_path / "wide").mkdir()
+    with pytest.raises(ValueError, match="0..255"):
+        io.write_outputs(tmp_path / "wide", "s", image_f, wide, SPACING, _record(), modality="ct")

@@ -68,10 +68,25 @@ def check_output_dir(out_dir: str | os.PathLike, stems: Sequence[str], overwrite
     return out
 
 
+def _counts(label: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+    """np.bincount of a non-negative integer map in any memory order, 4 Mi voxels at a time (one bincount of a
+    512^3 uint8 map would make a 1 GiB int64 copy first)."""
+    flat = label.reshape(-1, order="A")  # (a view for a C- or Fortran-ordered map; the order does not matter here)
+    counts = np.zeros(1, np.int64)
+    for start in range(0, flat.size, chunk):
+        part = np.bincount(flat[start:start + chunk])
+        if part.size > counts.size:
+            part[:counts.size] += counts
+            counts = part
+        else:
+            counts[:part.size] += part
+    return counts
+
+
 def label_table(label: np.ndarray, spacing: Sequence[float],
                 label_names: Mapping[int, str] | None = None) -> dict[str, Any]:
     """The `STEM_labels.json` content: every label id present (but 0) with name, colour, voxels and volume (mL)."""
-    counts = np.bincount(label.ravel())
+    counts = _counts(label)
     ml = float(np.prod(_spacing(spacing))) / 1000.0
     names = LABEL_NAMES if label_names is None else label_names
     entries = [{"value": v, "name": names.get(v, f"label_{v}"), "color": list(label_color(v)),
@@ -124,36 +139,56 @@ def write_outputs(out_dir: str | os.PathLike, stem: str, image_hu: Any, label: A
         if existing:
             raise ValueError(f"outputs already exist: {', '.join(p.name for p in existing)}; pass overwrite=True "
                              "(--overwrite) to replace them")
-    # 2. write everything under temporary names, then rename into place (record last)
+    # 2. write everything under temporary names, then rename into place (record last). The files are written at the
+    # same time on worker threads (deflate, hashing, PNG and DICOM encoding release the GIL); the record is written
+    # once they all are.
+    from concurrent.futures import ThreadPoolExecutor
+
     from fastmaisi.weights import sha256_file  # (imports torch)
+
+    def nifti(kind: str, data: np.ndarray, tmp: Path) -> dict[str, Any]:
+        _write_nifti_to(tmp, _nifti_image(data, affine, kind), compress=True)
+        return {"file": paths[kind].name, "format": "nifti", "dtype": str(data.dtype), "sha256": sha256_file(tmp),
+                "bytes": tmp.stat().st_size}
+
+    def dicom(series: Path, seg: Path | None) -> dict[str, dict[str, Any]]:
+        datasets = _write_dicom_series(series, ras_image, ras_aff, modality, rec)
+        done = {"image": {"file": paths["image"].name, "format": "dicom", "files": len(datasets),
+                          **dicom_identity(datasets)}}
+        if seg is not None:
+            _write_dicom_seg(seg, datasets, ras_lab, label_names)
+            done["label"] = {"file": paths["label"].name, "format": "dicom-seg", "sha256": sha256_file(seg),
+                             "bytes": seg.stat().st_size}
+        return done
+
+    def table(tmp: Path) -> dict[str, Any]:
+        text = (_dumps(label_table(lab, spacing, label_names)) + "\n").encode()
+        _write_file(tmp, lambda f: f.write(text))
+        return {"file": paths["labels"].name, "format": "json"}
+
+    def picture(tmp: Path) -> dict[str, Any]:
+        pic = preview_image(ras_image, ras_lab, spacing, modality, window)
+        _write_file(tmp, lambda f: pic.save(f, format="PNG"))
+        return {"file": paths["preview"].name, "format": "png"}
 
     outputs: dict[str, Any] = {}
     with _staged(f"outputs {stem!r} in {str(out)!r}", overwrite=True) as st:  # existing files checked above
-        if fmt == "nifti":
-            for kind, data in (("image", image), ("label", lab)):
-                if data is not None:
-                    tmp = st.path(paths[kind])
-                    _write_nifti_to(tmp, _nifti_image(data, affine, kind), compress=True)
-                    outputs[kind] = {"file": paths[kind].name, "format": "nifti", "dtype": str(data.dtype),
-                                     "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
-        else:
-            datasets = _write_dicom_series(st.path(paths["image"]), ras_image, ras_aff, modality, rec)
-            outputs["image"] = {"file": paths["image"].name, "format": "dicom", "files": len(datasets),
-                                **dicom_identity(datasets)}
+        with ThreadPoolExecutor(4, thread_name_prefix="fastmaisi-write") as pool:  # (leaving it waits for all)
+            if fmt == "nifti":
+                jobs = {kind: pool.submit(nifti, kind, data, st.path(paths[kind]))
+                        for kind, data in (("image", image), ("label", lab)) if data is not None}
+            else:
+                jobs = {"dicom": pool.submit(dicom, st.path(paths["image"]),
+                                             None if lab is None else st.path(paths["label"]))}
             if lab is not None:
-                tmp = st.path(paths["label"])
-                _write_dicom_seg(tmp, datasets, ras_lab, label_names)
-                outputs["label"] = {"file": paths["label"].name, "format": "dicom-seg", "sha256": sha256_file(tmp),
-                                    "bytes": tmp.stat().st_size}
-        if lab is not None:
-            table = (_dumps(label_table(lab, spacing, label_names)) + "\n").encode()
-            _write_file(st.path(paths["labels"]), lambda f: f.write(table))
-            outputs["labels"] = {"file": paths["labels"].name, "format": "json"}
-        if preview:
-            pic = preview_image(ras_image, ras_lab, spacing, modality, window)
-            tmp = st.path(paths["preview"])
-            _write_file(tmp, lambda f: pic.save(f, format="PNG"))
-            outputs["preview"] = {"file": paths["preview"].name, "format": "png"}
+                jobs["labels"] = pool.submit(table, st.path(paths["labels"]))
+            if preview:
+                jobs["preview"] = pool.submit(picture, st.path(paths["preview"]))
+        for kind, job in jobs.items():  # (in this order: the record's bytes do not depend on which finished first)
+            if kind == "dicom":
+                outputs.update(job.result())
+            else:
+                outputs[kind] = job.result()
         rec["geometry"] = {"shape": list(image.shape), "spacing": list(_spacing(spacing)),
                            "origin": affine[:3, 3].tolist(), "orientation": _axcodes(affine),
                            "affine": affine.tolist()}
