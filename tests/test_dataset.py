@@ -278,6 +278,18 @@ def test_isal_deflate_writes_gzip_nibabel_reads_with_the_same_header_rules(tmp_p
     b = write_nifti(tmp_path / "b.nii.gz", volume, (1, 1, 1))
     assert a.read_bytes() == b.read_bytes() and a.read_bytes()[3] & 0x08 == 0
     assert np.array_equal(np.asarray(nib.load(a).dataobj), volume)
+    import zlib
+
+    one = zlib.decompressobj(31)  # one gzip member (readers that stop after the first member see the whole volume)
+    one.decompress(a.read_bytes())
+    assert one.eof and one.unused_data == b""
+    big = np.random.default_rng(0).integers(-1000, 1000, (128, 128, 96)).astype(np.int16)  # 3 MiB: several blocks
+    made = []
+    for threads in (1, 3):  # the same bytes whatever the number of cores
+        monkeypatch.setattr(nifti, "_deflate_threads", lambda: threads)
+        made.append(write_nifti(tmp_path / f"big{threads}.nii.gz", big, (1, 1, 1)).read_bytes())
+    assert made[0] == made[1]
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "big3.nii.gz").dataobj), big)
 
 
 def test_shard_sources_compose():
