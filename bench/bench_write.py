@@ -10,7 +10,6 @@ noise level added at full resolution, so it compresses about as a generated CT d
 import argparse
 import gzip
 import json
-import os
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastmaisi import io  # noqa: E402
+from fastmaisi.cores import usable_cores  # noqa: E402
 from fastmaisi.io import nifti  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main() -> None:
         "c_int16": (image, label.astype(np.int16)),
     }
     record = {"variant": "rflow-ct", "request": {}, "seed": 0}
-    result = {"size": args.size, "cores": len(os.sched_getaffinity(0)),
+    result = {"size": args.size, "cores": usable_cores(),
               "raw_MiB": round((image.nbytes + label.nbytes) / 2**20, 1)}
     deflates = [("default", nifti._gzip_class)]
     if nifti.deflate_name() != "zlib":

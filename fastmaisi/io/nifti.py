@@ -12,6 +12,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from fastmaisi.cores import usable_cores
 from fastmaisi.io.atomic import _staged, _write_file
 from fastmaisi.io.volumes import _image_data, _label_data, ras_affine
 
@@ -49,11 +50,7 @@ def deflate_name() -> str:
 def _deflate_threads() -> int:
     """Threads for one file's ISA-L deflate: half the cores this process may use (an image and its label map are
     written at the same time), 1 to 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # (not on Linux)
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores // 2))
+    return max(1, min(8, usable_cores() // 2))
 
 
 def _gzip_stream(f: Any) -> Any:

@@ -146,10 +146,11 @@ def write_outputs(out_dir: str | os.PathLike, stem: str, image_hu: Any, label: A
 
     from fastmaisi.weights import sha256_file  # (imports torch)
 
-    def nifti(kind: str, data: np.ndarray, tmp: Path) -> dict[str, Any]:
+    # each job writes its file(s) and returns their entries of the record's "outputs", by kind
+    def nifti(kind: str, data: np.ndarray, tmp: Path) -> dict[str, dict[str, Any]]:
         _write_nifti_to(tmp, _nifti_image(data, affine, kind), compress=True)
-        return {"file": paths[kind].name, "format": "nifti", "dtype": str(data.dtype), "sha256": sha256_file(tmp),
-                "bytes": tmp.stat().st_size}
+        return {kind: {"file": paths[kind].name, "format": "nifti", "dtype": str(data.dtype),
+                       "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}}
 
     def dicom(series: Path, seg: Path | None) -> dict[str, dict[str, Any]]:
         datasets = _write_dicom_series(series, ras_image, ras_aff, modality, rec)
@@ -161,34 +162,30 @@ def write_outputs(out_dir: str | os.PathLike, stem: str, image_hu: Any, label: A
                              "bytes": seg.stat().st_size}
         return done
 
-    def table(tmp: Path) -> dict[str, Any]:
+    def table(tmp: Path) -> dict[str, dict[str, Any]]:
         text = (_dumps(label_table(lab, spacing, label_names)) + "\n").encode()
         _write_file(tmp, lambda f: f.write(text))
-        return {"file": paths["labels"].name, "format": "json"}
+        return {"labels": {"file": paths["labels"].name, "format": "json"}}
 
-    def picture(tmp: Path) -> dict[str, Any]:
+    def picture(tmp: Path) -> dict[str, dict[str, Any]]:
         pic = preview_image(ras_image, ras_lab, spacing, modality, window)
         _write_file(tmp, lambda f: pic.save(f, format="PNG"))
-        return {"file": paths["preview"].name, "format": "png"}
+        return {"preview": {"file": paths["preview"].name, "format": "png"}}
 
     outputs: dict[str, Any] = {}
     with _staged(f"outputs {stem!r} in {str(out)!r}", overwrite=True) as st:  # existing files checked above
         with ThreadPoolExecutor(4, thread_name_prefix="fastmaisi-write") as pool:  # (leaving it waits for all)
             if fmt == "nifti":
-                jobs = {kind: pool.submit(nifti, kind, data, st.path(paths[kind]))
-                        for kind, data in (("image", image), ("label", lab)) if data is not None}
+                jobs = [pool.submit(nifti, kind, data, st.path(paths[kind]))
+                        for kind, data in (("image", image), ("label", lab)) if data is not None]
             else:
-                jobs = {"dicom": pool.submit(dicom, st.path(paths["image"]),
-                                             None if lab is None else st.path(paths["label"]))}
+                jobs = [pool.submit(dicom, st.path(paths["image"]), None if lab is None else st.path(paths["label"]))]
             if lab is not None:
-                jobs["labels"] = pool.submit(table, st.path(paths["labels"]))
+                jobs.append(pool.submit(table, st.path(paths["labels"])))
             if preview:
-                jobs["preview"] = pool.submit(picture, st.path(paths["preview"]))
-        for kind, job in jobs.items():  # (in this order: the record's bytes do not depend on which finished first)
-            if kind == "dicom":
-                outputs.update(job.result())
-            else:
-                outputs[kind] = job.result()
+                jobs.append(pool.submit(picture, st.path(paths["preview"])))
+        for job in jobs:  # (in submission order: the record's bytes do not depend on which finished first)
+            outputs.update(job.result())
         rec["geometry"] = {"shape": list(image.shape), "spacing": list(_spacing(spacing)),
                            "origin": affine[:3, 3].tolist(), "orientation": _axcodes(affine),
                            "affine": affine.tolist()}

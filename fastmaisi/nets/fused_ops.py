@@ -186,6 +186,8 @@ def upsample_trilinear_x2(x: torch.Tensor, rows: tuple[int, int] | None = None) 
 # original ones: output 2i gets w[-1] x[i-1] + (w[0] + w[1]) x[i], output 2i+1 gets (w[-1] + w[0]) x[i] + w[1] x[i+1].
 # Row t of _UP_TAPS says which original taps (w[-1], w[0], w[1]) make transposed-conv tap t.
 _UP_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+_UP_EINSUM = {1: "pk,oik->iop", 2: "pk,ql,oikl->iopq", 3: "pk,ql,rm,oiklm->iopqr"}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def _up_taps(device) -> torch.Tensor:
@@ -194,8 +196,6 @@ def _up_taps(device) -> torch.Tensor:
     cannot)."""
     s = torch.arange(4, device=device).view(4, 1) + torch.arange(3, device=device).view(1, 3)
     return ((s == 2) | (s == 3)).float()
-_UP_EINSUM = {1: "pk,oik->iop", 2: "pk,ql,oikl->iopq", 3: "pk,ql,rm,oiklm->iopqr"}
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def upsample_conv(x: torch.Tensor, conv: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:

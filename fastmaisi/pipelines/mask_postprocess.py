@@ -32,11 +32,11 @@ their boxes.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from fastmaisi.cores import usable_cores
 from fastmaisi.labels import ANATOMY_SIZE_TUMOURS, BODY
 
 TUMOUR_LABELS = (23, 24, 26, 27, 128)  # the tumour slots of the organ-size vector, in slot order
@@ -142,11 +142,7 @@ def _dilate(mask, times: int = 1):
 def _workers(voxels: int = 0) -> int:
     """Threads for the per-organ labelling of a `voxels`-voxel map: the cores this process may use, at most 16, and
     at most as many as hold their scratch arrays (~16 bytes a voxel each) in 8 GiB."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # (not on Linux)
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 16, (8 << 30) // max(16 * voxels, 1)))
+    return max(1, min(usable_cores(), 16, (8 << 30) // max(16 * voxels, 1)))
 
 
 def _dropped_pieces(sub: np.ndarray, volume_size: int | None = None) -> tuple[np.ndarray | None, bool]:
